@@ -1,0 +1,15 @@
+"""How good a compressed model is: quality, size and latency measured on the real artifact."""
+
+from ._latency import LatencyStats, time_interleaved, torch_threads
+from ._quality import accuracy
+from ._size import deployed_tensors, serialized_size_bytes, size_mb
+
+__all__ = [
+    "LatencyStats",
+    "accuracy",
+    "deployed_tensors",
+    "serialized_size_bytes",
+    "size_mb",
+    "time_interleaved",
+    "torch_threads",
+]

@@ -1,0 +1,267 @@
+"""Study specs: a TOML file per study, validated at the boundary with errors naming file and key."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from ..spaces import SearchSpace
+from ._errors import ParetoslimError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+OBJECTIVES: dict[str, str] = {
+    "quality": "maximize",
+    "latency_ms": "minimize",
+    "size_mb": "minimize",
+}
+SAMPLERS = ("nsga2", "tpe", "random")
+BACKENDS = ("optuna",)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which Optuna sampler proposes recipes; ``population_size`` is NSGA-II's generation size."""
+
+    name: str = "nsga2"
+    population_size: int = 8
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, SAMPLERS)
+        _at_least("population_size", self.population_size, 2)
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """The recovery fine-tune (distillation) after structural changes, and the trial budget."""
+
+    steps: int = 300
+    learning_rate: float = 5e-4
+    trial_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        _at_least("steps", self.steps, 0)
+        _in_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        _in_range("trial_timeout_s", self.trial_timeout_s, 0.0, float("inf"), low_open=True)
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """How latency is measured: target, batch size (0: the example input's), threads, calls."""
+
+    target: str = "cpu-x86"
+    batch_size: int = 0
+    threads: int = 1
+    min_calls: int = 300
+    min_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        from ..kernels import TARGETS
+
+        _one_of("target", self.target, TARGETS)
+        _at_least("batch_size", self.batch_size, 0)
+        _at_least("threads", self.threads, 1)
+        _at_least("min_calls", self.min_calls, 10)
+        _in_range("min_seconds", self.min_seconds, 0.0, 600.0)
+
+
+@dataclass(frozen=True)
+class ConstraintsSpec:
+    """Feasibility rules; ``max_quality_drop`` is in the metric's units (0.01 = one point)."""
+
+    max_quality_drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        _in_range("max_quality_drop", self.max_quality_drop, 0.0, float("inf"))
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One study: the task, what to search, how to judge and where to store it."""
+
+    task: str
+    name: str
+    path: Path | None = None
+    trials: int = 16
+    seed: int = 0
+    storage: str = ""
+    backend: str = "optuna"
+    objectives: tuple[str, ...] = ("quality", "latency_ms", "size_mb")
+    task_options: dict[str, Any] = field(default_factory=dict)
+    constraints: ConstraintsSpec = field(default_factory=ConstraintsSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    latency: LatencySpec = field(default_factory=LatencySpec)
+    space: SearchSpace = field(default_factory=SearchSpace.default)
+
+    def __post_init__(self) -> None:
+        _at_least("trials", self.trials, 1)
+        _one_of("backend", self.backend, BACKENDS)
+        if not self.objectives:
+            raise ValueError("needs at least one objective")
+        for name in self.objectives:
+            _one_of("objectives", name, tuple(OBJECTIVES))
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives must not repeat. Got {list(self.objectives)}.")
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path is not None else Path.cwd()
+
+    def default_storage_path(self, runs_dir: Path | None = None) -> Path:
+        """Where the study's journal lives unless ``storage`` says otherwise."""
+        return (runs_dir or Path("runs")) / self.name / "journal.log"
+
+
+_SECTIONS = {
+    "constraints": ConstraintsSpec,
+    "sampler": SamplerSpec,
+    "finetune": FinetuneSpec,
+    "latency": LatencySpec,
+}
+_TOP_LEVEL = {"task", "name", "trials", "seed", "storage", "backend", "objectives",
+              "task_options", "space", *_SECTIONS}
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study spec; raise ParetoslimError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParetoslimError(f"{path}: study spec not found")
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ParetoslimError(f"{path}: not valid TOML ({exc})") from None
+    return parse_spec(data, path)
+
+
+def parse_spec(data: dict[str, Any], path: Path | None = None) -> StudySpec:
+    """Validate a spec given as a dict (as read from TOML)."""
+    where = str(path) if path is not None else "<spec>"
+    _reject_unknown(where, "", data, _TOP_LEVEL)
+    if "task" not in data:
+        raise ParetoslimError(
+            f"{where}: missing key 'task' (e.g. task = \"my_task.py:make_task\")"
+        )
+    kwargs: dict[str, Any] = {"path": path}
+    hints = get_type_hints(StudySpec)
+    for key in ("task", "name", "trials", "seed", "storage", "backend"):
+        if key in data:
+            kwargs[key] = _typed(where, key, data[key], hints[key])
+    kwargs.setdefault("name", path.stem if path is not None else "study")
+    if "objectives" in data:
+        value = data["objectives"]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ParetoslimError(
+                f"{where}: key 'objectives' must be a list of names from "
+                f"{list(OBJECTIVES)}. Got {value!r}."
+            )
+        kwargs["objectives"] = tuple(value)
+    if "task_options" in data:
+        if not isinstance(data["task_options"], dict):
+            raise ParetoslimError(f"{where}: [task_options] must be a table")
+        kwargs["task_options"] = dict(data["task_options"])
+    for section, spec_type in _SECTIONS.items():
+        if section in data:
+            kwargs[section] = _section(where, section, data[section], spec_type)
+    if "space" in data:
+        kwargs["space"] = _space(where, data["space"])
+    try:
+        return StudySpec(**kwargs)
+    except ValueError as exc:
+        raise ParetoslimError(f"{where}: {exc}") from None
+
+
+def _section(where: str, section: str, table: Any, spec_type: type) -> Any:
+    if not isinstance(table, dict):
+        raise ParetoslimError(f"{where}: [{section}] must be a table. Got {table!r}.")
+    names = {f.name for f in fields(spec_type) if f.default is not MISSING}
+    _reject_unknown(where, section, table, names)
+    hints = get_type_hints(spec_type)
+    kwargs = {key: _typed(where, f"{section}.{key}", value, hints[key])
+              for key, value in table.items()}
+    try:
+        return spec_type(**kwargs)
+    except ValueError as exc:
+        raise ParetoslimError(f"{where}: {section}.{exc}") from None
+
+
+def _space(where: str, table: Any) -> SearchSpace:
+    if not isinstance(table, dict):
+        raise ParetoslimError(f"{where}: [space] must be a table")
+    try:
+        return SearchSpace.from_table(table)
+    except KeyError as exc:
+        key = exc.args[0]
+        from ..spaces import DEFAULT_DOMAINS
+
+        valid = sorted(f"space.{n}" for n in DEFAULT_DOMAINS)
+        raise ParetoslimError(
+            f"{where}: unknown key {key!r}{_did_you_mean(key, valid)}; valid keys: "
+            f"{', '.join(valid)}"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise ParetoslimError(f"{where}: {exc}") from None
+
+
+def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
+    expected = [t for t in (get_args(hint) or (hint,)) if t is not type(None)]
+    if get_origin(hint) is not None and not get_args(hint):
+        expected = [get_origin(hint)]
+    if float in expected and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in expected:
+        ok = False
+    else:
+        ok = any(isinstance(value, t) for t in expected if isinstance(t, type))
+    if not ok:
+        names = " or ".join(t.__name__ for t in expected if isinstance(t, type))
+        raise ParetoslimError(
+            f"{where}: key {key!r} must be {names}. Got {type(value).__name__} {value!r}."
+        )
+    return value
+
+
+def _reject_unknown(where: str, section: str, table: dict, valid: set[str]) -> None:
+    for key in table:
+        if key not in valid:
+            full = f"{section}.{key}" if section else key
+            place = f"[{section}]" if section else "the top level"
+            raise ParetoslimError(
+                f"{where}: unknown key {full!r} in {place}{_did_you_mean(key, valid)}; "
+                f"valid keys: {', '.join(sorted(valid))}"
+            )
+
+
+def _did_you_mean(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _one_of(name: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {list(valid)}. Got {value!r}.")
+
+
+def _at_least(name: str, value: Any, low: int) -> None:
+    if not value >= low:
+        raise ValueError(f"{name} must be >= {low}. Got {value!r}.")
+
+
+def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        raise ValueError(
+            f"{name} must be in {'(' if low_open else '['}{low}, {high}]. Got {value!r}."
+        )

@@ -1,0 +1,198 @@
+"""One trial: compress the teacher by a recipe, lower it, measure it. Imports no search backend."""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..evaluators import accuracy, size_mb, time_interleaved, torch_threads
+from ..kernels import detect_target, lower
+from ..spaces import Deadline, Recipe, compress, count_parameters
+from ._spec import StudySpec
+from ._task import Task
+
+CALIBRATION_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything about a trial that is not the recipe."""
+
+    finetune_steps: int = 300
+    learning_rate: float = 5e-4
+    timeout_s: float | None = 900.0
+    seed: int = 0
+    target: str = "cpu-x86"
+    latency_batch_size: int = 0
+    threads: int = 1
+    min_calls: int = 300
+    min_seconds: float = 1.0
+
+    @classmethod
+    def from_spec(cls, spec: StudySpec) -> TrialSettings:
+        return cls(
+            finetune_steps=spec.finetune.steps,
+            learning_rate=spec.finetune.learning_rate,
+            timeout_s=spec.finetune.trial_timeout_s,
+            seed=spec.seed,
+            target=spec.latency.target,
+            latency_batch_size=spec.latency.batch_size,
+            threads=spec.latency.threads,
+            min_calls=spec.latency.min_calls,
+            min_seconds=spec.latency.min_seconds,
+        )
+
+
+@dataclass
+class TrialResult:
+    """What a trial reports: objective values and metrics, or the reason it failed."""
+
+    recipe: Recipe
+    values: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The teacher's quality and size, measured once; its latency is re-timed in every trial."""
+
+    quality: float
+    size_mb: float
+    parameters: int
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """A message collapsed to one line of at most ``limit`` characters."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quality_of(task: Task, model: nn.Module) -> float:
+    """The task's metric (default: accuracy) on its validation data."""
+    metric = task.metric or accuracy
+    with torch.no_grad():
+        return float(metric(model, task.val))
+
+
+def calibration_batches(task: Task) -> Iterable:
+    """The task's calibration batches, or the first training batches."""
+    if task.calibration is not None:
+        return task.calibration
+    return list(islice(iter(task.train), CALIBRATION_BATCHES))
+
+
+def latency_input(task: Task, batch_size: int) -> torch.Tensor:
+    """The example input resized along dim 0 to ``batch_size`` (0 keeps it)."""
+    x = task.example_input
+    if batch_size == 0 or batch_size == x.shape[0]:
+        return x.clone()
+    repeats = math.ceil(batch_size / x.shape[0])
+    return x.repeat(repeats, *([1] * (x.dim() - 1)))[:batch_size].clone()
+
+
+def measure_baseline(task: Task) -> Baseline:
+    """Quality, size and parameter count of the uncompressed teacher."""
+    task.model.eval()
+    return Baseline(quality_of(task, task.model), size_mb(task.model),
+                    count_parameters(task.model))
+
+
+def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
+              on_stage: Callable[[str], None] | None = None) -> TrialResult:
+    """Compress, lower and measure one recipe; never raises for a failing recipe.
+
+    The result's ``values`` hold ``quality``, ``latency_ms`` and ``size_mb``; ``metrics``
+    add the baseline figures (teacher through the same fp32 lowering, timed interleaved
+    in this process), ``speedup``, ``compression``, spreads and timings. A failure
+    (exception, NaN, budget exceeded, wrong lowered outputs) sets ``failure`` to the reason.
+    """
+    stage_name = "start"
+
+    def stage(name: str) -> None:
+        nonlocal stage_name
+        stage_name = name
+        if on_stage is not None:
+            on_stage(name)
+
+    started = time.perf_counter()
+    deadline = Deadline(settings.timeout_s)
+    try:
+        compressed, facts = compress(
+            task.model, recipe,
+            example_input=task.example_input, train=task.train,
+            calibration=calibration_batches(task),
+            finetune_steps=settings.finetune_steps, learning_rate=settings.learning_rate,
+            seed=settings.seed, student_factory=task.student, deadline=deadline,
+            on_stage=stage,
+        )
+        compress_seconds = time.perf_counter() - started
+
+        stage("quality")
+        quality = quality_of(task, compressed)
+        if not math.isfinite(quality):
+            return TrialResult(recipe, failure=f"quality is {quality}")
+        size = size_mb(compressed)
+        deadline.check("evaluation")
+
+        stage("lower")
+        x = latency_input(task, settings.latency_batch_size)
+        torch._dynamo.reset()  # no graph of an earlier trial may be reused or count to limits
+        with torch_threads(settings.threads):
+            lowered = lower(compressed, x, recipe.quantization.scheme)
+            reference = lower(task.model, x, "fp32")
+            deadline.check("lowering")
+            stage("latency")
+            stats = time_interleaved(
+                {"model": lowered.fn, "baseline": reference.fn}, x,
+                threads=settings.threads, min_calls=settings.min_calls,
+                min_seconds=settings.min_seconds,
+            )
+        torch._dynamo.reset()
+    except Exception as exc:  # a failing recipe must never stop the study
+        reason = f"{stage_name}: {type(exc).__name__}: {one_line(str(exc))}"
+        return TrialResult(recipe, failure=reason, metrics={
+            "traceback": traceback.format_exc(limit=6)[-2000:],
+        })
+
+    model_stats, base_stats = stats["model"], stats["baseline"]
+    values = {"quality": quality, "latency_ms": model_stats.median_ms, "size_mb": size}
+    metrics = {
+        **values,
+        "baseline_quality": baseline.quality,
+        "baseline_latency_ms": base_stats.median_ms,
+        "baseline_size_mb": baseline.size_mb,
+        "quality_drop": baseline.quality - quality,
+        "speedup": base_stats.median_ms / model_stats.median_ms,
+        "compression": baseline.size_mb / size,
+        "latency_iqr_ms": model_stats.iqr_ms,
+        "latency_cov": model_stats.cov,
+        "baseline_latency_iqr_ms": base_stats.iqr_ms,
+        "latency_calls": model_stats.calls,
+        "latency_batch_size": int(x.shape[0]),
+        "threads": settings.threads,
+        "parameters": facts["parameters"],
+        "baseline_parameters": baseline.parameters,
+        "factorized_layers": facts["factorized_layers"],
+        "finetune_steps": facts["finetune_steps"],
+        "lowering": lowered.backend,
+        "lowering_error": lowered.max_relative_error,
+        "compile_s": lowered.compile_seconds,
+        "compress_s": compress_seconds,
+        "trial_s": time.perf_counter() - started,
+        "target": detect_target(settings.target).to_dict(),
+        "seed": settings.seed,
+    }
+    return TrialResult(recipe, values, metrics)

@@ -1,0 +1,80 @@
+"""Tiny models and tasks for the tests: each runs in well under a second."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from paretoslim.search import Task
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU blocks with a residual add, pooling and a classifier."""
+
+    def __init__(self, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1),
+                                   nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1),
+                                   nn.BatchNorm2d(width))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * 4 * 4, 32), nn.ReLU(),
+                                  nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(self.pool(x))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, features: int = 16, hidden: int = 64, classes: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def blobs(n: int, shape: tuple[int, ...], classes: int, seed: int):
+    """Separable synthetic classification data: class-dependent means plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centers = torch.randn(classes, *shape, generator=torch.Generator().manual_seed(99))
+    x = centers[y] + 0.8 * torch.randn(n, *shape, generator=g)
+    return x, y
+
+
+def batches(x, y, size):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def train_briefly(model: nn.Module, data, epochs: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+def tiny_task(kind: str = "cnn") -> Task:
+    """A trained tiny model with its data, as a user's task factory would build it."""
+    torch.manual_seed(0)
+    if kind == "cnn":
+        shape, model = (1, 8, 8), TinyCNN()
+    else:
+        shape, model = (16,), TinyMLP()
+    x, y = blobs(512, shape, 4, seed=1)
+    vx, vy = blobs(256, shape, 4, seed=2)
+    train = batches(x, y, 32)
+    train_briefly(model, train)
+    return Task(model=model, train=train, val=batches(vx, vy, 64), example_input=vx[:16],
+                name=f"tiny_{kind}")
