@@ -2,12 +2,13 @@
 
 from ._latency import LatencyStats, time_interleaved, torch_threads
 from ._quality import accuracy
-from ._size import deployed_tensors, serialized_size_bytes, size_mb
+from ._size import deployed_tensors, graph_reads, serialized_size_bytes, size_mb
 
 __all__ = [
     "LatencyStats",
     "accuracy",
     "deployed_tensors",
+    "graph_reads",
     "serialized_size_bytes",
     "size_mb",
     "time_interleaved",

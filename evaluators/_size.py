@@ -16,8 +16,7 @@ def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = model.state_dict(keep_vars=False)
     if isinstance(model, torch.fx.GraphModule):
-        used = {n.target for n in model.graph.nodes if n.op == "get_attr"}
-        state = {k: v for k, v in state.items() if k in used or k.split(".")[0] in used}
+        state = {k: v for k, v in state.items() if graph_reads(model, k)}
     unique: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
     for name, tensor in state.items():
@@ -31,6 +30,16 @@ def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         unique[name] = tensor
     return unique
+
+
+def graph_reads(gm: torch.fx.GraphModule, name: str) -> bool:
+    """Whether the graph reads the parameter or buffer ``name`` (directly or via a submodule)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and (name == node.target or name.startswith(node.target + ".")):
+            return True
+        if node.op == "call_module" and name.startswith(node.target + "."):
+            return True
+    return False
 
 
 def serialized_size_bytes(model: nn.Module) -> int:

@@ -1,6 +1,31 @@
 """Drivers of a compression search: task, study spec, backends, front, export, CLI."""
 
 from ._errors import ParetoslimError
+from ._export import export_trial
+from ._front import FrontPoint, pareto_front, render_front
+from ._spec import OBJECTIVES, StudySpec, load_spec, parse_spec
+from ._study import open_study, resolve_study, run_study
 from ._task import Task, load_task
+from ._trial import Baseline, TrialResult, TrialSettings, measure_baseline, run_trial
 
-__all__ = ["ParetoslimError", "Task", "load_task"]
+__all__ = [
+    "OBJECTIVES",
+    "Baseline",
+    "FrontPoint",
+    "ParetoslimError",
+    "StudySpec",
+    "Task",
+    "TrialResult",
+    "TrialSettings",
+    "export_trial",
+    "load_spec",
+    "load_task",
+    "measure_baseline",
+    "open_study",
+    "pareto_front",
+    "parse_spec",
+    "render_front",
+    "resolve_study",
+    "run_study",
+    "run_trial",
+]

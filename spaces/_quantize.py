@@ -83,9 +83,10 @@ def _calibration_inputs(calibration: Iterable | None, example_input: torch.Tenso
 
 def drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
     """Delete parameters and buffers the graph no longer reads (PT2E keeps the fp32 weights)."""
-    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    from ..evaluators import graph_reads
+
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used:
+        if graph_reads(gm, name):
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm

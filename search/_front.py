@@ -1,0 +1,115 @@
+"""The Pareto front of a study: its points, as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from ..spaces import Recipe
+from ._errors import ParetoslimError
+from ._study import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR
+
+FORMATS = ("table", "csv", "json")
+_COLUMNS = ("quality", "quality_drop", "latency_ms", "speedup", "size_mb", "compression")
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One Pareto-optimal trial: its objective values, recipe and all recorded metrics."""
+
+    number: int
+    values: dict[str, float]
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    return list(study.user_attrs.get("spec", {}).get("objectives") or
+                ["quality", "latency_ms", "size_mb"][: len(study.directions)])
+
+
+def pareto_front(study: optuna.Study) -> list[FrontPoint]:
+    """Feasible Pareto-optimal completed trials, by trial number."""
+    names = objective_names(study)
+    points = [
+        FrontPoint(t.number, dict(zip(names, t.values, strict=True)),
+                   t.user_attrs.get(RECIPE_ATTR, {}), t.user_attrs.get(METRICS_ATTR, {}))
+        for t in study.best_trials
+    ]
+    return sorted(points, key=lambda p: p.number)
+
+
+def _short(recipe: dict[str, Any]) -> str:
+    try:
+        return Recipe.from_dict(recipe).short()
+    except (TypeError, ValueError):
+        return json.dumps(recipe)
+
+
+def front_frame(points: list[FrontPoint], sort: str | None = None) -> pd.DataFrame:
+    """One row per point: number, the headline figures and the short recipe."""
+    rows = []
+    for p in points:
+        row: dict[str, Any] = {"trial": p.number}
+        for column in _COLUMNS:
+            row[column] = p.metrics.get(column, p.values.get(column))
+        row["recipe"] = _short(p.recipe)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["trial", *_COLUMNS, "recipe"])
+    if sort:
+        if sort not in frame.columns:
+            raise ParetoslimError(
+                f"cannot sort by {sort!r}; columns: {', '.join(frame.columns)}")
+        frame = frame.sort_values(sort, ascending=sort not in ("quality", "speedup",
+                                                                 "compression"))
+    return frame
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Every trial with its state, figures, recipe and failure reason."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        metrics = t.user_attrs.get(METRICS_ATTR, {})
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
+        for column in _COLUMNS:
+            row[column] = metrics.get(column)
+        row["recipe"] = _short(t.user_attrs.get(RECIPE_ATTR, {}))
+        row["failure"] = t.user_attrs.get(FAILURE_ATTR, "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["trial", "state", *_COLUMNS, "recipe", "failure"])
+
+
+def render_front(study: optuna.Study, fmt: str = "table", sort: str | None = None,
+                 all_trials: bool = False) -> str:
+    """The front (or every trial with ``all_trials``) as ``table``, ``csv`` or ``json``."""
+    if fmt not in FORMATS:
+        raise ParetoslimError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    points = pareto_front(study)
+    if fmt == "json":
+        if all_trials:
+            return trials_frame(study).to_json(orient="records", indent=2)
+        return json.dumps([asdict(p) for p in points], indent=2)
+    frame = trials_frame(study) if all_trials else front_frame(points, sort)
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if frame.empty:
+        completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return (f"study {study.study_name!r}: no feasible Pareto-optimal trial yet "
+                f"({completed} completed); see --all")
+    return _table(frame)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    formats = {"quality": "{:.4f}", "quality_drop": "{:+.4f}", "latency_ms": "{:.3f}",
+               "speedup": "{:.2f}x", "size_mb": "{:.3f}", "compression": "{:.1f}x"}
+    shown = frame.copy()
+    for column, pattern in formats.items():
+        if column in shown:
+            shown[column] = [pattern.format(v) if isinstance(v, (int, float)) and v == v
+                             else "" for v in shown[column]]
+    return shown.to_string(index=False)

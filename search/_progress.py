@@ -1,0 +1,50 @@
+"""Progress display of a running study: a bar over trials and one line per finished trial."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+class StudyProgress:
+    """Shows trials completed out of the target, the running trial's stage, and results."""
+
+    def __init__(self, *, target: int, completed: int, enabled: bool = True,
+                 objectives: tuple[str, ...] = ()):
+        self.enabled = enabled
+        self.current = ""
+        self.bar = tqdm(total=target, initial=min(completed, target), desc="trials",
+                        unit="trial", disable=not enabled, dynamic_ncols=True,
+                        file=sys.stderr)
+
+    def _write(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line, file=sys.stdout)
+
+    def note(self, line: str) -> None:
+        self._write(line)
+
+    def stage(self, name: str) -> None:
+        self.bar.set_postfix_str(f"{self.current} {name}".strip(), refresh=True)
+
+    def start_trial(self, number: int, recipe) -> None:
+        self.current = f"#{number} [{recipe.short()}]"
+        self.stage("")
+
+    def trial_done(self, number: int, result, feasible: bool) -> None:
+        m = result.metrics
+        flag = "" if feasible else "  (quality drop above the limit)"
+        self._write(
+            f"trial {number:>3}  quality {m['quality']:.4f} ({-m['quality_drop']:+.4f})  "
+            f"latency {m['latency_ms']:.3f} ms ({m['speedup']:.2f}x)  "
+            f"size {m['size_mb']:.3f} MB ({m['compression']:.1f}x)  "
+            f"[{result.recipe.short()}]{flag}"
+        )
+        self.bar.update(1)
+
+    def trial_failed(self, number: int, reason: str) -> None:
+        self._write(f"trial {number:>3}  failed: {reason}")
+
+    def close(self) -> None:
+        self.bar.close()

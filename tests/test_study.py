@@ -1,0 +1,198 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from paretoslim.search import load_spec, render_front, resolve_study, run_study
+from paretoslim.search._study import FAILURE_ATTR, open_study
+from paretoslim.search.cli import main
+
+TESTS = Path(__file__).parent
+
+TASK_FILE = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+from _tiny import TinyMLP, tiny_task
+
+def make_task(broken_student=False):
+    task = tiny_task("mlp")
+    if broken_student:
+        def student(width, depth):
+            if width == 0.5:
+                raise RuntimeError("this student family has no narrow members")
+            return TinyMLP()
+        task.student = student
+    return task
+"""
+
+SPEC = """
+task = "task.py:make_task"
+name = "tiny"
+trials = {trials}
+seed = 0
+[sampler]
+name = "random"
+[finetune]
+steps = 5
+[latency]
+min_calls = 20
+min_seconds = 0.0
+[space.student]
+width = {width}
+[space.pruning]
+ratio = {{ low = 0.0, high = 0.5, step = 0.25 }}
+[space.quantization]
+scheme = ["fp32", "int8_static"]
+"""
+
+
+def _study_dir(tmp_path, trials=2, width="[0.5, 1.0]", broken=False):
+    (tmp_path / "task.py").write_text(TASK_FILE)
+    spec_text = SPEC.format(trials=trials, width=width)
+    if broken:
+        spec_text += "[task_options]\nbroken_student = true\n"
+    (tmp_path / "study.toml").write_text(spec_text)
+    return tmp_path / "study.toml"
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _completed(study):
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def test_run_records_objectives_metrics_and_constraint_then_resumes(in_tmp):
+    spec = load_spec(_study_dir(in_tmp, trials=2))
+    study = run_study(spec, progress=False)
+    first = _completed(study)
+    assert len(first) == 2
+    assert (in_tmp / "runs" / "tiny" / "journal.log").is_file()
+    for t in first:
+        m = t.user_attrs["metrics"]
+        assert t.values == [m["quality"], m["latency_ms"], m["size_mb"]]
+        for key in ("baseline_quality", "baseline_latency_ms", "baseline_size_mb", "speedup",
+                    "compression"):
+            assert m[key] > 0
+        assert m["speedup"] == pytest.approx(m["baseline_latency_ms"] / m["latency_ms"])
+        assert t.system_attrs["constraints:max_quality_drop"] == pytest.approx(
+            m["quality_drop"] - 0.01)
+        assert set(t.user_attrs["recipe"]) == {"student", "pruning", "low_rank",
+                                               "distillation", "quantization"}
+
+    # resume: completed trials kept, the count topped up to the new target
+    again = run_study(spec, trials=3, progress=False)
+    done = _completed(again)
+    assert len(done) == 3
+    kept = {t.number: t.values for t in done}
+    assert all(kept[t.number] == t.values for t in first)
+    # asking for what is already there runs nothing
+    assert len(run_study(spec, trials=3, progress=False).trials) == len(again.trials)
+
+
+def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(in_tmp):
+    spec = load_spec(_study_dir(in_tmp, trials=2, width="[0.5, 0.75, 1.0]", broken=True))
+    for width in (0.5, 1.0):
+        open_study(spec).enqueue_trial({"student.width": width, "pruning.ratio": 0.0,
+                                        "quantization.scheme": "fp32"})
+    study = run_study(spec, progress=False)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert len(_completed(study)) == 2
+    assert [t.number for t in failed][:1] == [0]
+    for t in failed:
+        assert "this student family has no narrow members" in t.user_attrs[FAILURE_ATTR]
+    table = render_front(study, all_trials=True)
+    assert "fail" in table and "no narrow members" in table
+
+
+def test_a_study_that_always_fails_stops(in_tmp):
+    spec = load_spec(_study_dir(in_tmp, trials=2, width="0.5", broken=True))
+    study = run_study(spec, progress=False)
+    assert len(_completed(study)) == 0
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 5  # five failures in a row
+
+
+def test_trials_of_a_killed_process_are_marked_failed_on_resume(in_tmp):
+    spec = load_spec(_study_dir(in_tmp, trials=1))
+    study = open_study(spec)
+    study.ask()  # a trial left running, as by a killed process
+    study = run_study(spec, progress=False)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.RUNNING) == 0
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 1
+    assert "interrupted" in study.trials[0].user_attrs[FAILURE_ATTR]
+
+
+def test_front_json_export_and_cli(in_tmp, capsys):
+    spec_path = _study_dir(in_tmp, trials=2)
+    assert main(["run", str(spec_path), "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["front", "tiny", "--format", "json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and set(front[0]) == {"number", "values", "recipe", "metrics"}
+    assert set(front[0]["values"]) == {"quality", "latency_ms", "size_mb"}
+
+    assert main(["front", str(spec_path), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("trial,quality,")
+
+    number = front[0]["number"]
+    out = in_tmp / "artifact"
+    assert main(["export", "tiny", "--trial", str(number), "--out", str(out)]) == 0
+    for name in ("model.pt2", "recipe.json", "metrics.json", "card.md"):
+        assert (out / name).is_file()
+    assert json.loads((out / "recipe.json").read_text()) == front[0]["recipe"]
+    exported = json.loads((out / "metrics.json").read_text())
+    # re-applying the recipe reproduces the search-time quality
+    assert exported["export_quality"] == pytest.approx(front[0]["values"]["quality"], abs=0.01)
+    program = torch.export.load(str(out / "model.pt2")).module()
+    study, _ = resolve_study("tiny")
+    assert program(torch.randn(3, 16)).shape == (3, 4)
+    assert "Speedup" in (out / "card.md").read_text()
+    assert study.study_name == "tiny"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "missing.toml"], "missing.toml: study spec not found"),
+    (["front", "nostudy"], "no study 'nostudy'"),
+    (["export", "nostudy", "--trial", "0", "--out", "x"], "no study 'nostudy'"),
+])
+def test_cli_errors_are_one_line_without_traceback(in_tmp, argv, message):
+    result = subprocess.run([sys.executable, "-m", "paretoslim.search.cli", *argv],
+                            capture_output=True, text=True, cwd=in_tmp)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_spec_key(in_tmp):
+    (in_tmp / "bad.toml").write_text('task = "t.py:f"\n[finetune]\nstep = 3\n')
+    result = subprocess.run([sys.executable, "-m", "paretoslim.search.cli", "run", "bad.toml"],
+                            capture_output=True, text=True, cwd=in_tmp)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "paretoslim: error: bad.toml: unknown key 'finetune.step' in [finetune] (did you mean "
+        "'steps'?); valid keys: learning_rate, steps, trial_timeout_s")
+
+
+def test_export_rejects_failed_or_missing_trials(in_tmp):
+    spec = load_spec(_study_dir(in_tmp, trials=1))
+    study = open_study(spec)
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)
+    from paretoslim.search import ParetoslimError, export_trial
+
+    with pytest.raises(ParetoslimError, match="is fail, only completed"):
+        export_trial(study, spec, trial.number, in_tmp / "out")
+    with pytest.raises(ParetoslimError, match="has no trial 7"):
+        export_trial(study, spec, 7, in_tmp / "out")
+    assert isinstance(study, optuna.Study)
