@@ -1,4 +1,4 @@
-"""Study specs: a TOML file per study, validated at the boundary with errors naming file and key."""
+"""Study specs: one TOML file per study, validated with errors naming the file and key."""
 
 from __future__ import annotations
 

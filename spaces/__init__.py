@@ -14,7 +14,7 @@ from ._recipe import (
     Recipe,
     StudentConfig,
 )
-from ._space import DEFAULT_DOMAINS, Choice, FloatRange, Fixed, SearchSpace
+from ._space import DEFAULT_DOMAINS, Choice, Fixed, FloatRange, SearchSpace
 from ._structure import derive_student, output_layers, prune_channels
 
 __all__ = [

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from paretoslim.search import Task
+from torch import nn
 
 
 class TinyCNN(nn.Module):

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from paretoslim.search import ParetoslimError, load_spec, parse_spec
 from paretoslim.spaces import Choice, FloatRange
 
@@ -63,11 +62,13 @@ scheme = ["fp32", "int8_static"]
 
 
 @pytest.mark.parametrize("text, message", [
-    ('task = "t.py:f"\ntrails = 3\n', "unknown key 'trails' in the top level .*did you mean 'trials'"),
+    ('task = "t.py:f"\ntrails = 3\n',
+     "unknown key 'trails' in the top level .*did you mean 'trials'"),
     ('task = "t.py:f"\ntrials = "many"\n', "key 'trials' must be int. Got str"),
     ('task = "t.py:f"\ntrials = 0\n', "trials must be >= 1"),
     ('task = "t.py:f"\n[finetune]\nsteps = -1\n', "finetune.steps must be >= 0"),
-    ('task = "t.py:f"\n[finetune]\nlearning_rate = "fast"\n', "'finetune.learning_rate' must be float"),
+    ('task = "t.py:f"\n[finetune]\nlearning_rate = "fast"\n',
+     "'finetune.learning_rate' must be float"),
     ('task = "t.py:f"\n[latency]\nthread = 2\n', "unknown key 'latency.thread' in \\[latency\\]"),
     ('task = "t.py:f"\n[latency]\ntarget = "tpu"\n', "latency.target must be one of"),
     ('task = "t.py:f"\n[sampler]\nname = "cmaes"\n', "sampler.name must be one of"),
