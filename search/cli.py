@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParetoslimError as exc:
         print(f"paretoslim: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("paretoslim: interrupted; completed trials are stored, run the same command "
               "again to resume", file=sys.stderr)
