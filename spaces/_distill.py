@@ -45,8 +45,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _cycle(batches: Iterable) -> Iterator:
+    """Endless batches; collections with ``set_epoch`` restart at epoch 0 so a fine-tune
+    sees the same data order whatever ran before it (DataLoaders follow the seeded RNG)."""
+    epoch = 0
     while True:
         empty = True
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
+        epoch += 1
         for batch in batches:
             empty = False
             yield batch

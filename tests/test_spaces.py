@@ -247,3 +247,36 @@ def test_compress_uses_task_student_factory(mlp_task):
 def test_blobs_are_learnable():
     x, y = blobs(64, (16,), 4, seed=0)
     assert x.shape == (64, 16) and set(y.tolist()) <= {0, 1, 2, 3}
+
+
+def test_fine_tune_data_order_does_not_depend_on_earlier_use():
+    class EpochBatches:
+        """Shuffles differently per epoch, like a sampler with set_epoch."""
+
+        def __init__(self, data):
+            self.data, self.epoch = data, 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            epoch, self.epoch = self.epoch, self.epoch + 1
+            g = torch.Generator().manual_seed(epoch)
+            return iter([self.data[i] for i in torch.randperm(len(self.data), generator=g)])
+
+    from _tiny import tiny_task
+
+    task = tiny_task("mlp")
+    train = EpochBatches(task.train)
+
+    def run():
+        student = copy.deepcopy(task.model)
+        distill(student, task.model, train, steps=20, config=DistillationConfig(),
+                learning_rate=1e-3, seed=0)
+        return student
+
+    first = run()
+    list(iter(train))  # someone else consumed an epoch in between
+    second = run()
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
