@@ -1,1 +1,1 @@
-"""x"""
+"""Ready-made studies: specs (TOML) and their tasks (data and teacher)."""

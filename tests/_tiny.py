@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from paretoslim.search import Task
 from torch import nn
+
+from paretoslim.search import Task
 
 
 class TinyCNN(nn.Module):

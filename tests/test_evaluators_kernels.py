@@ -1,6 +1,8 @@
 import pytest
 import torch
 from _tiny import TinyMLP
+from torch import nn
+
 from paretoslim.evaluators import (
     accuracy,
     serialized_size_bytes,
@@ -9,7 +11,6 @@ from paretoslim.evaluators import (
     torch_threads,
 )
 from paretoslim.kernels import LoweringError, detect_target, lower, relative_error
-from torch import nn
 
 
 def test_accuracy_counts_correct_predictions():

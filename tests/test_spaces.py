@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 from _tiny import TinyCNN, TinyMLP, blobs
+from torch import nn
+
 from paretoslim.evaluators import size_mb
 from paretoslim.spaces import (
     Choice,
@@ -27,7 +29,6 @@ from paretoslim.spaces import (
     quantize,
 )
 from paretoslim.spaces._quantize import drop_unused_attributes
-from torch import nn
 
 
 def _full_recipe():

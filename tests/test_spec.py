@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from paretoslim.search import ParetoslimError, load_spec, parse_spec
 from paretoslim.spaces import Choice, FloatRange
 

@@ -7,6 +7,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+
 from paretoslim.search import load_spec, render_front, resolve_study, run_study
 from paretoslim.search._study import FAILURE_ATTR, open_study
 from paretoslim.search.cli import main

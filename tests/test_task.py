@@ -1,6 +1,7 @@
 import textwrap
 
 import pytest
+
 from paretoslim.search import ParetoslimError, Task, load_task
 
 TINY = str(__import__("pathlib").Path(__file__).parent)

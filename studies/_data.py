@@ -1,0 +1,171 @@
+"""Data helpers for built-in tasks: IDX file reading and deterministic in-memory batches."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paretoslim.search import ParetoslimError
+
+__all__ = ["IDX_DTYPES", "TensorBatches", "find_idx_split", "read_idx"]
+
+# IDX type code -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/).
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or raw) into a native-byte-order numpy array.
+
+    Compression is detected from the content, not the suffix. A malformed file (bad magic
+    number, unknown type code, truncated or oversized payload, broken gzip stream) raises
+    ParetoslimError naming the file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == _GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise ParetoslimError(f"IDX file {path} does not exist") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ParetoslimError(
+            f"IDX file {path} cannot be read ({type(exc).__name__}: {exc}); "
+            "replace it with an intact copy"
+        ) from exc
+
+    def malformed(problem: str) -> ParetoslimError:
+        return ParetoslimError(
+            f"IDX file {path} is malformed: {problem}; replace it with an intact copy"
+        )
+
+    if len(raw) < 4:
+        raise malformed(f"only {len(raw)} bytes, too short for the 4-byte magic number")
+    if raw[0] != 0 or raw[1] != 0:
+        raise malformed(f"magic number starts with {raw[:2].hex()}, expected 0000")
+    code, ndim = raw[2], raw[3]
+    if code not in IDX_DTYPES:
+        known = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
+        raise malformed(f"unknown type code 0x{code:02X} (known: {known})")
+    if ndim == 0:
+        raise malformed("zero dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise malformed(f"header needs {header} bytes for {ndim} dimensions, file has {len(raw)}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = IDX_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    actual = len(raw) - header
+    if actual != expected:
+        raise malformed(
+            f"shape {shape} of {dtype.name} needs {expected} payload bytes, found {actual}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def find_idx_split(directory: str | Path, prefix: str) -> Path:
+    """Locate the IDX file ``prefix`` in ``directory``, raw or ``.gz``.
+
+    ``prefix`` is a standard name such as ``train-images-idx3-ubyte``; the variant with a dot
+    before ``idx`` (``train-images.idx3-ubyte``) is accepted too. A raw file is preferred
+    over a compressed one. Raises ParetoslimError naming the directory and the names tried.
+    """
+    directory = Path(directory)
+    stems = [prefix]
+    dotted = prefix.replace("-idx", ".idx", 1)
+    if dotted != prefix:
+        stems.append(dotted)
+    candidates = [directory / (stem + suffix) for suffix in ("", ".gz") for stem in stems]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(c.name for c in candidates)
+    raise ParetoslimError(f"no IDX file for {prefix!r} in {directory} (tried {tried})")
+
+
+class TensorBatches:
+    """Re-iterable ``(inputs, targets)`` batches over two in-memory tensors.
+
+    Every iteration is one epoch and yields fresh tensors (never views of the data), the
+    last partial batch included. With ``shuffle=True``, epoch ``k`` (counted from 0 per
+    object, or set with :meth:`set_epoch`) draws its order from a ``torch.Generator``
+    seeded with ``seed + k``, so the sequence of batches is reproducible.
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError(
+                "The 'inputs' and 'targets' parameters of TensorBatches must be tensors. "
+                f"Got {type(inputs).__name__} and {type(targets).__name__} instead."
+            )
+        if inputs.ndim == 0 or targets.ndim == 0 or len(inputs) != len(targets):
+            raise ValueError(
+                "The 'inputs' and 'targets' parameters of TensorBatches must have the same "
+                f"length. Got shapes {tuple(inputs.shape)} and {tuple(targets.shape)} instead."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                "The 'batch_size' parameter of TensorBatches must be an int >= 1. "
+                f"Got {batch_size!r} instead."
+            )
+        self.inputs = inputs
+        self.targets = targets
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.inputs) / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.inputs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` (only changes the order when shuffling)."""
+        self._epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self._epoch
+        self._epoch += 1
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.inputs)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.inputs.index_select(0, index), self.targets.index_select(0, index)
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorBatches(samples={len(self.inputs)}, batch_size={self.batch_size}, "
+            f"shuffle={self.shuffle}, seed={self.seed})"
+        )
