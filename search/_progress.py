@@ -10,8 +10,7 @@ from tqdm.auto import tqdm
 class StudyProgress:
     """Shows trials completed out of the target, the running trial's stage, and results."""
 
-    def __init__(self, *, target: int, completed: int, enabled: bool = True,
-                 objectives: tuple[str, ...] = ()):
+    def __init__(self, *, target: int, completed: int, enabled: bool = True):
         self.enabled = enabled
         self.current = ""
         self.bar = tqdm(total=target, initial=min(completed, target), desc="trials",

@@ -154,16 +154,15 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
     study = open_study(spec, storage)
     interrupted = mark_interrupted(study)
     done = _completed(study)
-    reporter = StudyProgress(target=target, completed=done, enabled=progress,
-                             objectives=spec.objectives)
-    if interrupted:
-        reporter.note(f"{interrupted} trial(s) left running by an earlier process were "
-                      "recorded as failed")
+    if interrupted and progress:
+        print(f"{interrupted} trial(s) left running by an earlier process were recorded "
+              "as failed")
     if done >= target:
-        reporter.note(f"study {spec.name!r} already has {done} completed trials")
-        reporter.close()
+        if progress:
+            print(f"study {spec.name!r} already has {done} completed trials")
         return study
     task = load_task(spec.task, spec.base_dir, spec.task_options)
+    reporter = StudyProgress(target=target, completed=done, enabled=progress)
     objective = _Objective(spec, task, TrialSettings.from_spec(spec), reporter)
     failures, max_failures = 0, max(5, target)
 

@@ -21,8 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from paretoslim.search import ParetoslimError, Task
-
-from ._data import TensorBatches, find_idx_split, read_idx
+from paretoslim.studies._data import TensorBatches, find_idx_split, read_idx
 
 __all__ = [
     "CACHE_ENV",
