@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -20,6 +23,8 @@ from ._task import load_task
 from ._trial import TrialSettings, calibration_batches, quality_of
 
 MODEL_FILE = "model.pt2"
+ONNX_FILE = "model.onnx"
+METRICS_FILE = "metrics.json"
 
 
 def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
@@ -27,8 +32,9 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     """Rebuild trial ``number`` from its recipe and write the deployable artifact to ``out_dir``.
 
     Writes ``model.pt2`` (``torch.export`` program, dynamic batch dimension when the model
-    allows it; load with ``torch.export.load(path).module()``), ``recipe.json``,
-    ``metrics.json`` (search-time figures plus the quality re-measured on export) and
+    allows it; load with ``load_program``), ``model.onnx`` when the ONNX exporter handles
+    the scheme, ``recipe.json``, ``metrics.json`` (search-time figures, the quality
+    re-measured on export, the task and measurement settings, the environment) and
     ``card.md``. Raises ParetoslimError if the trial is not a completed one or the spec
     needed to rebuild the task is not available.
     """
@@ -60,6 +66,7 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dynamic = _save_program(model, task.example_input, out / MODEL_FILE)
+    onnx = _save_onnx(model, task.example_input, out / ONNX_FILE, dynamic)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     exported = {
         "study": study.study_name,
@@ -67,11 +74,19 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         "recorded": recorded,
         "export_quality": quality,
         "dynamic_batch": dynamic,
+        "onnx": onnx,
+        "scheme": recipe.quantization.scheme,
+        "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
+                 "options": spec.task_options},
+        "latency": {"batch_size": settings.latency_batch_size, "threads": settings.threads,
+                    "min_calls": settings.min_calls, "min_seconds": settings.min_seconds},
         "environment": _environment(),
     }
-    (out / "metrics.json").write_text(json.dumps(exported, indent=2) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(exported, indent=2) + "\n")
+    onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
+                 else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
     (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
-                                       dynamic, tuple(task.example_input.shape)))
+                                       dynamic, tuple(task.example_input.shape)) + onnx_line)
     return out
 
 
@@ -89,6 +104,65 @@ def _save_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> 
             dynamic = False
         torch.export.save(program, str(path))
     return dynamic
+
+
+def load_program(path: str | Path) -> torch.nn.Module:
+    """Load a saved ``torch.export`` program as a module without arbitrary unpickling.
+
+    ``torch.export.load`` falls back to full pickle loading when the safe loader fails;
+    forcing weights-only loading makes such a file fail instead.
+    """
+    import logging
+
+    import torchao.quantization.pt2e  # noqa: F401  registers the int8 ops PT2E graphs call
+
+    previous = os.environ.get(_WEIGHTS_ONLY)
+    os.environ[_WEIGHTS_ONLY] = "1"
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.export.load(str(path)).module()
+    finally:
+        export_log.setLevel(level)
+        if previous is None:
+            del os.environ[_WEIGHTS_ONLY]
+        else:
+            os.environ[_WEIGHTS_ONLY] = previous
+    # exported modules refuse .eval(); it is a no-op for an inference graph
+    torchao.quantization.pt2e.allow_exported_model_train_eval(module)
+    return module
+
+
+_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def _save_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path,
+               dynamic: bool) -> str:
+    """Write an ONNX file if the exporter handles the model; return what happened."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return "skipped: install with pip install 'paretoslim[onnx]'"
+    import logging
+
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic else None
+            torch.onnx.export(model, (example,), str(path), dynamo=True,
+                              dynamic_shapes=shapes, verbose=False)
+    except Exception as exc:  # the exporter covers fp32 and bf16, not PT2E int8 graphs
+        path.unlink(missing_ok=True)
+        return f"skipped: the ONNX exporter failed ({type(exc).__name__})"
+    finally:
+        quiet.setLevel(level)
+    return ONNX_FILE
 
 
 def _environment() -> dict[str, Any]:
@@ -127,5 +201,6 @@ def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: f
         f"Quality re-measured on export: {quality:.4f}.\n\n"
         f"`model.pt2` is a `torch.export` program ({batch}): "
         "`torch.export.load('model.pt2').module()`; compile it with "
-        "`torch.compile` under `torch._inductor.config.freezing = True` for the measured speed.\n"
+        "`torch.compile` under `torch._inductor.config.freezing = True` for the measured speed. "
+        "`paretoslim verify DIR` re-measures quality and latency on the machine at hand.\n"
     )

@@ -14,7 +14,7 @@ from ..spaces import Recipe
 from ._errors import ParetoslimError
 from ._study import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR
 
-FORMATS = ("table", "csv", "json")
+FORMATS = ("table", "csv", "json", "parquet")
 _COLUMNS = ("quality", "quality_drop", "latency_ms", "speedup", "size_mb", "compression")
 
 
@@ -87,8 +87,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 def render_front(study: optuna.Study, fmt: str = "table", sort: str | None = None,
                  all_trials: bool = False) -> str:
     """The front (or every trial with ``all_trials``) as ``table``, ``csv`` or ``json``."""
-    if fmt not in FORMATS:
-        raise ParetoslimError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt not in FORMATS or fmt == "parquet":
+        raise ParetoslimError(f"cannot print format {fmt!r}; choose from table, csv, json")
     points = pareto_front(study)
     if fmt == "json":
         if all_trials:
@@ -102,6 +102,22 @@ def render_front(study: optuna.Study, fmt: str = "table", sort: str | None = Non
         return (f"study {study.study_name!r}: no feasible Pareto-optimal trial yet "
                 f"({completed} completed); see --all")
     return _table(frame)
+
+
+def write_front(study: optuna.Study, path: str, fmt: str = "table", sort: str | None = None,
+                all_trials: bool = False) -> None:
+    """Write what ``render_front`` shows to ``path``; ``parquet`` writes the raw frame."""
+    if fmt != "parquet":
+        text = render_front(study, fmt, sort=sort, all_trials=all_trials)
+        with open(path, "w") as handle:
+            handle.write(text if text.endswith("\n") else text + "\n")
+        return
+    frame = trials_frame(study) if all_trials else front_frame(pareto_front(study), sort)
+    try:
+        frame.to_parquet(path, index=False)
+    except ImportError:
+        raise ParetoslimError(
+            "parquet output needs pyarrow: pip install 'paretoslim[parquet]'") from None
 
 
 def _table(frame: pd.DataFrame) -> str:

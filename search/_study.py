@@ -70,7 +70,8 @@ def suggest_recipe(trial: optuna.Trial, spec: StudySpec):
 
 def _spec_record(spec: StudySpec) -> dict[str, Any]:
     path = str(spec.path.resolve()) if spec.path is not None else None
-    return {"path": path, "name": spec.name, "objectives": list(spec.objectives)}
+    return {"path": path, "name": spec.name, "objectives": list(spec.objectives),
+            "max_quality_drop": spec.constraints.max_quality_drop}
 
 
 def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:

@@ -1,4 +1,4 @@
-"""The ``paretoslim`` command line: run, front, export."""
+"""The ``paretoslim`` command line: run, front, pick, export, verify, report, dashboard."""
 
 from __future__ import annotations
 
@@ -27,21 +27,76 @@ def _parser() -> argparse.ArgumentParser:
     front = verbs.add_parser("front", help="print the Pareto front of a study")
     front.add_argument("study", metavar="STUDY", help="spec path or study name")
     front.add_argument("--storage", help="Optuna storage URL or journal file path")
-    front.add_argument("--format", default="table", choices=("table", "csv", "json"))
-    front.add_argument("--sort", help="column to sort the table by (e.g. latency_ms)")
+    front.add_argument("--format", default="table",
+                       choices=("table", "csv", "json", "parquet"))
+    front.add_argument("--sort", help="column to sort by (e.g. latency_ms, speedup)")
     front.add_argument("--all", action="store_true", dest="all_trials",
                        help="every trial, with the reason of failed ones")
+    front.add_argument("--out", help="write to this file instead of printing "
+                                     "(required for parquet)")
+
+    pick = verbs.add_parser("pick", help="choose one trial by a rule and say why")
+    pick.add_argument("study", metavar="STUDY", help="spec path or study name")
+    pick.add_argument("--storage", help="Optuna storage URL or journal file path")
+    _add_pick_rule(pick)
+    pick.add_argument("--format", default="text", choices=("text", "json"))
 
     export = verbs.add_parser("export", help="write a trial's compressed model, recipe, card")
     export.add_argument("study", metavar="STUDY", help="spec path or study name")
-    export.add_argument("--trial", type=int, required=True, help="trial number")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument("--pick", action="store_true",
+                       help="the trial chosen by the pick options below")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--storage", help="Optuna storage URL or journal file path")
+    _add_pick_rule(export)
+
+    verify = verbs.add_parser("verify", help="reload an export and re-measure it here")
+    verify.add_argument("directory", metavar="DIR", help="directory written by export")
+    verify.add_argument("--format", default="table", choices=("table", "json"))
+    verify.add_argument("--tolerance", type=float, default=0.002,
+                        help="largest accepted quality difference (default 0.002)")
+
+    report = verbs.add_parser("report", help="self-contained HTML report of a study")
+    report.add_argument("study", metavar="STUDY", help="spec path or study name")
+    report.add_argument("--out", required=True, help="HTML file to write")
+    report.add_argument("--storage", help="Optuna storage URL or journal file path")
+    report.add_argument("--no-png", action="store_true", help="skip the PNG of the front")
+
+    dashboard = verbs.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1")
+    dashboard.add_argument("study", metavar="STUDY", help="spec path or study name")
+    dashboard.add_argument("--storage", help="Optuna storage URL or journal file path")
+    dashboard.add_argument("--port", type=int, default=8080)
     return parser
 
 
+def _add_pick_rule(parser: argparse.ArgumentParser) -> None:
+    rule = parser.add_argument_group("pick rule")
+    rule.add_argument("--max-quality-drop", type=float,
+                      help="largest quality loss vs the teacher (default: the study's)")
+    rule.add_argument("--max-latency-ms", type=float)
+    rule.add_argument("--max-size-mb", type=float)
+    goal = rule.add_mutually_exclusive_group()
+    goal.add_argument("--minimize", metavar="FIGURE",
+                      help="figure to minimize (default: latency_ms)")
+    goal.add_argument("--maximize", metavar="FIGURE", help="figure to maximize")
+    goal.add_argument("--knee", action="store_true", help="the knee of the front")
+
+
+def _rule(args: argparse.Namespace):
+    from ._pick import PickRule
+
+    return PickRule(max_quality_drop=args.max_quality_drop, max_latency_ms=args.max_latency_ms,
+                    max_size_mb=args.max_size_mb, minimize=args.minimize,
+                    maximize=args.maximize, knee=args.knee)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit status.
+
+    0: done; 1: ``verify`` found a quality difference; 2: bad input (one line on stderr);
+    130: interrupted.
+    """
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -55,6 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _front(args)
         if args.verb == "export":
             return _export(args)
+        if args.verb == "pick":
+            return _pick(args)
+        if args.verb == "verify":
+            return _verify(args)
+        if args.verb == "report":
+            return _report(args)
+        if args.verb == "dashboard":
+            return _dashboard(args)
     except ParetoslimError as exc:
         print(f"paretoslim: error: {exc}", file=sys.stderr)
         return 2
@@ -81,11 +144,33 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _front(args: argparse.Namespace) -> int:
-    from ._front import render_front
+    from ._front import render_front, write_front
     from ._study import resolve_study
 
     study, _ = resolve_study(args.study, args.storage)
+    if args.out:
+        write_front(study, args.out, args.format, sort=args.sort, all_trials=args.all_trials)
+        print(f"wrote {args.out}")
+        return 0
+    if args.format == "parquet":
+        raise ParetoslimError("--format parquet writes a file: add --out FILE.parquet")
     print(render_front(study, args.format, sort=args.sort, all_trials=args.all_trials))
+    return 0
+
+
+def _pick(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from ._pick import pick
+    from ._study import resolve_study
+
+    study, _ = resolve_study(args.study, args.storage)
+    chosen = pick(study, _rule(args))
+    if args.format == "json":
+        print(json.dumps({**asdict(chosen.point), "reason": chosen.reason}, indent=2))
+    else:
+        print(chosen.reason)
     return 0
 
 
@@ -94,9 +179,46 @@ def _export(args: argparse.Namespace) -> int:
     from ._study import resolve_study
 
     study, spec = resolve_study(args.study, args.storage)
-    out = export_trial(study, spec, args.trial, args.out)
-    print(f"exported trial {args.trial} of study {study.study_name!r} to {out}/ "
-          "(model.pt2, recipe.json, metrics.json, card.md)")
+    number = args.trial
+    if args.pick:
+        from ._pick import pick
+
+        chosen = pick(study, _rule(args))
+        print(f"picked {chosen.reason}")
+        number = chosen.point.number
+    out = export_trial(study, spec, number, args.out)
+    print(f"exported trial {number} of study {study.study_name!r} to {out}/ "
+          f"({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import json
+
+    from ._verify import render_verification, verify_artifact
+
+    result = verify_artifact(args.directory, tolerance=args.tolerance)
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_verification(result))
+    return 0 if result["quality_ok"] else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ._report import write_report
+    from ._study import resolve_study
+
+    study, _ = resolve_study(args.study, args.storage)
+    written = write_report(study, args.out, png=not args.no_png)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from ._dashboard import serve_dashboard
+
+    serve_dashboard(args.study, args.storage, args.port)
     return 0
 
 

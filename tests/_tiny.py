@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -78,3 +80,50 @@ def tiny_task(kind: str = "cnn") -> Task:
     train_briefly(model, train)
     return Task(model=model, train=train, val=batches(vx, vy, 64), example_input=vx[:16],
                 name=f"tiny_{kind}")
+
+
+TASK_FILE = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _tiny import TinyMLP, tiny_task
+
+def make_task(broken_student=False):
+    task = tiny_task("mlp")
+    if broken_student:
+        def student(width, depth):
+            if width == 0.5:
+                raise RuntimeError("this student family has no narrow members")
+            return TinyMLP()
+        task.student = student
+    return task
+"""
+
+SPEC = """
+task = "task.py:make_task"
+name = "tiny"
+trials = {trials}
+seed = 0
+[sampler]
+name = "random"
+[finetune]
+steps = 5
+[latency]
+min_calls = 20
+min_seconds = 0.0
+[space.student]
+width = {width}
+[space.pruning]
+ratio = {{ low = 0.0, high = 0.5, step = 0.25 }}
+[space.quantization]
+scheme = ["fp32", "int8_static"]
+"""
+
+
+def write_study(tmp_path, trials=2, width="[0.5, 1.0]", broken=False):
+    """A user task file and a spec for a tiny study in ``tmp_path``; returns the spec path."""
+    (tmp_path / "task.py").write_text(TASK_FILE)
+    spec_text = SPEC.format(trials=trials, width=width)
+    if broken:
+        spec_text += "[task_options]\nbroken_student = true\n"
+    (tmp_path / "study.toml").write_text(spec_text)
+    return tmp_path / "study.toml"

@@ -1,63 +1,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from _tiny import write_study
 from optuna.trial import TrialState
 
 from paretoslim.search import load_spec, render_front, resolve_study, run_study
 from paretoslim.search._study import FAILURE_ATTR, open_study
 from paretoslim.search.cli import main
-
-TESTS = Path(__file__).parent
-
-TASK_FILE = f"""
-import sys
-sys.path.insert(0, {str(TESTS)!r})
-from _tiny import TinyMLP, tiny_task
-
-def make_task(broken_student=False):
-    task = tiny_task("mlp")
-    if broken_student:
-        def student(width, depth):
-            if width == 0.5:
-                raise RuntimeError("this student family has no narrow members")
-            return TinyMLP()
-        task.student = student
-    return task
-"""
-
-SPEC = """
-task = "task.py:make_task"
-name = "tiny"
-trials = {trials}
-seed = 0
-[sampler]
-name = "random"
-[finetune]
-steps = 5
-[latency]
-min_calls = 20
-min_seconds = 0.0
-[space.student]
-width = {width}
-[space.pruning]
-ratio = {{ low = 0.0, high = 0.5, step = 0.25 }}
-[space.quantization]
-scheme = ["fp32", "int8_static"]
-"""
-
-
-def _study_dir(tmp_path, trials=2, width="[0.5, 1.0]", broken=False):
-    (tmp_path / "task.py").write_text(TASK_FILE)
-    spec_text = SPEC.format(trials=trials, width=width)
-    if broken:
-        spec_text += "[task_options]\nbroken_student = true\n"
-    (tmp_path / "study.toml").write_text(spec_text)
-    return tmp_path / "study.toml"
 
 
 @pytest.fixture
@@ -71,7 +24,7 @@ def _completed(study):
 
 
 def test_run_records_objectives_metrics_and_constraint_then_resumes(in_tmp):
-    spec = load_spec(_study_dir(in_tmp, trials=2))
+    spec = load_spec(write_study(in_tmp, trials=2))
     study = run_study(spec, progress=False)
     first = _completed(study)
     assert len(first) == 2
@@ -99,7 +52,7 @@ def test_run_records_objectives_metrics_and_constraint_then_resumes(in_tmp):
 
 
 def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(in_tmp):
-    spec = load_spec(_study_dir(in_tmp, trials=2, width="[0.5, 0.75, 1.0]", broken=True))
+    spec = load_spec(write_study(in_tmp, trials=2, width="[0.5, 0.75, 1.0]", broken=True))
     for width in (0.5, 1.0):
         open_study(spec).enqueue_trial({"student.width": width, "pruning.ratio": 0.0,
                                         "quantization.scheme": "fp32"})
@@ -114,14 +67,14 @@ def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(in_tmp):
 
 
 def test_a_study_that_always_fails_stops(in_tmp):
-    spec = load_spec(_study_dir(in_tmp, trials=2, width="0.5", broken=True))
+    spec = load_spec(write_study(in_tmp, trials=2, width="0.5", broken=True))
     study = run_study(spec, progress=False)
     assert len(_completed(study)) == 0
     assert len(study.get_trials(states=(TrialState.FAIL,))) == 5  # five failures in a row
 
 
 def test_trials_of_a_killed_process_are_marked_failed_on_resume(in_tmp):
-    spec = load_spec(_study_dir(in_tmp, trials=1))
+    spec = load_spec(write_study(in_tmp, trials=1))
     study = open_study(spec)
     study.ask()  # a trial left running, as by a killed process
     study = run_study(spec, progress=False)
@@ -132,7 +85,7 @@ def test_trials_of_a_killed_process_are_marked_failed_on_resume(in_tmp):
 
 
 def test_front_json_export_and_cli(in_tmp, capsys):
-    spec_path = _study_dir(in_tmp, trials=2)
+    spec_path = write_study(in_tmp, trials=2)
     assert main(["run", str(spec_path), "--quiet"]) == 0
     capsys.readouterr()
 
@@ -185,7 +138,7 @@ def test_cli_bad_spec_key(in_tmp):
 
 
 def test_export_rejects_failed_or_missing_trials(in_tmp):
-    spec = load_spec(_study_dir(in_tmp, trials=1))
+    spec = load_spec(write_study(in_tmp, trials=1))
     study = open_study(spec)
     trial = study.ask()
     study.tell(trial, state=TrialState.FAIL)

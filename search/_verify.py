@@ -1,0 +1,90 @@
+"""Verification of an exported artifact: reload it safely and re-measure it on this machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..evaluators import size_mb, time_interleaved, torch_threads
+from ..kernels import lower
+from ._errors import ParetoslimError
+from ._export import METRICS_FILE, MODEL_FILE, load_program
+from ._task import load_task
+from ._trial import latency_input, quality_of
+
+DEFAULT_TOLERANCE = 0.002
+
+
+def verify_artifact(directory: str | Path, *, tolerance: float = DEFAULT_TOLERANCE,
+                    min_calls: int | None = None) -> dict[str, Any]:
+    """Re-measure an exported trial: quality on the task's held-out data, size, and latency.
+
+    Latency is timed interleaved with the teacher lowered to fp32, as during the search.
+    Returns ``quality``, ``latency_ms``, ``size_mb``, ``speedup``, ``baseline_latency_ms``,
+    ``recorded`` (the search-time figures), ``quality_ok`` (quality within ``tolerance`` of
+    the recorded one) and ``tolerance``. Raises ParetoslimError for a directory that is not
+    an export or whose task cannot be loaded.
+    """
+    root = Path(directory)
+    meta_path, model_path = root / METRICS_FILE, root / MODEL_FILE
+    if not meta_path.is_file() or not model_path.is_file():
+        raise ParetoslimError(
+            f"{root}: not an exported trial (needs {METRICS_FILE} and {MODEL_FILE}; "
+            "create one with `paretoslim export`)")
+    meta = json.loads(meta_path.read_text())
+    task_info, latency = meta.get("task"), meta.get("latency", {})
+    if not task_info:
+        raise ParetoslimError(f"{meta_path}: no task recorded; export the trial again")
+    task = load_task(task_info["reference"], Path(task_info["base_dir"]),
+                     task_info.get("options") or {})
+    try:
+        model = load_program(model_path)
+    except Exception as exc:
+        raise ParetoslimError(
+            f"{model_path}: cannot be loaded safely ({type(exc).__name__}: {exc})") from None
+
+    quality = quality_of(task, model)
+    size = size_mb(model)
+    x = latency_input(task, latency.get("batch_size", 0))
+    threads = latency.get("threads", 1)
+    torch._dynamo.reset()
+    with torch_threads(threads):
+        lowered = lower(model, x, meta.get("scheme", "fp32"))
+        reference = lower(task.model, x, "fp32")
+        stats = time_interleaved(
+            {"model": lowered.fn, "baseline": reference.fn}, x, threads=threads,
+            min_calls=min_calls or latency.get("min_calls", 300),
+            min_seconds=latency.get("min_seconds", 1.0))
+    torch._dynamo.reset()
+    recorded = meta.get("recorded", {})
+    keys = ("quality", "latency_ms", "size_mb", "speedup", "baseline_latency_ms",
+            "latency_iqr_ms")
+    return {
+        "quality": quality,
+        "latency_ms": stats["model"].median_ms,
+        "latency_iqr_ms": stats["model"].iqr_ms,
+        "size_mb": size,
+        "speedup": stats["baseline"].median_ms / stats["model"].median_ms,
+        "baseline_latency_ms": stats["baseline"].median_ms,
+        "recorded": {k: recorded.get(k) for k in keys},
+        "quality_ok": abs(quality - recorded.get("quality", float("nan"))) <= tolerance,
+        "tolerance": tolerance,
+    }
+
+
+def render_verification(result: dict[str, Any]) -> str:
+    """A table of recorded vs re-measured figures and the verdict."""
+    rec = result["recorded"]
+    rows = [("quality", "{:.4f}"), ("latency_ms", "{:.3f}"), ("speedup", "{:.2f}x"),
+            ("size_mb", "{:.3f}")]
+    lines = [f"{'figure':<12}{'recorded':>12}{'now':>12}"]
+    for key, fmt in rows:
+        before = fmt.format(rec[key]) if rec.get(key) is not None else "-"
+        lines.append(f"{key:<12}{before:>12}{fmt.format(result[key]):>12}")
+    verdict = ("quality matches" if result["quality_ok"] else "QUALITY DIFFERS")
+    lines.append(f"{verdict} (tolerance {result['tolerance']:g}); latency spread now: IQR "
+                 f"{result['latency_iqr_ms']:.3f} ms")
+    return "\n".join(lines)
