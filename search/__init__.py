@@ -2,17 +2,21 @@
 
 from ._errors import ParetoslimError
 from ._export import export_trial
-from ._front import FrontPoint, pareto_front, render_front
+from ._front import FrontPoint, pareto_front, render_front, write_front
+from ._pick import Pick, PickRule, pick
 from ._spec import OBJECTIVES, StudySpec, load_spec, parse_spec
 from ._study import open_study, resolve_study, run_study
 from ._task import Task, load_task
 from ._trial import Baseline, TrialResult, TrialSettings, measure_baseline, run_trial
+from ._verify import verify_artifact
 
 __all__ = [
     "OBJECTIVES",
     "Baseline",
     "FrontPoint",
     "ParetoslimError",
+    "Pick",
+    "PickRule",
     "StudySpec",
     "Task",
     "TrialResult",
@@ -24,8 +28,11 @@ __all__ = [
     "open_study",
     "pareto_front",
     "parse_spec",
+    "pick",
     "render_front",
     "resolve_study",
     "run_study",
     "run_trial",
+    "verify_artifact",
+    "write_front",
 ]
