@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from paretoslim.evaluators import accuracy as top1_accuracy
 from paretoslim.search import ParetoslimError, Task
 from paretoslim.studies._data import TensorBatches, find_idx_split, read_idx
 
@@ -32,7 +33,6 @@ __all__ = [
     "FashionMNISTNet",
     "TeacherConfig",
     "data_fingerprint",
-    "evaluate_accuracy",
     "fashion_mnist_files",
     "load_fashion_mnist",
     "load_or_train_teacher",
@@ -268,19 +268,6 @@ def augment(
     return x.contiguous()
 
 
-def evaluate_accuracy(model: nn.Module, batches: Iterable) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode) over ``(inputs, targets)`` batches."""
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for inputs, targets in batches:
-            correct += int((model(inputs).argmax(dim=1) == targets).sum())
-            total += len(targets)
-    if total == 0:
-        raise ValueError("evaluate_accuracy got no samples.")
-    return correct / total
-
-
 def train_teacher(
     train_batches: TensorBatches,
     test_batches: Iterable,
@@ -301,7 +288,7 @@ def train_teacher(
         _fit(model, train_batches, config, progress)
     finally:
         torch.set_flush_denormal(False)
-    accuracy = evaluate_accuracy(model, test_batches)
+    accuracy = top1_accuracy(model, test_batches)
     _say(
         f"Fashion-MNIST teacher: test accuracy {accuracy:.2%} "
         f"({_count_parameters(model):,} parameters, {config.epochs} epochs, "
