@@ -1,14 +1,24 @@
 """How good a compressed model is: quality, size and latency measured on the real artifact."""
 
-from ._latency import LatencyStats, time_interleaved, torch_threads
+from ._latency import (
+    LatencyStats,
+    SpeedupMeasurement,
+    measure_speedup,
+    measurement_lock,
+    time_interleaved,
+    torch_threads,
+)
 from ._quality import accuracy
 from ._size import deployed_tensors, graph_reads, serialized_size_bytes, size_mb
 
 __all__ = [
     "LatencyStats",
+    "SpeedupMeasurement",
     "accuracy",
     "deployed_tensors",
     "graph_reads",
+    "measure_speedup",
+    "measurement_lock",
     "serialized_size_bytes",
     "size_mb",
     "time_interleaved",

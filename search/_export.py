@@ -79,7 +79,8 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
                  "options": spec.task_options},
         "latency": {"batch_size": settings.latency_batch_size, "threads": settings.threads,
-                    "min_calls": settings.min_calls, "min_seconds": settings.min_seconds},
+                    "min_calls": settings.min_calls, "min_seconds": settings.min_seconds,
+                    "max_spread": settings.max_spread},
         "environment": _environment(),
     }
     (out / METRICS_FILE).write_text(json.dumps(exported, indent=2) + "\n")

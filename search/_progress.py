@@ -34,6 +34,8 @@ class StudyProgress:
     def trial_done(self, number: int, result, feasible: bool) -> None:
         m = result.metrics
         flag = "" if feasible else "  (quality drop above the limit)"
+        if m.get("latency_noisy"):
+            flag += f"  (latency noisy: speedup spread {m['speedup_spread']:.0%})"
         self._write(
             f"trial {number:>3}  quality {m['quality']:.4f} ({-m['quality_drop']:+.4f})  "
             f"latency {m['latency_ms']:.3f} ms ({m['speedup']:.2f}x)  "

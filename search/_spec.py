@@ -53,13 +53,15 @@ class FinetuneSpec:
 
 @dataclass(frozen=True)
 class LatencySpec:
-    """How latency is measured: target, batch size (0: the example input's), threads, calls."""
+    """How latency is measured: target, batch size (0: the example input's), threads, calls,
+    and the spread of the speedup across rounds above which a measurement is repeated."""
 
     target: str = "cpu-x86"
     batch_size: int = 0
     threads: int = 1
     min_calls: int = 300
     min_seconds: float = 1.0
+    max_spread: float = 0.05
 
     def __post_init__(self) -> None:
         from ..kernels import TARGETS
@@ -69,6 +71,7 @@ class LatencySpec:
         _at_least("threads", self.threads, 1)
         _at_least("min_calls", self.min_calls, 10)
         _in_range("min_seconds", self.min_seconds, 0.0, 600.0)
+        _in_range("max_spread", self.max_spread, 0.0, 10.0, low_open=True)
 
 
 @dataclass(frozen=True)

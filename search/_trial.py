@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluators import accuracy, size_mb, time_interleaved, torch_threads
+from ..evaluators import accuracy, measure_speedup, size_mb, torch_threads
 from ..kernels import detect_target, lower
 from ..spaces import Deadline, Recipe, compress, count_parameters
 from ._spec import StudySpec
@@ -35,6 +35,7 @@ class TrialSettings:
     threads: int = 1
     min_calls: int = 300
     min_seconds: float = 1.0
+    max_spread: float = 0.05
 
     @classmethod
     def from_spec(cls, spec: StudySpec) -> TrialSettings:
@@ -48,6 +49,7 @@ class TrialSettings:
             threads=spec.latency.threads,
             min_calls=spec.latency.min_calls,
             min_seconds=spec.latency.min_seconds,
+            max_spread=spec.latency.max_spread,
         )
 
 
@@ -155,10 +157,10 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
             reference = lower(task.model, x, "fp32")
             deadline.check("lowering")
             stage("latency")
-            stats = time_interleaved(
-                {"model": lowered.fn, "baseline": reference.fn}, x,
-                threads=settings.threads, min_calls=settings.min_calls,
-                min_seconds=settings.min_seconds,
+            timing = measure_speedup(
+                lowered.fn, reference.fn, x, threads=settings.threads,
+                min_calls=settings.min_calls, min_seconds=settings.min_seconds,
+                max_spread=settings.max_spread,
             )
         torch._dynamo.reset()
     except Exception as exc:  # a failing recipe must never stop the study
@@ -167,7 +169,7 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
             "traceback": traceback.format_exc(limit=6)[-2000:],
         })
 
-    model_stats, base_stats = stats["model"], stats["baseline"]
+    model_stats, base_stats = timing.model, timing.baseline
     values = {"quality": quality, "latency_ms": model_stats.median_ms, "size_mb": size}
     metrics = {
         **values,
@@ -175,7 +177,10 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         "baseline_latency_ms": base_stats.median_ms,
         "baseline_size_mb": baseline.size_mb,
         "quality_drop": baseline.quality - quality,
-        "speedup": base_stats.median_ms / model_stats.median_ms,
+        "speedup": timing.speedup,
+        "speedup_spread": timing.speedup_spread,
+        "latency_noisy": timing.noisy,
+        "latency_attempts": timing.attempts,
         "compression": baseline.size_mb / size,
         "latency_iqr_ms": model_stats.iqr_ms,
         "latency_cov": model_stats.cov,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..evaluators import size_mb, time_interleaved, torch_threads
+from ..evaluators import measure_speedup, size_mb, torch_threads
 from ..kernels import lower
 from ._errors import ParetoslimError
 from ._export import METRICS_FILE, MODEL_FILE, load_program
@@ -54,21 +54,24 @@ def verify_artifact(directory: str | Path, *, tolerance: float = DEFAULT_TOLERAN
     with torch_threads(threads):
         lowered = lower(model, x, meta.get("scheme", "fp32"))
         reference = lower(task.model, x, "fp32")
-        stats = time_interleaved(
-            {"model": lowered.fn, "baseline": reference.fn}, x, threads=threads,
+        timing = measure_speedup(
+            lowered.fn, reference.fn, x, threads=threads,
             min_calls=min_calls or latency.get("min_calls", 300),
-            min_seconds=latency.get("min_seconds", 1.0))
+            min_seconds=latency.get("min_seconds", 1.0),
+            max_spread=latency.get("max_spread", 0.05))
     torch._dynamo.reset()
     recorded = meta.get("recorded", {})
     keys = ("quality", "latency_ms", "size_mb", "speedup", "baseline_latency_ms",
             "latency_iqr_ms")
     return {
         "quality": quality,
-        "latency_ms": stats["model"].median_ms,
-        "latency_iqr_ms": stats["model"].iqr_ms,
+        "latency_ms": timing.model.median_ms,
+        "latency_iqr_ms": timing.model.iqr_ms,
         "size_mb": size,
-        "speedup": stats["baseline"].median_ms / stats["model"].median_ms,
-        "baseline_latency_ms": stats["baseline"].median_ms,
+        "speedup": timing.speedup,
+        "speedup_spread": timing.speedup_spread,
+        "latency_noisy": timing.noisy,
+        "baseline_latency_ms": timing.baseline.median_ms,
         "recorded": {k: recorded.get(k) for k in keys},
         "quality_ok": abs(quality - recorded.get("quality", float("nan"))) <= tolerance,
         "tolerance": tolerance,
@@ -85,6 +88,8 @@ def render_verification(result: dict[str, Any]) -> str:
         before = fmt.format(rec[key]) if rec.get(key) is not None else "-"
         lines.append(f"{key:<12}{before:>12}{fmt.format(result[key]):>12}")
     verdict = ("quality matches" if result["quality_ok"] else "QUALITY DIFFERS")
-    lines.append(f"{verdict} (tolerance {result['tolerance']:g}); latency spread now: IQR "
-                 f"{result['latency_iqr_ms']:.3f} ms")
+    noisy = " (noisy)" if result["latency_noisy"] else ""
+    lines.append(f"{verdict} (tolerance {result['tolerance']:g}); latency IQR now "
+                 f"{result['latency_iqr_ms']:.3f} ms, speedup spread "
+                 f"{result['speedup_spread']:.1%}{noisy}")
     return "\n".join(lines)

@@ -80,3 +80,64 @@ def test_detect_target():
     assert target.cores >= 1 and set(target.capabilities) == {"avx512", "vnni", "bf16", "amx"}
     with pytest.raises(ValueError, match="Unknown target"):
         detect_target("tpu-v9")
+
+
+def test_measure_speedup_of_a_model_against_itself_is_about_one():
+    from paretoslim.evaluators import measure_speedup
+
+    model = TinyMLP().eval()
+    result = measure_speedup(model, model, torch.randn(4, 16), min_calls=60, min_seconds=0.0,
+                             max_spread=10.0)
+    assert 0.5 < result.speedup < 2.0
+    assert result.attempts == 1 and not result.noisy
+    assert result.model.calls >= 60 and result.baseline.calls >= 60
+
+
+def test_an_unstable_ratio_is_measured_again_and_marked_noisy():
+    import time
+
+    from paretoslim.evaluators import measure_speedup
+
+    calls = {"n": 0}
+
+    def jittery(x):
+        calls["n"] += 1
+        # alternate slow and fast blocks of 20 calls: the ratio swings by 3x between rounds
+        time.sleep(0.0003 if (calls["n"] // 20) % 2 else 0.0009)
+
+    def steady(x):
+        time.sleep(0.0003)
+
+    result = measure_speedup(jittery, steady, torch.zeros(1), min_calls=80, min_seconds=0.0,
+                             max_spread=0.05, attempts=2)
+    assert result.attempts == 2 and result.noisy
+    assert result.speedup_spread > 0.05
+
+
+def test_measurements_of_two_processes_do_not_overlap(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from paretoslim.evaluators import measurement_lock
+
+    monkeypatch.setenv("PARETOSLIM_LOCK_DIR", str(tmp_path))
+    log = tmp_path / "log.txt"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, pathlib\n"
+        "from paretoslim.evaluators import measurement_lock\n"
+        f"log = pathlib.Path({str(log)!r})\n"
+        "with measurement_lock():\n"
+        "    log.write_text('held\\n')\n"
+        "    time.sleep(1.5)\n"
+        "    log.write_text(log.read_text() + 'released\\n')\n")])
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with measurement_lock():
+            lines = log.read_text().split()
+        assert lines == ["held", "released"]
+    finally:
+        holder.wait(timeout=20)
