@@ -15,7 +15,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ..spaces import Recipe, compress
+from ..spaces import Recipe, compress, export_dynamic_batch
 from ._errors import ParetoslimError
 from ._spec import StudySpec
 from ._study import METRICS_ATTR, RECIPE_ATTR
@@ -97,8 +97,7 @@ def _save_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            batch = torch.export.Dim("batch", min=1, max=1 << 16)
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            program = export_dynamic_batch(model, example)
             dynamic = True
         except Exception:  # some models specialize the batch size; export that shape
             program = torch.export.export(model, (example,))
@@ -156,6 +155,8 @@ def _save_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path,
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic else None
+            if dynamic and example.shape[0] == 1:  # export specializes size-1 dimensions
+                example = example.expand(2, *example.shape[1:]).contiguous()
             torch.onnx.export(model, (example,), str(path), dynamo=True,
                               dynamic_shapes=shapes, verbose=False)
     except Exception as exc:  # the exporter covers fp32 and bf16, not PT2E int8 graphs

@@ -3,7 +3,7 @@
 from ._apply import compress, count_parameters
 from ._distill import BudgetExceeded, Deadline, distill, distillation_loss
 from ._lowrank import factorize, factorize_conv2d, factorize_linear
-from ._quantize import Bf16Model, quantize
+from ._quantize import Bf16Model, export_dynamic_batch, quantize
 from ._recipe import (
     QUANT_SCHEMES,
     DistillationConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "derive_student",
     "distill",
     "distillation_loss",
+    "export_dynamic_batch",
     "factorize",
     "factorize_conv2d",
     "factorize_linear",

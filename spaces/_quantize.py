@@ -55,12 +55,9 @@ def _pt2e_static(model: nn.Module, example_input: torch.Tensor,
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(
-            copy.deepcopy(model), (example_input,), dynamic_shapes=({0: batch},)
-        ).module()
+        exported = export_dynamic_batch(copy.deepcopy(model), example_input).module()
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)
@@ -71,6 +68,19 @@ def _pt2e_static(model: nn.Module, example_input: torch.Tensor,
     drop_unused_attributes(converted)
     allow_exported_model_train_eval(converted)
     return converted
+
+
+def export_dynamic_batch(model: nn.Module, example_input: torch.Tensor
+                         ) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension (dim 0).
+
+    A batch of one is traced as two copies, since export specializes size-1 dimensions.
+    Raises what ``torch.export`` raises when the model fixes its batch size.
+    """
+    if example_input.shape[0] == 1:
+        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
 
 
 def _calibration_inputs(calibration: Iterable | None, example_input: torch.Tensor):

@@ -281,3 +281,14 @@ def test_fine_tune_data_order_does_not_depend_on_earlier_use():
     second = run()
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_int8_static_with_a_batch_of_one_stays_dynamic(mlp_task):
+    from paretoslim.spaces import export_dynamic_batch
+
+    one = mlp_task.example_input[:1]
+    quantized = quantize(copy.deepcopy(mlp_task.model), "int8_static", one, mlp_task.train[:2])
+    assert _outputs(quantized, torch.randn(5, 16)).shape == (5, 4)
+    program = export_dynamic_batch(mlp_task.model, one).module()
+    assert program(torch.randn(1, 16)).shape == (1, 4)
+    assert program(torch.randn(7, 16)).shape == (7, 4)
