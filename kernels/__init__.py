@@ -1,11 +1,13 @@
 """How fast it runs: lowering compressed models to compiled kernels on a named target."""
 
-from ._lower import TOLERANCE, Lowered, LoweringError, lower, relative_error
+from ._lower import BACKENDS, TOLERANCE, Backend, Lowered, LoweringError, lower, relative_error
 from ._target import TARGETS, Target, detect_target
 
 __all__ = [
+    "BACKENDS",
     "TARGETS",
     "TOLERANCE",
+    "Backend",
     "Lowered",
     "LoweringError",
     "Target",

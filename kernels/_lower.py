@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+Backend = Literal["aoti", "compile"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # Largest relative output difference (max |lowered - eager| / max |eager|) accepted per scheme.
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "int8_dynamic": 1e-1, "int8_static": 1e-1}
@@ -28,21 +37,26 @@ class Lowered:
     max_relative_error: float
 
 
-def lower(model: nn.Module, example_input: torch.Tensor, scheme: str) -> Lowered:
-    """Compile ``model`` with Inductor (weights frozen as constants) for ``example_input``'s shape.
+def lower(model: nn.Module, example_input: torch.Tensor, scheme: str,
+          backend: Backend = "aoti") -> Lowered:
+    """Compile ``model`` with Inductor, weights frozen as constants, for ``example_input``'s shape.
 
-    The caller fixes the thread count (compiled graphs specialize on it) and calls
-    ``torch._dynamo.reset()`` between unrelated models. Raises LoweringError when the
-    compiled outputs differ from eager beyond the scheme's tolerance or the input is
-    modified in place.
+    ``aoti`` compiles ahead of time (``torch.export`` then AOTInductor) into a package run
+    without Python-level guards: the lowest per-call overhead, and unaffected by later
+    ``torch._dynamo.reset()`` calls. ``compile`` is ``torch.compile``; the caller then
+    resets dynamo between unrelated models. The caller fixes the thread count (compiled
+    code specializes on it). Raises LoweringError when the compiled outputs differ from
+    eager beyond the scheme's tolerance or the input is modified in place.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown lowering backend {backend!r}; valid: {list(BACKENDS)}.")
     model.eval()
     with torch.no_grad():
         expected = model(example_input.clone())
     start = time.perf_counter()
-    with warnings.catch_warnings(), torch._inductor.config.patch(freezing=True):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = torch.compile(model, fullgraph=False, dynamic=False)
+        compiled = (_aoti if backend == "aoti" else _jit)(model, example_input)
         probe = example_input.clone()
         with torch.no_grad():
             output = compiled(probe)
@@ -59,7 +73,37 @@ def lower(model: nn.Module, example_input: torch.Tensor, scheme: str) -> Lowered
         again = compiled(example_input.clone())
     if not torch.allclose(again, output, rtol=1e-4, atol=1e-5):
         raise LoweringError("the compiled model gives different outputs on repeated calls")
-    return Lowered(compiled, "inductor", seconds, error)
+    return Lowered(compiled, backend, seconds, error)
+
+
+def _jit(model: nn.Module, example_input: torch.Tensor) -> Callable:
+    with torch._inductor.config.patch(freezing=True):
+        compiled = torch.compile(model, fullgraph=False, dynamic=False)
+        with torch.no_grad():
+            compiled(example_input.clone())  # compile now, under the freezing setting
+    return compiled
+
+
+_PACKAGES: Path | None = None
+_COUNTER = itertools.count()
+
+
+def _package_dir() -> Path:
+    global _PACKAGES
+    if _PACKAGES is None:
+        _PACKAGES = Path(tempfile.mkdtemp(prefix="paretoslim-aoti-"))
+        atexit.register(shutil.rmtree, _PACKAGES, ignore_errors=True)
+    return _PACKAGES
+
+
+def _aoti(model: nn.Module, example_input: torch.Tensor) -> Callable:
+    with torch.no_grad():
+        program = torch.export.export(model, (example_input.clone(),))
+        path = _package_dir() / f"model-{next(_COUNTER)}.pt2"
+        package = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs={"freezing": True})
+    runner = torch._inductor.aoti_load_package(package)
+    return runner
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -80,7 +80,7 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
                  "options": spec.task_options},
         "latency": {"batch_size": settings.latency_batch_size, "threads": settings.threads,
                     "min_calls": settings.min_calls, "min_seconds": settings.min_seconds,
-                    "max_spread": settings.max_spread},
+                    "max_spread": settings.max_spread, "lowering": settings.lowering},
         "environment": _environment(),
     }
     (out / METRICS_FILE).write_text(json.dumps(exported, indent=2) + "\n")
@@ -199,7 +199,8 @@ def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: f
         f"{m.get('compression', float('nan')):.1f}x, measured at search time with batch "
         f"{m.get('latency_batch_size')} on {m.get('threads')} thread(s) of "
         f"{m.get('target', {}).get('cpu', 'this CPU')}; the teacher was lowered the same way "
-        "(Inductor, frozen weights) and timed interleaved in the same process.\n\n"
+        f"({m.get('lowering', 'aoti')} lowering, frozen weights) and timed interleaved in "
+        "the same process.\n\n"
         f"Quality re-measured on export: {quality:.4f}.\n\n"
         f"`model.pt2` is a `torch.export` program ({batch}): "
         "`torch.export.load('model.pt2').module()`; compile it with "

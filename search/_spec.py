@@ -62,11 +62,13 @@ class LatencySpec:
     min_calls: int = 300
     min_seconds: float = 1.0
     max_spread: float = 0.05
+    lowering: str = "aoti"
 
     def __post_init__(self) -> None:
-        from ..kernels import TARGETS
+        from ..kernels import BACKENDS, TARGETS
 
         _one_of("target", self.target, TARGETS)
+        _one_of("lowering", self.lowering, BACKENDS)
         _at_least("batch_size", self.batch_size, 0)
         _at_least("threads", self.threads, 1)
         _at_least("min_calls", self.min_calls, 10)

@@ -36,6 +36,7 @@ class TrialSettings:
     min_calls: int = 300
     min_seconds: float = 1.0
     max_spread: float = 0.05
+    lowering: str = "aoti"
 
     @classmethod
     def from_spec(cls, spec: StudySpec) -> TrialSettings:
@@ -50,6 +51,7 @@ class TrialSettings:
             min_calls=spec.latency.min_calls,
             min_seconds=spec.latency.min_seconds,
             max_spread=spec.latency.max_spread,
+            lowering=spec.latency.lowering,
         )
 
 
@@ -69,11 +71,25 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The teacher's quality and size, measured once; its latency is re-timed in every trial."""
+    """The teacher's quality and size, measured once; its latency is re-timed in every trial.
+
+    ``lowered`` keeps the teacher's ahead-of-time compiled form per (shape, threads), so it
+    is compiled once per process.
+    """
 
     quality: float
     size_mb: float
     parameters: int
+    lowered: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def reference(self, teacher: nn.Module, x: torch.Tensor, threads: int, backend: str):
+        """The teacher lowered to fp32 like the trial models (reused when it can be)."""
+        if backend != "aoti":  # torch.compile graphs do not survive the dynamo reset
+            return lower(teacher, x, "fp32", backend)
+        key = (tuple(x.shape), x.dtype, threads)
+        if key not in self.lowered:
+            self.lowered[key] = lower(teacher, x, "fp32", backend)
+        return self.lowered[key]
 
 
 def one_line(message: str, limit: int = 300) -> str:
@@ -153,8 +169,8 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         x = latency_input(task, settings.latency_batch_size)
         torch._dynamo.reset()  # no graph of an earlier trial may be reused or count to limits
         with torch_threads(settings.threads):
-            lowered = lower(compressed, x, recipe.quantization.scheme)
-            reference = lower(task.model, x, "fp32")
+            lowered = lower(compressed, x, recipe.quantization.scheme, settings.lowering)
+            reference = baseline.reference(task.model, x, settings.threads, settings.lowering)
             deadline.check("lowering")
             stage("latency")
             timing = measure_speedup(

@@ -52,8 +52,9 @@ def verify_artifact(directory: str | Path, *, tolerance: float = DEFAULT_TOLERAN
     threads = latency.get("threads", 1)
     torch._dynamo.reset()
     with torch_threads(threads):
-        lowered = lower(model, x, meta.get("scheme", "fp32"))
-        reference = lower(task.model, x, "fp32")
+        backend = latency.get("lowering", "aoti")
+        lowered = lower(model, x, meta.get("scheme", "fp32"), backend)
+        reference = lower(task.model, x, "fp32", backend)
         timing = measure_speedup(
             lowered.fn, reference.fn, x, threads=threads,
             min_calls=min_calls or latency.get("min_calls", 300),

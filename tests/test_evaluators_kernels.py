@@ -50,10 +50,12 @@ def test_torch_threads_restores_count():
     assert torch.get_num_threads() == before
 
 
-def test_lowered_fp32_matches_eager():
+@pytest.mark.parametrize("backend", ["aoti", "compile"])
+def test_lowered_fp32_matches_eager(backend):
     torch._dynamo.reset()
     model, x = TinyMLP().eval(), torch.randn(8, 16)
-    lowered = lower(model, x, "fp32")
+    lowered = lower(model, x, "fp32", backend)
+    assert lowered.backend == backend
     with torch.no_grad():
         torch.testing.assert_close(lowered.fn(x), model(x), rtol=1e-4, atol=1e-5)
     assert lowered.max_relative_error <= 1e-3 and lowered.compile_seconds > 0
@@ -67,7 +69,22 @@ def test_lowering_rejects_a_model_that_mutates_its_input():
 
     torch._dynamo.reset()
     with pytest.raises(LoweringError, match="modified its input"):
-        lower(Mutating(), torch.randn(4, 3), "fp32")
+        lower(Mutating(), torch.randn(4, 3), "fp32", "compile")
+
+
+def test_aoti_lowering_never_leaks_an_input_mutation():
+    class Mutating(nn.Module):
+        def forward(self, x):
+            x.mul_(2)
+            return x.sum(dim=1, keepdim=True)
+
+    x = torch.randn(4, 3)
+    try:
+        lowered = lower(Mutating(), x, "fp32", "aoti")
+    except LoweringError as exc:
+        assert "modified its input" in str(exc)
+    else:  # a functional program: outputs must still equal eager on a fresh copy
+        assert torch.allclose(lowered.fn(x.clone()), (2 * x).sum(dim=1, keepdim=True))
 
 
 def test_relative_error():
