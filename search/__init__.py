@@ -4,6 +4,7 @@ from ._errors import ParetoslimError
 from ._export import export_trial
 from ._front import FrontPoint, pareto_front, render_front, write_front
 from ._pick import Pick, PickRule, pick
+from ._report import write_report
 from ._spec import OBJECTIVES, StudySpec, load_spec, parse_spec
 from ._study import open_study, resolve_study, run_study
 from ._task import Task, load_task
@@ -35,4 +36,5 @@ __all__ = [
     "run_trial",
     "verify_artifact",
     "write_front",
+    "write_report",
 ]
