@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from ..spaces import Recipe
 from ._errors import ParetoslimError
-from ._study import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR
+from ._study import DUPLICATE_ATTR, FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR
 
 FORMATS = ("table", "csv", "json", "parquet")
 _COLUMNS = ("quality", "quality_drop", "latency_ms", "speedup", "size_mb", "compression")
@@ -34,12 +34,13 @@ def objective_names(study: optuna.Study) -> list[str]:
 
 
 def pareto_front(study: optuna.Study) -> list[FrontPoint]:
-    """Feasible Pareto-optimal completed trials, by trial number."""
+    """Feasible Pareto-optimal completed trials, by trial number; a trial that repeated an
+    earlier recipe (and reused its figures) is listed once, under the earlier number."""
     names = objective_names(study)
     points = [
         FrontPoint(t.number, dict(zip(names, t.values, strict=True)),
                    t.user_attrs.get(RECIPE_ATTR, {}), t.user_attrs.get(METRICS_ATTR, {}))
-        for t in study.best_trials
+        for t in study.best_trials if DUPLICATE_ATTR not in t.user_attrs
     ]
     return sorted(points, key=lambda p: p.number)
 

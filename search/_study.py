@@ -21,6 +21,7 @@ RECIPE_ATTR = "recipe"
 METRICS_ATTR = "metrics"
 FAILURE_ATTR = "fail_reason"
 SPEC_ATTR = "spec"
+DUPLICATE_ATTR = "duplicate_of"
 _URL_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
 
 
@@ -124,6 +125,17 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         recipe = suggest_recipe(trial, self.spec)
         trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
+        earlier = self._same_recipe(trial, recipe.to_dict())
+        if earlier is not None:  # the pipeline is deterministic: reuse what was measured
+            trial.set_user_attr(METRICS_ATTR, earlier.user_attrs[METRICS_ATTR])
+            trial.set_user_attr(DUPLICATE_ATTR, earlier.number)
+            for key, value in earlier.system_attrs.items():
+                if key.startswith("constraints:"):
+                    trial.set_constraint(key.split(":", 1)[1], value)
+            self.progress.note(f"trial {trial.number:>3}  same recipe as trial "
+                               f"{earlier.number}, its figures reused")
+            self.progress.bar.update(1)
+            return tuple(earlier.values)
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,
                            on_stage=self.progress.stage)
@@ -136,6 +148,14 @@ class _Objective:
         trial.set_constraint("max_quality_drop", drop - self.spec.constraints.max_quality_drop)
         self.progress.trial_done(trial.number, result, self._feasible(result))
         return tuple(result.values[name] for name in self.spec.objectives)
+
+    @staticmethod
+    def _same_recipe(trial: optuna.Trial, recipe: dict) -> optuna.trial.FrozenTrial | None:
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if (other.user_attrs.get(RECIPE_ATTR) == recipe
+                    and DUPLICATE_ATTR not in other.user_attrs):
+                return other
+        return None
 
     def _feasible(self, result: TrialResult) -> bool:
         return result.metrics["quality_drop"] <= self.spec.constraints.max_quality_drop

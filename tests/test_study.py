@@ -8,7 +8,7 @@ import torch
 from _tiny import write_study
 from optuna.trial import TrialState
 
-from paretoslim.search import load_spec, render_front, resolve_study, run_study
+from paretoslim.search import load_spec, pareto_front, render_front, resolve_study, run_study
 from paretoslim.search._study import FAILURE_ATTR, open_study
 from paretoslim.search.cli import main
 
@@ -149,3 +149,17 @@ def test_export_rejects_failed_or_missing_trials(in_tmp):
     with pytest.raises(ParetoslimError, match="has no trial 7"):
         export_trial(study, spec, 7, in_tmp / "out")
     assert isinstance(study, optuna.Study)
+
+
+def test_a_repeated_recipe_reuses_the_measured_figures(in_tmp):
+    spec = load_spec(write_study(in_tmp, trials=2, width="1.0"))
+    params = {"pruning.ratio": 0.0, "quantization.scheme": "fp32"}
+    study = open_study(spec)
+    study.enqueue_trial(params)
+    study.enqueue_trial(params)
+    study = run_study(spec, progress=False)
+    first, second = study.trials[:2]
+    assert second.user_attrs["duplicate_of"] == first.number
+    assert second.values == first.values
+    assert second.user_attrs["metrics"] == first.user_attrs["metrics"]
+    assert [p.number for p in pareto_front(study)].count(second.number) == 0
