@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import math
 import mmap
@@ -60,15 +61,13 @@ _ISA_NOTE = {
     "amx_bf16": "AMX TDPBF16PS: 16x16x32 tile per 16 cycles (documented)",
     "amx_int8": "AMX TDPBSSD: 16x16x64 tile per 16 cycles (documented)",
 }
-_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-
 
 @dataclass(frozen=True)
 class BenchRow:
     """One timed case. ``gops`` counts 2*m*n*k per GEMM (``flop_basis``: "dense-equivalent"
     for sparse rows, FLOPs executed otherwise); ``peak_gops`` is the peak of ``isa`` on
-    ``threads`` cores at the measured clock; ``max_rel_error`` is against fp32 ``F.linear``
-    with the weight the path represents (masked for sparse, ``U @ V`` for low rank)."""
+    ``min(threads, cores)`` cores at the measured clock; ``max_rel_error`` is against fp32
+    ``F.linear`` with the weight the path represents (masked if sparse, ``U @ V`` if low rank)."""
 
     name: str
     group: str
@@ -253,20 +252,20 @@ def _captured_fd1() -> Iterator[list[str]]:
             out.append(tmp.read().decode(errors="replace"))
 
 
-def _vector_isa(target: Target) -> str:
-    return "avx512" if target.capabilities["avx512"] else "avx2"
-
-
 def _isa_for(dtype: str, impl: str, target: Target) -> str:
     """The ISA whose peak applies to a ``dtype`` GEMM run by implementation ``impl``."""
     caps = target.capabilities
-    if dtype == "fp32":
-        return "avx512" if "avx512" in impl or "avx10" in impl else _vector_isa(target)
-    if "amx" in impl:
+    if "amx" in impl and dtype != "fp32":
         return "amx_bf16" if dtype == "bf16" else "amx_int8"
-    if dtype == "bf16":
-        return "avx512_bf16" if caps["bf16"] and "avx2" not in impl else _vector_isa(target)
-    return "avx512_vnni" if caps["vnni"] else _vector_isa(target)
+    # An empty ``impl`` (MKL, fbgemm) is taken to use the best vector ISA in the flags.
+    wide = "avx512" in impl or "avx10" in impl or (not impl and caps["avx512"])
+    if not wide:
+        return "avx2"
+    if dtype == "bf16" and caps["bf16"]:
+        return "avx512_bf16"
+    if dtype == "int8" and caps["vnni"]:
+        return "avx512_vnni"
+    return "avx512"
 
 
 def dispatch(case: Case, target: Target | None = None) -> tuple[str, str]:
@@ -289,9 +288,10 @@ def dispatch(case: Case, target: Target | None = None) -> tuple[str, str]:
         impl = max(set(impls), key=impls.count)
         kernel = f"oneDNN {impl}"
         if impl == "gemm_api":  # oneDNN's GEMM API does not print its ISA
-            kernel += " (ISA not printed: best in flags assumed)"
-            return _isa_for(case.dtype, "amx" if target.capabilities["amx"] else "", target), \
-                kernel
+            cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL"))
+            amx = target.capabilities["amx"] and (cap.upper() == "ALL" or "AMX" in cap.upper())
+            kernel += f" (ISA not printed: {'AMX' if amx else 'best vector ISA'} assumed)"
+            impl = "amx" if amx else ""
         return _isa_for(case.dtype, impl, target), kernel
     if mkl:
         return _isa_for(case.dtype, "", target), "MKL " + "+".join(sorted(set(mkl)))
@@ -486,7 +486,7 @@ _FULL = _Plan(
     blocks=(16, 32),
     lowrank_shape=(64, 1024, 1024),
     ranks=(64, 128, 256, 512, 768),
-    timing={"warmup": 10, "block": 10, "min_calls": 100, "min_seconds": 1.0, "max_seconds": 20.0},
+    timing={"warmup": 10, "block": 10, "min_calls": 200, "min_seconds": 1.0, "max_seconds": 10.0},
 )
 _QUICK = _Plan(
     gemm_shapes=((32, 256, 128),),
@@ -507,6 +507,33 @@ def _masked(weight: torch.Tensor, sparsity: float, block: int | None,
         return weight * (torch.rand(n, k, generator=gen) >= sparsity)
     keep = torch.rand(n // block, k // block, generator=gen) >= sparsity
     return weight * keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+
+def _groups(plan: _Plan, gen: torch.Generator) -> Iterator[tuple]:
+    """(group, x, dense weight, cases) in run order; a case is (path, weight, flops, extra)."""
+
+    def data(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5
+
+    for m, k, n in plan.gemm_shapes:
+        x, weight = data(m, k, n)
+        yield "gemm", x, weight, [(p, weight, 2 * m * n * k, {}) for p in GEMM_PATHS[1:]]
+
+    def sparse_cases(m: int, k: int, n: int, weight: torch.Tensor) -> Iterator[tuple]:
+        for sparsity in plan.sparsities:  # masks made one at a time: weights can be large
+            yield ("sparse_csr", _masked(weight, sparsity, None, gen), 2 * m * n * k,
+                   {"sparsity": sparsity})
+            for block in plan.blocks:
+                yield ("sparse_bsr", _masked(weight, sparsity, block, gen), 2 * m * n * k,
+                       {"sparsity": sparsity, "block": block})
+
+    for m, k, n in plan.sparse_shapes:
+        x, weight = data(m, k, n)
+        yield "sparse", x, weight, sparse_cases(m, k, n, weight)
+    m, k, n = plan.lowrank_shape
+    x, weight = data(m, k, n)
+    yield "lowrank", x, weight, [(LOWRANK_PATH, weight, 2 * m * r * (k + n), {"rank": r})
+                                 for r in plan.ranks]
 
 
 def run_kernel_bench(*, threads: int = 1, quick: bool = False,
@@ -539,6 +566,8 @@ def run_kernel_bench(*, threads: int = 1, quick: bool = False,
                                   rank=extra.get("rank"))
                 error = case_error(case, x)
                 isa, kernel = dispatch(case, target)
+                if ":ref" in kernel:  # oneDNN's scalar reference code: not a real path, slow
+                    raise RuntimeError(f"dispatches to a reference kernel ({kernel})")
                 stats = time_interleaved({path: case.fn}, case.arg, threads=threads,
                                          **plan.timing)[path]
         except Exception as exc:  # noqa: BLE001 - report and go on with the other paths
@@ -552,7 +581,9 @@ def run_kernel_bench(*, threads: int = 1, quick: bool = False,
         probe = peak.probe_gops.get(isa)
         note = (f"peak = {cores} core(s) x {peak.clock_ghz:.2f} GHz ({peak.clock_source}) x "
                 f"{OPS_PER_CYCLE[isa]} op/cycle ({_ISA_NOTE[isa]})")
-        speedup = None if baseline_ms is None else baseline_ms / stats.median_ms
+        speedup = baseline_ms / stats.median_ms if baseline_ms else None
+        if path == "fp32_eager":
+            speedup = 1.0
         row = BenchRow(
             name=path if path != "sparse_bsr" else f"sparse_bsr{extra['block']}", group=group,
             m=m, k=k, n=n, threads=threads, dtype=case.dtype, gops=gops, peak_gops=peak_gops,
@@ -570,39 +601,14 @@ def run_kernel_bench(*, threads: int = 1, quick: bool = False,
 
     log(f"{target.cpu}: clock {peak.clock_ghz:.2f} GHz ({peak.clock_source}); probes "
         + ", ".join(f"{k} {v:.0f}" for k, v in peak.probe_gops.items()) + " GOP/s per core")
-    for m, k, n in plan.gemm_shapes:
-        weight, x = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(m, k, generator=gen)
-        base = measure("fp32_eager", "gemm", weight, x, 2 * m * n * k, None)
-        base_ms = base.median_ms if base else None
-        if base:
-            rows[-1] = _with_speedup(base, 1.0)
-        for path in GEMM_PATHS[1:]:
-            measure(path, "gemm", weight, x, 2 * m * n * k, base_ms)
-    for m, k, n in plan.sparse_shapes:
-        weight, x = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(m, k, generator=gen)
-        base = measure("fp32_eager", "sparse", weight, x, 2 * m * n * k, None, sparsity=0.0)
-        base_ms = base.median_ms if base else None
-        if base:
-            rows[-1] = _with_speedup(base, 1.0)
-        for sparsity in plan.sparsities:
-            measure("sparse_csr", "sparse", _masked(weight, sparsity, None, gen), x,
-                    2 * m * n * k, base_ms, sparsity=sparsity)
-            for block in plan.blocks:
-                measure("sparse_bsr", "sparse", _masked(weight, sparsity, block, gen), x,
-                        2 * m * n * k, base_ms, sparsity=sparsity, block=block)
-    m, k, n = plan.lowrank_shape
-    weight, x = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(m, k, generator=gen)
-    base = measure("fp32_eager", "lowrank", weight, x, 2 * m * n * k, None)
-    base_ms = base.median_ms if base else None
-    if base:
-        rows[-1] = _with_speedup(base, 1.0)
-    for rank in plan.ranks:
-        measure(LOWRANK_PATH, "lowrank", weight, x, 2 * m * rank * (k + n), base_ms, rank=rank)
+    for group, x, weight, cases in _groups(plan, gen):
+        m, k, n = x.shape[0], x.shape[1], weight.shape[0]
+        base = measure("fp32_eager", group, weight, x, 2 * m * n * k, None,
+                       **({"sparsity": 0.0} if group == "sparse" else {}))
+        for path, path_weight, flops, extra in cases:
+            measure(path, group, path_weight, x, flops, base.median_ms if base else None,
+                    **extra)
     return rows
-
-
-def _with_speedup(row: BenchRow, speedup: float) -> BenchRow:
-    return BenchRow(**{**row.to_dict(), "speedup_vs_fp32": speedup})
 
 
 def _extra(row: BenchRow) -> str:
@@ -611,6 +617,27 @@ def _extra(row: BenchRow) -> str:
     if row.sparsity is not None:
         return f"s={row.sparsity:.0%}" + (f" b{row.block}" if row.block else "")
     return ""
+
+
+def break_even(rows: list[BenchRow]) -> dict[str, float | str]:
+    """Sparsity (sparse rows) or rank (low rank) where the speedup over dense fp32 crosses 1,
+    interpolated on log(speedup) between the measured points, per path and shape."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        knob = r.sparsity if r.name.startswith("sparse") else r.rank
+        if knob is not None and r.speedup_vs_fp32 and r.name != "fp32_eager":
+            key = f"{r.name} {r.m}x{r.k}x{r.n}"
+            series.setdefault(key, []).append((float(knob), r.speedup_vs_fp32))
+    out: dict[str, float | str] = {}
+    for key, points in series.items():
+        points.sort()
+        out[key] = f"not within {points[0][0]:g}-{points[-1][0]:g}"
+        for (x0, s0), (x1, s1) in itertools.pairwise(points):
+            if (s0 - 1) * (s1 - 1) <= 0 and s0 != s1:
+                t = math.log(s0) / (math.log(s0) - math.log(s1))
+                out[key] = x0 + t * (x1 - x0)
+                break
+    return out
 
 
 def render_bench(rows: list[BenchRow], fmt: str) -> str:
@@ -631,6 +658,10 @@ def render_bench(rows: list[BenchRow], fmt: str) -> str:
             f"{r.max_rel_error:8.1e}  {r.isa} / {r.kernel}")
     lines.append("* dense-equivalent GOP/s (2*m*n*k of the dense GEMM / time); "
                  "low rank counts the FLOPs executed.")
+    for key, value in break_even(rows).items():
+        shown = value if isinstance(value, str) else (
+            f"{value:.0%} sparsity" if key.startswith("sparse") else f"rank {value:.0f}")
+        lines.append(f"break-even vs dense fp32, {key}: {shown}")
     for isa in dict.fromkeys(r.isa for r in rows):
         r = next(r for r in rows if r.isa == isa)
         probe = "" if r.probe_gops is None else f"; instruction-rate probe {r.probe_gops:.0f}"

@@ -1,4 +1,4 @@
-"""The ``paretoslim`` command line: run, front, pick, export, verify, report, dashboard."""
+"""The ``paretoslim`` command line: run, front, pick, export, verify, report, dashboard, bench."""
 
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", help="Optuna storage URL or journal file path")
     report.add_argument("--no-png", action="store_true", help="skip the PNG of the front")
 
+    bench = verbs.add_parser("bench", help="benchmarks of this machine")
+    bench.add_argument("what", choices=("kernels",),
+                       help="kernels: GOP/s of each GEMM path against the CPU's peak")
+    bench.add_argument("--format", default="table", choices=("table", "json"))
+    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+
     dashboard = verbs.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1")
     dashboard.add_argument("study", metavar="STUDY", help="spec path or study name")
     dashboard.add_argument("--storage", help="Optuna storage URL or journal file path")
@@ -118,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.verb == "dashboard":
             return _dashboard(args)
+        if args.verb == "bench":
+            return _bench(args)
     except ParetoslimError as exc:
         print(f"paretoslim: error: {exc}", file=sys.stderr)
         return 2
@@ -212,6 +221,17 @@ def _report(args: argparse.Namespace) -> int:
     study, _ = resolve_study(args.study, args.storage)
     written = write_report(study, args.out, png=not args.no_png)
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..kernels._bench import render_bench, run_kernel_bench
+
+    if args.threads < 1:
+        raise ParetoslimError(f"--threads must be >= 1. Got {args.threads}.")
+    rows = run_kernel_bench(threads=args.threads, quick=args.quick,
+                            progress=args.format == "table")
+    print(render_bench(rows, args.format))
     return 0
 
 
