@@ -111,22 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        if args.verb == "run":
-            return _run(args)
-        if args.verb == "front":
-            return _front(args)
-        if args.verb == "export":
-            return _export(args)
-        if args.verb == "pick":
-            return _pick(args)
-        if args.verb == "verify":
-            return _verify(args)
-        if args.verb == "report":
-            return _report(args)
-        if args.verb == "dashboard":
-            return _dashboard(args)
-        if args.verb == "bench":
-            return _bench(args)
+        handler = {"run": _run, "front": _front, "pick": _pick, "export": _export,
+                   "verify": _verify, "report": _report, "dashboard": _dashboard,
+                   "bench": _bench}[args.verb]
+        return handler(args)
     except ParetoslimError as exc:
         print(f"paretoslim: error: {exc}", file=sys.stderr)
         return 2
@@ -137,7 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("paretoslim: interrupted; completed trials are stored, run the same command "
               "again to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
