@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Sequence
 
 from ._errors import ParetoslimError
+from ._verify import DEFAULT_TOLERANCE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,8 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
     front = verbs.add_parser("front", help="print the Pareto front of a study")
-    front.add_argument("study", metavar="STUDY", help="spec path or study name")
-    front.add_argument("--storage", help="Optuna storage URL or journal file path")
+    _add_study(front)
     front.add_argument("--format", default="table",
                        choices=("table", "csv", "json", "parquet"))
     front.add_argument("--sort", help="column to sort by (e.g. latency_ms, speedup)")
@@ -36,31 +36,28 @@ def _parser() -> argparse.ArgumentParser:
                                      "(required for parquet)")
 
     pick = verbs.add_parser("pick", help="choose one trial by a rule and say why")
-    pick.add_argument("study", metavar="STUDY", help="spec path or study name")
-    pick.add_argument("--storage", help="Optuna storage URL or journal file path")
+    _add_study(pick)
     _add_pick_rule(pick)
     pick.add_argument("--format", default="text", choices=("text", "json"))
 
     export = verbs.add_parser("export", help="write a trial's compressed model, recipe, card")
-    export.add_argument("study", metavar="STUDY", help="spec path or study name")
+    _add_study(export)
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, help="trial number")
     which.add_argument("--pick", action="store_true",
                        help="the trial chosen by the pick options below")
     export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--storage", help="Optuna storage URL or journal file path")
     _add_pick_rule(export)
 
     verify = verbs.add_parser("verify", help="reload an export and re-measure it here")
     verify.add_argument("directory", metavar="DIR", help="directory written by export")
     verify.add_argument("--format", default="table", choices=("table", "json"))
-    verify.add_argument("--tolerance", type=float, default=0.002,
-                        help="largest accepted quality difference (default 0.002)")
+    verify.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"largest accepted quality difference (default {DEFAULT_TOLERANCE})")
 
     report = verbs.add_parser("report", help="self-contained HTML report of a study")
-    report.add_argument("study", metavar="STUDY", help="spec path or study name")
+    _add_study(report)
     report.add_argument("--out", required=True, help="HTML file to write")
-    report.add_argument("--storage", help="Optuna storage URL or journal file path")
     report.add_argument("--no-png", action="store_true", help="skip the PNG of the front")
 
     bench = verbs.add_parser("bench", help="benchmarks of this machine")
@@ -71,10 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
 
     dashboard = verbs.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1")
-    dashboard.add_argument("study", metavar="STUDY", help="spec path or study name")
-    dashboard.add_argument("--storage", help="Optuna storage URL or journal file path")
+    _add_study(dashboard)
     dashboard.add_argument("--port", type=int, default=8080)
     return parser
+
+
+def _add_study(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", metavar="STUDY", help="spec path or study name")
+    parser.add_argument("--storage", help="Optuna storage URL or journal file path")
 
 
 def _add_pick_rule(parser: argparse.ArgumentParser) -> None:
