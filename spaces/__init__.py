@@ -15,6 +15,7 @@ from ._recipe import (
     StudentConfig,
 )
 from ._space import DEFAULT_DOMAINS, Choice, Fixed, FloatRange, SearchSpace
+from ._sparse import SPARSE_MODULES, SparseConv2d, SparseLinear, densify, sparsify
 from ._structure import derive_student, output_layers, prune_channels
 
 __all__ = [
@@ -32,10 +33,14 @@ __all__ = [
     "QuantScheme",
     "QuantizationConfig",
     "Recipe",
+    "SPARSE_MODULES",
     "SearchSpace",
+    "SparseConv2d",
+    "SparseLinear",
     "StudentConfig",
     "compress",
     "count_parameters",
+    "densify",
     "derive_student",
     "distill",
     "distillation_loss",
@@ -46,4 +51,5 @@ __all__ = [
     "output_layers",
     "prune_channels",
     "quantize",
+    "sparsify",
 ]
