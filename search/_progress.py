@@ -31,7 +31,7 @@ class StudyProgress:
         self.current = f"#{number} [{recipe.short()}]"
         self.stage("")
 
-    def trial_done(self, number: int, result, feasible: bool) -> None:
+    def trial_done(self, number: int, result, feasible: bool, where: str = "") -> None:
         m = result.metrics
         flag = "" if feasible else "  (quality drop above the limit)"
         if m.get("latency_noisy"):
@@ -40,12 +40,22 @@ class StudyProgress:
             f"trial {number:>3}  quality {m['quality']:.4f} ({-m['quality_drop']:+.4f})  "
             f"latency {m['latency_ms']:.3f} ms ({m['speedup']:.2f}x)  "
             f"size {m['size_mb']:.3f} MB ({m['compression']:.1f}x)  "
-            f"[{result.recipe.short()}]{flag}"
+            f"[{result.recipe.short()}]{where}{flag}"
         )
         self.bar.update(1)
 
-    def trial_failed(self, number: int, reason: str) -> None:
-        self._write(f"trial {number:>3}  failed: {reason}")
+    def trial_failed(self, number: int, reason: str, where: str = "") -> None:
+        self._write(f"trial {number:>3}  failed: {reason}{where}")
+
+    def trial_reused(self, number: int, earlier: int) -> None:
+        self._write(f"trial {number:>3}  same recipe as trial {earlier}, its figures reused")
+        self.bar.update(1)
+
+    def set_completed(self, count: int) -> None:
+        """Show ``count`` completed trials (e.g. counting other workers' trials)."""
+        if count != self.bar.n:
+            self.bar.n = min(count, self.bar.total)
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()

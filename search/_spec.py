@@ -22,7 +22,7 @@ OBJECTIVES: dict[str, str] = {
     "size_mb": "minimize",
 }
 SAMPLERS = ("nsga2", "tpe", "random")
-BACKENDS = ("optuna",)
+BACKENDS = ("optuna", "ray")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,47 @@ class ConstraintsSpec:
 
 
 @dataclass(frozen=True)
+class RaySpec:
+    """The Ray Tune backend: cluster address, resources of one trial, concurrency, results.
+
+    ``address`` empty starts Ray on this machine; ``"auto"`` or ``HOST:PORT`` joins a
+    running cluster. ``cpu`` and ``gpu`` may be fractions. ``results`` is Tune's storage
+    path (default ``runs/NAME/ray``). With ``time_on_target``, latency is measured on a node
+    holding the custom resource ``target:TARGET``, one measurement per node at a time.
+    """
+
+    address: str = ""
+    cpu: float = 1.0
+    gpu: float = 0.0
+    max_concurrent_trials: int = 1
+    results: str = ""
+    time_on_target: bool = True
+
+    def __post_init__(self) -> None:
+        _in_range("cpu", self.cpu, 0.0, 1024.0)
+        _in_range("gpu", self.gpu, 0.0, 64.0)
+        _at_least("max_concurrent_trials", self.max_concurrent_trials, 1)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Workers sharing one study in an RDB storage: a live worker's trial sends a heartbeat
+    every ``heartbeat_s``; a trial silent for ``grace_s`` is failed and retried (at most
+    ``max_retries`` times)."""
+
+    heartbeat_s: int = 10
+    grace_s: int = 60
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("heartbeat_s", self.heartbeat_s, 1)
+        _at_least("max_retries", self.max_retries, 0)
+        if not self.grace_s > self.heartbeat_s:
+            raise ValueError(f"grace_s must be > heartbeat_s ({self.heartbeat_s}). "
+                             f"Got {self.grace_s}.")
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """One study: the task, what to search, how to judge and where to store it."""
 
@@ -103,6 +144,8 @@ class StudySpec:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     latency: LatencySpec = field(default_factory=LatencySpec)
+    ray: RaySpec = field(default_factory=RaySpec)
+    workers: WorkerSpec = field(default_factory=WorkerSpec)
     space: SearchSpace = field(default_factory=SearchSpace.default)
 
     def __post_init__(self) -> None:
@@ -127,12 +170,18 @@ class StudySpec:
         """Where the study's journal lives unless ``storage`` says otherwise."""
         return (runs_dir or Path("runs")) / self.name / "journal.log"
 
+    def ray_results_path(self) -> Path:
+        """Where Ray Tune keeps the study's experiment (``ray.results`` or runs/NAME/ray)."""
+        return Path(self.ray.results or Path("runs") / self.name / "ray").expanduser().resolve()
+
 
 _SECTIONS = {
     "constraints": ConstraintsSpec,
     "sampler": SamplerSpec,
     "finetune": FinetuneSpec,
     "latency": LatencySpec,
+    "ray": RaySpec,
+    "workers": WorkerSpec,
 }
 _TOP_LEVEL = {"task", "name", "trials", "seed", "storage", "backend", "objectives",
               "task_options", "space", *_SECTIONS}

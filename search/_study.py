@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from optuna.trial import TrialState
 
 from ._errors import ParetoslimError
 from ._progress import StudyProgress
-from ._spec import StudySpec, load_spec
+from ._spec import StudySpec, WorkerSpec, load_spec
 from ._task import Task, load_task
 from ._trial import TrialResult, TrialSettings, measure_baseline, run_trial
 
@@ -29,10 +30,34 @@ class TrialFailed(Exception):
     """Raised inside the objective so Optuna records the trial as failed."""
 
 
-def make_storage(url_or_path: str) -> Any:
-    """An Optuna storage: an RDB URL as is, anything else a journal file path."""
-    if url_or_path.startswith(_URL_SCHEMES):
-        return url_or_path
+def is_rdb_url(location: str) -> bool:
+    """Whether ``location`` is an SQLAlchemy database URL (else a journal file path)."""
+    return location.startswith(_URL_SCHEMES)
+
+
+def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
+    """An Optuna storage: an RDB URL as is, anything else a journal file path.
+
+    With ``workers``, an RDB storage whose running trials send heartbeats; a trial silent
+    for the grace period is failed and retried by the next worker that starts a trial.
+    """
+    if is_rdb_url(url_or_path):
+        if workers is None:
+            return url_or_path
+        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=workers.max_retries)
+
+        def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            study._storage.set_trial_user_attr(
+                trial._trial_id, FAILURE_ATTR,
+                f"lost: its worker sent no heartbeat for {workers.grace_s} s (killed or "
+                "disconnected); the recipe is retried")
+            retry(study, trial)
+
+        return RDBStorage(url_or_path, heartbeat_interval=workers.heartbeat_s,
+                          grace_period=workers.grace_s, heartbeat_stale_trial_callback=stale,
+                          engine_kwargs={"pool_pre_ping": True})
     path = Path(url_or_path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages import JournalStorage
@@ -75,15 +100,20 @@ def _spec_record(spec: StudySpec) -> dict[str, Any]:
             "max_quality_drop": spec.constraints.max_quality_drop}
 
 
-def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
-    """Create the spec's study or load it if it exists (same name, same objectives)."""
+def open_study(spec: StudySpec, storage: str | None = None, *,
+               workers: WorkerSpec | None = None) -> optuna.Study:
+    """Create the spec's study or load it if it exists (same name, same objectives).
+
+    Safe when several processes open a new database study at the same moment: creation is
+    serialized (a PostgreSQL advisory lock, else retries), so none crashes on the schema.
+    """
     location = storage_of(spec, storage)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by paretoslim
     try:
-        study = optuna.create_study(
-            study_name=spec.name, storage=make_storage(location),
+        study = _create_once(location, lambda: optuna.create_study(
+            study_name=spec.name, storage=make_storage(location, workers),
             directions=spec.directions, sampler=make_sampler(spec), load_if_exists=True,
-        )
+        ))
     except ValueError as exc:
         raise ParetoslimError(
             f"study {spec.name!r} in {location}: {exc} (the objectives changed? use a new "
@@ -99,6 +129,54 @@ def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     return study
 
 
+_CREATION_LOCK_KEY = 0x70617265746F  # "pareto": the advisory lock serializing creation
+
+
+def _create_once(location: str, create: Any) -> optuna.Study:
+    """Run ``create`` so that concurrent first workers do not race on schema creation."""
+    if not is_rdb_url(location):
+        return create()  # journal files append under a file lock: no race
+    import random
+    import time
+
+    import sqlalchemy
+
+    if location.startswith("postgresql"):
+        engine = sqlalchemy.create_engine(location, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                                   {"key": _CREATION_LOCK_KEY})
+                try:
+                    return create()
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                       {"key": _CREATION_LOCK_KEY})
+        except sqlalchemy.exc.OperationalError as exc:
+            raise ParetoslimError(f"cannot reach the storage {_redacted(location)}: "
+                                  f"{str(exc.orig).strip().splitlines()[0]}") from None
+        finally:
+            engine.dispose()
+    for attempt in range(6):  # other databases: back off and retry a lost creation race
+        try:
+            return create()
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == 5:
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password."""
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
 def mark_interrupted(study: optuna.Study) -> int:
     """Record trials left running by a killed process as failed; return how many."""
     count = 0
@@ -111,12 +189,46 @@ def mark_interrupted(study: optuna.Study) -> int:
     return count
 
 
+def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | None:
+    """If a completed trial had this trial's recipe, copy its figures here and return its
+    values (the pipeline is deterministic); else None. The recipe attribute must be set."""
+    recipe = trial.user_attrs[RECIPE_ATTR]
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (other.user_attrs.get(RECIPE_ATTR) == recipe
+                and DUPLICATE_ATTR not in other.user_attrs):
+            trial.set_user_attr(METRICS_ATTR, other.user_attrs[METRICS_ATTR])
+            trial.set_user_attr(DUPLICATE_ATTR, other.number)
+            for key, value in other.system_attrs.items():
+                if key.startswith("constraints:"):
+                    trial.set_constraint(key.split(":", 1)[1], value)
+            return tuple(other.values)
+    return None
+
+
+def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
+                  ) -> tuple[float, ...] | None:
+    """Store a trial's metrics on the Optuna trial, with its failure reason or its quality
+    constraint; return the objective values, or None when the trial failed."""
+    trial.set_user_attr(METRICS_ATTR, _json_safe(result.metrics))
+    if not result.ok:
+        trial.set_user_attr(FAILURE_ATTR, result.failure)
+        return None
+    drop = result.metrics["quality_drop"]
+    trial.set_constraint("max_quality_drop", drop - spec.constraints.max_quality_drop)
+    return tuple(result.values[name] for name in spec.objectives)
+
+
+def is_feasible(spec: StudySpec, result: TrialResult) -> bool:
+    return result.metrics["quality_drop"] <= spec.constraints.max_quality_drop
+
+
 @dataclass
 class _Objective:
     spec: StudySpec
     task: Task
     settings: TrialSettings
     progress: StudyProgress
+    measure: Callable | None = None
 
     def __post_init__(self) -> None:
         self.progress.stage("measuring the teacher")
@@ -125,63 +237,64 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         recipe = suggest_recipe(trial, self.spec)
         trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
-        earlier = self._same_recipe(trial, recipe.to_dict())
-        if earlier is not None:  # the pipeline is deterministic: reuse what was measured
-            trial.set_user_attr(METRICS_ATTR, earlier.user_attrs[METRICS_ATTR])
-            trial.set_user_attr(DUPLICATE_ATTR, earlier.number)
-            for key, value in earlier.system_attrs.items():
-                if key.startswith("constraints:"):
-                    trial.set_constraint(key.split(":", 1)[1], value)
-            self.progress.note(f"trial {trial.number:>3}  same recipe as trial "
-                               f"{earlier.number}, its figures reused")
-            self.progress.bar.update(1)
-            return tuple(earlier.values)
+        earlier = reuse_earlier(trial, self.spec)
+        if earlier is not None:
+            self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
+            return earlier
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,
                            on_stage=self.progress.stage)
-        trial.set_user_attr(METRICS_ATTR, _json_safe(result.metrics))
-        if not result.ok:
-            trial.set_user_attr(FAILURE_ATTR, result.failure)
+        values = record_result(trial, self.spec, result)
+        if values is None:
             self.progress.trial_failed(trial.number, result.failure)
             raise TrialFailed(result.failure)
-        drop = result.metrics["quality_drop"]
-        trial.set_constraint("max_quality_drop", drop - self.spec.constraints.max_quality_drop)
-        self.progress.trial_done(trial.number, result, self._feasible(result))
-        return tuple(result.values[name] for name in self.spec.objectives)
-
-    @staticmethod
-    def _same_recipe(trial: optuna.Trial, recipe: dict) -> optuna.trial.FrozenTrial | None:
-        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if (other.user_attrs.get(RECIPE_ATTR) == recipe
-                    and DUPLICATE_ATTR not in other.user_attrs):
-                return other
-        return None
-
-    def _feasible(self, result: TrialResult) -> bool:
-        return result.metrics["quality_drop"] <= self.spec.constraints.max_quality_drop
+        self.progress.trial_done(trial.number, result, is_feasible(self.spec, result))
+        return values
 
 
 def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None = None,
-              progress: bool = True) -> optuna.Study:
+              progress: bool = True, backend: str | None = None,
+              address: str | None = None) -> optuna.Study:
     """Run the study until it holds ``trials`` (default: the spec's) completed trials.
 
     Resumes a stored study: completed trials are kept and only the missing ones run.
     Failed trials are recorded with their reason and do not count; the run stops after
     ``max(5, trials)`` failures in a row, so a broken task cannot loop forever.
+    ``backend`` (default: the spec's) is ``optuna`` (this process) or ``ray`` (Ray Tune,
+    on the cluster at ``address``, default the spec's ``ray.address``).
     """
     target = trials if trials is not None else spec.trials
     if target < 1:
         raise ParetoslimError(f"--trials must be >= 1. Got {target}.")
+    backend = backend or spec.backend
+    if backend == "ray":
+        from ._ray import run_ray_study
+
+        return run_ray_study(spec, target=target, storage=storage, progress=progress,
+                             address=address)
+    if backend != "optuna":
+        raise ParetoslimError(f"--backend must be one of ['optuna', 'ray']. Got {backend!r}.")
     study = open_study(spec, storage)
     interrupted = mark_interrupted(study)
-    done = _completed(study)
     if interrupted and progress:
         print(f"{interrupted} trial(s) left running by an earlier process were recorded "
               "as failed")
+    optimize_until(study, spec, target, progress=progress)
+    return study
+
+
+def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progress: bool,
+                   shared: bool = False) -> None:
+    """Run trials of ``study`` in this process until it holds ``target`` completed trials.
+
+    ``shared``: other workers run trials of the same study; a worker waits instead of
+    starting a trial that would take the study past ``target`` while theirs run.
+    """
+    done = completed_count(study)
     if done >= target:
         if progress:
             print(f"study {spec.name!r} already has {done} completed trials")
-        return study
+        return
     task = load_task(spec.task, spec.base_dir, spec.task_options)
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
     objective = _Objective(spec, task, TrialSettings.from_spec(spec), reporter)
@@ -190,10 +303,15 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
     def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal failures
         failures = failures + 1 if trial.state == TrialState.FAIL else 0
-        if _completed(study) >= target or failures >= max_failures:
+        if failures >= max_failures or (shared and not _wait_for_room(study, target,
+                                                                       reporter)):
+            study.stop()
+        elif completed_count(study) >= target:
             study.stop()
 
     try:
+        if shared and not _wait_for_room(study, target, reporter):
+            return
         study.optimize(objective, n_trials=None, catch=(TrialFailed,),
                        callbacks=[stop_when_enough], gc_after_trial=True)
     finally:
@@ -201,10 +319,30 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
     if failures >= max_failures:
         reporter.note(f"stopped after {failures} failed trials in a row; see `paretoslim "
                       f"front {spec.name} --all` for their reasons")
-    return study
 
 
-def _completed(study: optuna.Study) -> int:
+def _wait_for_room(study: optuna.Study, target: int, reporter: StudyProgress,
+                   poll_s: float = 2.0) -> bool:
+    """Wait while other workers' running trials would reach ``target``; False when the
+    study is done. Stale trials of dead workers are failed (and retried) meanwhile."""
+    import time
+
+    while True:
+        trials = study.get_trials(deepcopy=False,
+                                  states=(TrialState.COMPLETE, TrialState.RUNNING))
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        reporter.set_completed(done)
+        if done >= target:
+            return False
+        if len(trials) < target:
+            return True
+        reporter.stage(f"waiting: {len(trials) - done} trial(s) of other workers running")
+        time.sleep(poll_s)
+        optuna.storages.fail_stale_trials(study)
+
+
+def completed_count(study: optuna.Study) -> int:
+    """How many trials of ``study`` completed."""
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
