@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import shutil
 import tempfile
 import time
@@ -37,26 +38,36 @@ class Lowered:
     max_relative_error: float
 
 
-def lower(model: nn.Module, example_input: torch.Tensor, scheme: str,
-          backend: Backend = "aoti") -> Lowered:
+def lower(model: nn.Module | torch.export.ExportedProgram, example_input: torch.Tensor,
+          scheme: str, backend: Backend = "aoti", *, package: str | Path | None = None,
+          ) -> Lowered:
     """Compile ``model`` with Inductor, weights frozen as constants, for ``example_input``'s shape.
 
-    ``aoti`` compiles ahead of time (``torch.export`` then AOTInductor) into a package run
-    without Python-level guards: the lowest per-call overhead, and unaffected by later
-    ``torch._dynamo.reset()`` calls. ``compile`` is ``torch.compile``; the caller then
-    resets dynamo between unrelated models. The caller fixes the thread count (compiled
-    code specializes on it). Raises LoweringError when the compiled outputs differ from
-    eager beyond the scheme's tolerance or the input is modified in place.
+    ``model`` is a module or an exported program (compiled as it is). ``aoti`` compiles
+    ahead of time (``torch.export`` then AOTInductor) into a package run without
+    Python-level guards: the lowest per-call overhead, and unaffected by later
+    ``torch._dynamo.reset()`` calls. With ``package``, the AOTInductor package is written
+    there, or loaded from there when it already exists (the caller keys the path by model,
+    shape, threads and machine). ``compile`` is ``torch.compile``; the caller then resets
+    dynamo between unrelated models. The caller fixes the thread count (compiled code
+    specializes on it). Raises LoweringError when the compiled outputs differ from eager
+    beyond the scheme's tolerance or the input is modified in place.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown lowering backend {backend!r}; valid: {list(BACKENDS)}.")
-    model.eval()
+    if isinstance(model, torch.export.ExportedProgram):
+        eager = model.module()  # traced in eval mode already; eval() is not supported
+    else:
+        eager = model.eval()
     with torch.no_grad():
-        expected = model(example_input.clone())
+        expected = eager(example_input.clone())
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = (_aoti if backend == "aoti" else _jit)(model, example_input)
+        if backend == "aoti":
+            compiled = _aoti(model, example_input, package)
+        else:
+            compiled = _jit(eager, example_input)
         probe = example_input.clone()
         with torch.no_grad():
             output = compiled(probe)
@@ -96,14 +107,24 @@ def _package_dir() -> Path:
     return _PACKAGES
 
 
-def _aoti(model: nn.Module, example_input: torch.Tensor) -> Callable:
-    with torch.no_grad():
-        program = torch.export.export(model, (example_input.clone(),))
-        path = _package_dir() / f"model-{next(_COUNTER)}.pt2"
-        package = torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"freezing": True})
-    runner = torch._inductor.aoti_load_package(package)
-    return runner
+def _aoti(model: nn.Module | torch.export.ExportedProgram, example_input: torch.Tensor,
+          package: str | Path | None) -> Callable:
+    path = Path(package) if package is not None else None
+    if path is None or not path.is_file():
+        with torch.no_grad():
+            program = (model if isinstance(model, torch.export.ExportedProgram)
+                       else torch.export.export(model, (example_input.clone(),)))
+            scratch = _package_dir() / f"model-{next(_COUNTER)}.pt2"
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(scratch), inductor_configs={"freezing": True})
+        if path is None:
+            path = scratch
+        else:  # publish whole, so a concurrent reader never sees a partial package
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = f"{path}.{os.getpid()}.partial"
+            shutil.copyfile(scratch, partial)
+            os.replace(partial, path)
+    return torch._inductor.aoti_load_package(str(path))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -13,8 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluators import accuracy, measure_speedup, size_mb, torch_threads
-from ..kernels import detect_target, lower
+from ..evaluators import (
+    LatencyJob,
+    LatencyReport,
+    accuracy,
+    program_bytes,
+    run_isolated,
+    size_mb,
+)
+from ..kernels import detect_target
 from ..spaces import Deadline, Recipe, compress, count_parameters
 from ._spec import StudySpec
 from ._task import Task
@@ -69,27 +76,27 @@ class TrialResult:
         return self.failure is None
 
 
+Measure = Callable[[LatencyJob], LatencyReport]
+
+
 @dataclass(frozen=True)
 class Baseline:
     """The teacher's quality and size, measured once; its latency is re-timed in every trial.
 
-    ``lowered`` keeps the teacher's ahead-of-time compiled form per (shape, threads), so it
-    is compiled once per process.
+    ``programs`` keeps the teacher's exported program per input shape, exported once.
     """
 
     quality: float
     size_mb: float
     parameters: int
-    lowered: dict = field(default_factory=dict, compare=False, repr=False)
+    programs: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def reference(self, teacher: nn.Module, x: torch.Tensor, threads: int, backend: str):
-        """The teacher lowered to fp32 like the trial models (reused when it can be)."""
-        if backend != "aoti":  # torch.compile graphs do not survive the dynamo reset
-            return lower(teacher, x, "fp32", backend)
-        key = (tuple(x.shape), x.dtype, threads)
-        if key not in self.lowered:
-            self.lowered[key] = lower(teacher, x, "fp32", backend)
-        return self.lowered[key]
+    def reference_program(self, teacher: nn.Module, x: torch.Tensor) -> bytes:
+        """The teacher exported for ``x``'s shape (see ``program_bytes``)."""
+        key = (tuple(x.shape), x.dtype)
+        if key not in self.programs:
+            self.programs[key] = program_bytes(teacher, x)
+        return self.programs[key]
 
 
 def one_line(message: str, limit: int = 300) -> str:
@@ -128,14 +135,28 @@ def measure_baseline(task: Task) -> Baseline:
                     count_parameters(task.model))
 
 
+def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettings,
+                baseline: Baseline) -> LatencyJob:
+    """The job timing ``model`` against the teacher at the settings' batch size."""
+    x = latency_input(task, settings.latency_batch_size)
+    return LatencyJob(
+        program=program_bytes(model, x), reference=baseline.reference_program(task.model, x),
+        example=x, scheme=scheme, lowering=settings.lowering, threads=settings.threads,
+        min_calls=settings.min_calls, min_seconds=settings.min_seconds,
+        max_spread=settings.max_spread)
+
+
 def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
-              on_stage: Callable[[str], None] | None = None) -> TrialResult:
+              on_stage: Callable[[str], None] | None = None,
+              measure: Measure | None = None) -> TrialResult:
     """Compress, lower and measure one recipe; never raises for a failing recipe.
 
     The result's ``values`` hold ``quality``, ``latency_ms`` and ``size_mb``; ``metrics``
     add the baseline figures (teacher through the same fp32 lowering, timed interleaved
-    in this process), ``speedup``, ``compression``, spreads and timings. A failure
-    (exception, NaN, budget exceeded, wrong lowered outputs) sets ``failure`` to the reason.
+    with the candidate), ``speedup``, ``compression``, spreads, timings and the facts of
+    compression. ``measure`` runs the latency job: by default in a fresh local process
+    (``run_isolated``), or e.g. on a node of the target. A failure (exception, NaN, budget
+    exceeded, wrong lowered outputs) sets ``failure`` to the reason.
     """
     stage_name = "start"
 
@@ -165,52 +186,30 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         size = size_mb(compressed)
         deadline.check("evaluation")
 
-        stage("lower")
-        x = latency_input(task, settings.latency_batch_size)
-        torch._dynamo.reset()  # no graph of an earlier trial may be reused or count to limits
-        with torch_threads(settings.threads):
-            lowered = lower(compressed, x, recipe.quantization.scheme, settings.lowering)
-            reference = baseline.reference(task.model, x, settings.threads, settings.lowering)
-            deadline.check("lowering")
-            stage("latency")
-            timing = measure_speedup(
-                lowered.fn, reference.fn, x, threads=settings.threads,
-                min_calls=settings.min_calls, min_seconds=settings.min_seconds,
-                max_spread=settings.max_spread,
-            )
-        torch._dynamo.reset()
+        stage("export")
+        job = latency_job(task, compressed, recipe.quantization.scheme, settings, baseline)
+        stage("latency")
+        report = (measure or run_isolated)(job)
+        deadline.check("latency measurement")
     except Exception as exc:  # a failing recipe must never stop the study
         reason = f"{stage_name}: {type(exc).__name__}: {one_line(str(exc))}"
         return TrialResult(recipe, failure=reason, metrics={
             "traceback": traceback.format_exc(limit=6)[-2000:],
         })
 
-    model_stats, base_stats = timing.model, timing.baseline
-    values = {"quality": quality, "latency_ms": model_stats.median_ms, "size_mb": size}
+    latency = report.metrics()
+    values = {"quality": quality, "latency_ms": latency["latency_ms"], "size_mb": size}
     metrics = {
+        **{k: v for k, v in facts.items() if isinstance(v, (bool, int, float, str))},
         **values,
+        **latency,
         "baseline_quality": baseline.quality,
-        "baseline_latency_ms": base_stats.median_ms,
         "baseline_size_mb": baseline.size_mb,
         "quality_drop": baseline.quality - quality,
-        "speedup": timing.speedup,
-        "speedup_spread": timing.speedup_spread,
-        "latency_noisy": timing.noisy,
-        "latency_attempts": timing.attempts,
         "compression": baseline.size_mb / size,
-        "latency_iqr_ms": model_stats.iqr_ms,
-        "latency_cov": model_stats.cov,
-        "baseline_latency_iqr_ms": base_stats.iqr_ms,
-        "latency_calls": model_stats.calls,
-        "latency_batch_size": int(x.shape[0]),
+        "latency_batch_size": int(job.example.shape[0]),
         "threads": settings.threads,
-        "parameters": facts["parameters"],
         "baseline_parameters": baseline.parameters,
-        "factorized_layers": facts["factorized_layers"],
-        "finetune_steps": facts["finetune_steps"],
-        "lowering": lowered.backend,
-        "lowering_error": lowered.max_relative_error,
-        "compile_s": lowered.compile_seconds,
         "compress_s": compress_seconds,
         "trial_s": time.perf_counter() - started,
         "target": detect_target(settings.target).to_dict(),

@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..evaluators import measure_speedup, size_mb, torch_threads
-from ..kernels import lower
+from ..evaluators import LatencyJob, program_bytes, run_isolated, size_mb
 from ._errors import ParetoslimError
 from ._export import METRICS_FILE, MODEL_FILE, load_program
 from ._task import load_task
@@ -22,7 +19,8 @@ def verify_artifact(directory: str | Path, *, tolerance: float = DEFAULT_TOLERAN
                     min_calls: int | None = None) -> dict[str, Any]:
     """Re-measure an exported trial: quality on the task's held-out data, size, and latency.
 
-    Latency is timed interleaved with the teacher lowered to fp32, as during the search.
+    Latency is timed interleaved with the teacher lowered to fp32, in a fresh process, as
+    during the search.
     Returns ``quality``, ``latency_ms``, ``size_mb``, ``speedup``, ``baseline_latency_ms``,
     ``recorded`` (the search-time figures), ``quality_ok`` (quality within ``tolerance`` of
     the recorded one) and ``tolerance``. Raises ParetoslimError for a directory that is not
@@ -49,18 +47,14 @@ def verify_artifact(directory: str | Path, *, tolerance: float = DEFAULT_TOLERAN
     quality = quality_of(task, model)
     size = size_mb(model)
     x = latency_input(task, latency.get("batch_size", 0))
-    threads = latency.get("threads", 1)
-    torch._dynamo.reset()
-    with torch_threads(threads):
-        backend = latency.get("lowering", "aoti")
-        lowered = lower(model, x, meta.get("scheme", "fp32"), backend)
-        reference = lower(task.model, x, "fp32", backend)
-        timing = measure_speedup(
-            lowered.fn, reference.fn, x, threads=threads,
-            min_calls=min_calls or latency.get("min_calls", 300),
-            min_seconds=latency.get("min_seconds", 1.0),
-            max_spread=latency.get("max_spread", 0.05))
-    torch._dynamo.reset()
+    task.model.eval()
+    timing = run_isolated(LatencyJob(
+        program=program_bytes(model, x), reference=program_bytes(task.model, x), example=x,
+        scheme=meta.get("scheme", "fp32"), lowering=latency.get("lowering", "aoti"),
+        threads=latency.get("threads", 1),
+        min_calls=min_calls or latency.get("min_calls", 300),
+        min_seconds=latency.get("min_seconds", 1.0),
+        max_spread=latency.get("max_spread", 0.05))).timing
     recorded = meta.get("recorded", {})
     keys = ("quality", "latency_ms", "size_mb", "speedup", "baseline_latency_ms",
             "latency_iqr_ms")

@@ -1,0 +1,86 @@
+import os
+import pickle
+
+import pytest
+import torch
+from _tiny import TinyCNN, TinyMLP
+from torch import nn
+
+from paretoslim.evaluators import (
+    LatencyJob,
+    MeasurementError,
+    program_bytes,
+    run_isolated,
+    run_latency_job,
+)
+from paretoslim.kernels import LoweringError
+from paretoslim.spaces import quantize
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETOSLIM_CACHE", str(tmp_path / "cache"))
+
+
+def _job(model: nn.Module, teacher: nn.Module, x: torch.Tensor, scheme: str = "fp32"):
+    return LatencyJob(program=program_bytes(model, x), reference=program_bytes(teacher, x),
+                      example=x, scheme=scheme, min_calls=20, min_seconds=0.0)
+
+
+def test_job_is_measured_in_a_fresh_process_and_teacher_package_is_cached(tmp_path):
+    torch.manual_seed(0)
+    teacher, x = TinyCNN().eval(), torch.randn(4, 1, 8, 8)
+    calibration = [(torch.randn(4, 1, 8, 8), None) for _ in range(2)]
+    student = quantize(TinyCNN().eval(), "int8_static", x, calibration)
+    job = _job(student, teacher, x, "int8_static")
+    assert pickle.loads(pickle.dumps(job)).scheme == "int8_static"
+
+    first = run_isolated(job)
+    assert first.process_id != os.getpid()
+    assert first.lowering == "aoti" and first.max_relative_error <= 0.1
+    assert first.timing.model.calls >= 20 and first.timing.baseline.calls >= 20
+    packages = list((tmp_path / "cache" / "aoti").glob("teacher-*.pt2"))
+    assert len(packages) == 1
+    stamp = packages[0].stat().st_mtime_ns
+
+    second = run_isolated(job)
+    assert second.process_id not in (first.process_id, os.getpid())
+    assert packages[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    metrics = second.metrics()
+    assert metrics["speedup"] == pytest.approx(
+        metrics["baseline_latency_ms"] / metrics["latency_ms"])
+
+
+def test_a_wrong_lowering_is_raised_in_the_caller():
+    class Mutating(nn.Module):
+        def forward(self, x):
+            x.mul_(2)
+            return x.sum(dim=1, keepdim=True)
+
+    x = torch.randn(4, 3)
+    job = LatencyJob(program=program_bytes(Mutating(), x),
+                     reference=program_bytes(Mutating(), x), example=x, scheme="fp32",
+                     lowering="compile", min_calls=10, min_seconds=0.0)
+    try:
+        run_latency_job(job)
+    except LoweringError:
+        with pytest.raises(LoweringError, match="modified its input"):
+            run_isolated(job)
+    else:  # exported programs are functional: the lowering is then right and timed
+        assert run_isolated(job).timing.model.calls >= 10
+
+
+def test_a_dying_measuring_process_is_reported():
+    x = torch.randn(2, 16)
+    job = LatencyJob(program=b"not a program", reference=program_bytes(TinyMLP(), x),
+                     example=x, scheme="fp32")
+    with pytest.raises(Exception, match="zip|archive|file") as info:
+        run_isolated(job)
+    assert not isinstance(info.value, MeasurementError)  # the child's own exception
+
+
+def test_a_timeout_is_a_measurement_error():
+    x = torch.randn(2, 16)
+    job = _job(TinyMLP(), TinyMLP(), x)
+    with pytest.raises(MeasurementError, match="longer than"):
+        run_isolated(job, timeout_s=0.01)
