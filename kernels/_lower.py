@@ -58,7 +58,8 @@ def lower(model: nn.Module | torch.export.ExportedProgram, example_input: torch.
     if isinstance(model, torch.export.ExportedProgram):
         eager = model.module()  # traced in eval mode already; eval() is not supported
     else:
-        eager = model.eval()
+        eager = model
+        eager.eval()
     with torch.no_grad():
         expected = eager(example_input.clone())
     start = time.perf_counter()
