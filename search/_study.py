@@ -101,7 +101,8 @@ def _spec_record(spec: StudySpec) -> dict[str, Any]:
 
 
 def open_study(spec: StudySpec, storage: str | None = None, *,
-               workers: WorkerSpec | None = None) -> optuna.Study:
+               workers: WorkerSpec | None = None,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """Create the spec's study or load it if it exists (same name, same objectives).
 
     Safe when several processes open a new database study at the same moment: creation is
@@ -112,7 +113,7 @@ def open_study(spec: StudySpec, storage: str | None = None, *,
     try:
         study = _create_once(location, lambda: optuna.create_study(
             study_name=spec.name, storage=make_storage(location, workers),
-            directions=spec.directions, sampler=make_sampler(spec), load_if_exists=True,
+            directions=spec.directions, sampler=sampler or make_sampler(spec), load_if_exists=True,
         ))
     except ValueError as exc:
         raise ParetoslimError(
@@ -268,7 +269,11 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
         raise ParetoslimError(f"--trials must be >= 1. Got {target}.")
     backend = backend or spec.backend
     if backend == "ray":
-        from ._ray import run_ray_study
+        try:
+            from ._ray import run_ray_study
+        except ImportError as exc:
+            raise ParetoslimError(f"the ray backend needs Ray Tune ({exc}): pip install "
+                                  "'paretoslim[ray]'") from None
 
         return run_ray_study(spec, target=target, storage=storage, progress=progress,
                              address=address)
@@ -280,6 +285,32 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
         print(f"{interrupted} trial(s) left running by an earlier process were recorded "
               "as failed")
     optimize_until(study, spec, target, progress=progress)
+    return study
+
+
+def run_worker(spec: StudySpec, storage: str | None = None, *, trials: int | None = None,
+               progress: bool = True) -> optuna.Study:
+    """Run trials of the spec's study as one of several workers sharing a database storage.
+
+    Start any number of workers, on one or many machines, against the same storage URL
+    (``storage``, else the spec's): the first creates the study, all of them sample from it
+    and stop when it holds ``trials`` (default: the spec's) completed trials. A worker that
+    dies stops sending heartbeats; after ``workers.grace_s`` its trial is failed and its
+    recipe retried by another worker.
+    """
+    location = storage or spec.storage
+    if not location or not is_rdb_url(location):
+        raise ParetoslimError(
+            "a worker needs a database storage shared by all workers, e.g. --storage "
+            f"postgresql://USER:PASSWORD@HOST/DB. Got {location or 'none'!r}.")
+    target = trials if trials is not None else spec.trials
+    if target < 1:
+        raise ParetoslimError(f"--trials must be >= 1. Got {target}.")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = open_study(spec, location, workers=spec.workers)
+    optimize_until(study, spec, target, progress=progress, shared=True)
     return study
 
 

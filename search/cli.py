@@ -1,4 +1,5 @@
-"""The ``paretoslim`` command line: run, front, pick, export, verify, report, dashboard, bench."""
+"""The ``paretoslim`` command line: run, worker, front, pick, export, verify, report, dashboard,
+bench."""
 
 from __future__ import annotations
 
@@ -23,7 +24,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
     run.add_argument("--trials", type=int, help="completed trials to reach (default: spec)")
     run.add_argument("--storage", help="Optuna storage URL or journal file path")
+    run.add_argument("--backend", choices=("optuna", "ray"),
+                     help="optuna: trials in this process; ray: trials on a Ray cluster "
+                          "(default: the spec's)")
+    run.add_argument("--address", help="Ray cluster address: HOST:PORT or auto "
+                                       "(default: the spec's ray.address; empty: start Ray "
+                                       "on this machine)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    worker = verbs.add_parser("worker", help="run trials of a study shared by many workers "
+                                             "through a database")
+    worker.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
+    worker.add_argument("--storage", help="database URL shared by the workers, e.g. "
+                                          "postgresql://USER:PASSWORD@HOST/DB "
+                                          "(default: the spec's)")
+    worker.add_argument("--trials", type=int, help="completed trials the study should reach "
+                                                   "(default: spec)")
+    worker.add_argument("--quiet", action="store_true", help="no progress display")
 
     front = verbs.add_parser("front", help="print the Pareto front of a study")
     _add_study(front)
@@ -112,9 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        handler = {"run": _run, "front": _front, "pick": _pick, "export": _export,
-                   "verify": _verify, "report": _report, "dashboard": _dashboard,
-                   "bench": _bench}[args.verb]
+        handler = {"run": _run, "worker": _worker, "front": _front, "pick": _pick,
+                   "export": _export, "verify": _verify, "report": _report,
+                   "dashboard": _dashboard, "bench": _bench}[args.verb]
         return handler(args)
     except ParetoslimError as exc:
         print(f"paretoslim: error: {exc}", file=sys.stderr)
@@ -134,9 +151,20 @@ def _run(args: argparse.Namespace) -> int:
     from ._study import run_study, storage_of
 
     spec = load_spec(args.spec)
-    study = run_study(spec, trials=args.trials, storage=args.storage, progress=not args.quiet)
+    study = run_study(spec, trials=args.trials, storage=args.storage, progress=not args.quiet,
+                      backend=args.backend, address=args.address)
     print(f"\nPareto front of study {spec.name!r} ({storage_of(spec, args.storage)}):")
     print(render_front(study))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from ._spec import load_spec
+    from ._study import completed_count, run_worker
+
+    spec = load_spec(args.spec)
+    study = run_worker(spec, args.storage, trials=args.trials, progress=not args.quiet)
+    print(f"study {spec.name!r}: {completed_count(study)} completed trials")
     return 0
 
 

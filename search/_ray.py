@@ -1,0 +1,368 @@
+"""The Ray Tune backend: the same trials on a Ray cluster, proposed by the study's Optuna sampler.
+
+The driver holds the Optuna study (same storage as the local backend, so every other verb
+reads Ray runs alike); Tune runs the trials on the cluster's nodes, and the latency of each
+candidate can be measured on a node of the target hardware while training runs anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from ._errors import ParetoslimError
+from ._progress import StudyProgress
+from ._spec import StudySpec
+from ._study import (
+    DUPLICATE_ATTR,
+    FAILURE_ATTR,
+    RECIPE_ATTR,
+    _json_safe,
+    completed_count,
+    is_feasible,
+    make_sampler,
+    mark_interrupted,
+    open_study,
+    record_result,
+    reuse_earlier,
+    storage_of,
+    suggest_recipe,
+)
+from ._trial import TrialResult, TrialSettings, measure_baseline, run_trial
+
+TARGET_ATTR = "target_trials"
+RESULT_KEY = "paretoslim"
+FINISHED_MARK = ".paretoslim-finished"
+_driver: dict[str, Any] = {}  # the driver's progress display, read by the searcher
+
+
+def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
+                  progress: bool = True, address: str | None = None) -> optuna.Study:
+    """Run the study with Ray Tune until it holds ``target`` completed trials.
+
+    An interrupted run (killed driver, Ctrl-C) is resumed with ``Tuner.restore`` from the
+    spec's ``ray.results`` path: completed trials are kept, unfinished ones run again.
+    """
+    spec = _absolute(spec)
+    location = storage_of(spec, storage)
+    study = open_study(spec, storage)
+    study.set_user_attr(TARGET_ATTR, target)
+    done = completed_count(study)
+    if done >= target:
+        if progress:
+            print(f"study {spec.name!r} already has {done} completed trials")
+        return study
+
+    address = spec.ray.address if address is None else address
+    _connect(address)
+    results = spec.ray_results_path()
+    experiment = results / spec.name
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec=spec),
+        {"cpu": spec.ray.cpu, "gpu": spec.ray.gpu})
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # state saved within a second
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables stay quiet
+    reporter = StudyProgress(target=target, completed=done, enabled=progress)
+    _driver["progress"] = reporter
+    finished = experiment / FINISHED_MARK
+    try:
+        if tune.Tuner.can_restore(str(experiment)) and not finished.exists():
+            if progress:
+                reporter.note(f"resuming the Ray Tune experiment in {experiment}")
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            finished.unlink(missing_ok=True)
+            interrupted = mark_interrupted(study)
+            if interrupted and progress:
+                reporter.note(f"{interrupted} trial(s) left running by an earlier process "
+                              "were recorded as failed")
+            searcher = StudySearch(spec, location, max_failures=max(5, target))
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, num_samples=-1, reuse_actors=True,
+                    max_concurrent_trials=spec.ray.max_concurrent_trials,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=str(results), verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=1)),
+            )
+        tuner.fit()
+    finally:
+        reporter.close()
+        _driver.clear()
+    study = open_study(spec, storage)
+    if completed_count(study) >= target or _failing(study, max(5, target)):
+        finished.parent.mkdir(parents=True, exist_ok=True)
+        finished.touch()
+    if _failing(study, max(5, target)):
+        reporter.note(f"stopped after {max(5, target)} failed trials in a row; see "
+                      f"`paretoslim front {spec.name} --all` for their reasons")
+    return study
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.config.get('number', trial.trial_id)}"
+
+
+def _absolute(spec: StudySpec) -> StudySpec:
+    """The spec with its file path made absolute: trials load the task on other nodes."""
+    from dataclasses import replace
+
+    return replace(spec, path=spec.path.resolve()) if spec.path is not None else spec
+
+
+def _connect(address: str) -> None:
+    if ray.is_initialized():
+        return
+    # the task is loaded relative to the spec, not to a trial's directory
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0"}
+    try:
+        ray.init(address=address or None, runtime_env={"env_vars": env},
+                 logging_level=logging.WARNING, log_to_driver=False,
+                 configure_logging=True)
+    except ConnectionError as exc:
+        raise ParetoslimError(f"cannot connect to the Ray cluster at {address!r}: {exc}. "
+                              "Start one with `ray start --head` (see README, Running on a "
+                              "cluster) or leave ray.address empty for a local one") from None
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+
+
+def _failing(study: optuna.Study, count: int) -> bool:
+    states = [t.state for t in study.get_trials(deepcopy=False)
+              if t.state.is_finished()][-count:]
+    return len(states) == count and all(s == TrialState.FAIL for s in states)
+
+
+def _sample(spec: StudySpec, trial) -> None:
+    suggest_recipe(trial, spec)
+
+
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` on the study's storage, with its sampler and objectives, that
+    records each trial's recipe, metrics, failure reason and quality constraint, reuses
+    the figures of a repeated recipe, and finishes at the study's target of completed
+    trials (or after ``max_failures`` failures in a row)."""
+
+    def __init__(self, spec: StudySpec, location: str, max_failures: int):
+        self._spec, self._location, self._max_failures = spec, location, max_failures
+        self._running: dict[str, optuna.Trial] = {}
+        self._recipes: dict[str, Any] = {}
+        self._numbers: dict[str, int] = {}
+        self._done = self._target = self._failures = 0
+        super().__init__(
+            space=functools.partial(_sample, spec), metric=list(spec.objectives),
+            mode=["max" if d == "maximize" else "min" for d in spec.directions],
+            sampler=make_sampler(spec), study_name=spec.name)
+
+    def _setup_study(self, mode) -> None:
+        self._ot_study = open_study(self._spec, self._location, sampler=self._sampler)
+        self._target = int(self._ot_study.user_attrs.get(TARGET_ATTR, self._spec.trials))
+        self._done = completed_count(self._ot_study)
+        storage, study_id = self._ot_study._storage, self._ot_study._study_id
+        self._running = {}
+        for trial_id, number in self._numbers.items():  # restored from a checkpoint
+            frozen_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            self._running[trial_id] = optuna.Trial(self._ot_study, frozen_id)
+            self._ot_trials[trial_id] = self._running[trial_id]
+        # an Optuna trial the restored experiment does not know of will never finish
+        known = set(self._numbers.values())
+        for trial in self._ot_study.get_trials(deepcopy=False,
+                                               states=(TrialState.RUNNING,)):
+            if trial.number not in known:
+                storage.set_trial_user_attr(
+                    trial._trial_id, FAILURE_ATTR,
+                    "interrupted: the Ray driver ended before this trial was scheduled")
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+    def _study(self) -> optuna.Study:
+        if self._ot_study is None:
+            self._setup_study(self._mode)
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        study = self._study()
+        progress = _driver.get("progress")
+        while True:
+            if self._done >= self._target or self._failures >= self._max_failures:
+                return Searcher.FINISHED
+            if self._done + len(self._running) >= self._target:
+                return None  # enough running: wait for them
+            params = super().suggest(trial_id)
+            trial = self._ot_trials[trial_id]
+            recipe = self._spec.space.recipe(params)
+            trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
+            earlier = reuse_earlier(trial, self._spec)
+            if earlier is None:
+                self._running[trial_id] = trial
+                self._numbers[trial_id] = trial.number
+                self._recipes[trial_id] = recipe
+                if progress is not None:
+                    progress.start_trial(trial.number, recipe)
+                    progress.stage(f"({len(self._running)} running)")
+                return {"params": params, "number": trial.number}
+            study.tell(trial, earlier)
+            del self._ot_trials[trial_id]
+            self._done += 1
+            if progress is not None:
+                progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # one result per trial, handled on completion
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        study = self._study()
+        trial = self._running.pop(trial_id, None)
+        self._ot_trials.pop(trial_id, None)
+        self._numbers.pop(trial_id, None)
+        recipe = self._recipes.pop(trial_id, None)
+        if trial is None:
+            return
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state.is_finished():  # re-run after a restore: recorded already
+            return
+        payload = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result \
+            else None
+        if payload is None:
+            failure = ("the Ray trial errored or was stopped; its log is in "
+                       f"{self._spec.ray_results_path() / self._spec.name}")
+            outcome = TrialResult(recipe, failure=failure)
+        else:
+            values = {k: v for k, v in payload["values"].items()
+                      if v is not None and math.isfinite(v)}
+            outcome = TrialResult(recipe, values, payload["metrics"], payload["failure"])
+        values = record_result(trial, self._spec, outcome)
+        progress = _driver.get("progress")
+        where = _where(outcome.metrics)
+        if values is None:
+            study.tell(trial, state=TrialState.FAIL)
+            self._failures += 1
+            if progress is not None:
+                progress.trial_failed(trial.number, outcome.failure, where)
+        else:
+            study.tell(trial, values)
+            self._done += 1
+            self._failures = 0
+            if progress is not None:
+                progress.trial_done(trial.number, outcome, is_feasible(self._spec, outcome),
+                                    where)
+        if progress is not None:
+            progress.stage(f"({len(self._running)} running)")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_ot_study=None, _ot_trials={}, _running={}, _storage=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__getstate__(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
+
+
+def _where(metrics: dict) -> str:
+    trained, timed = metrics.get("trained_on_node"), metrics.get("measured_on_node")
+    if not trained:
+        return ""
+    return f"  (on {trained}" + (f", timed on {timed})" if timed and timed != trained else ")")
+
+
+# --- inside the trial actors ---------------------------------------------------------------
+
+_loaded: dict[tuple, tuple] = {}  # per actor process: the task and its baseline, loaded once
+
+
+def _trainable(config: dict, spec: StudySpec) -> None:
+    from ._task import load_task
+
+    key = (str(spec.path), spec.task, json.dumps(spec.task_options, sort_keys=True,
+                                                 default=str))
+    if key not in _loaded:
+        task = load_task(spec.task, spec.base_dir, spec.task_options)
+        _loaded[key] = (task, measure_baseline(task))
+    task, baseline = _loaded[key]
+    recipe = spec.space.recipe(config["params"])
+    settings = TrialSettings.from_spec(spec)
+    measure = TargetMeasure(spec, settings) if spec.ray.time_on_target else None
+    kwargs = {}
+    if measure is not None and "measure" in inspect.signature(run_trial).parameters:
+        kwargs["measure"] = measure if measure.resource_available() else None
+    result = run_trial(task, recipe, settings, baseline, **kwargs)
+    node = ray.util.get_node_ip_address()
+    metrics = dict(result.metrics)
+    metrics["trained_on_node"] = node
+    if result.ok:
+        metrics["measured_on_node"] = measure.node if measure and measure.node else node
+        metrics["measured_on_target"] = bool(measure and measure.node)
+    values = {name: result.values.get(name, math.nan) for name in spec.objectives}
+    payload = {"values": _json_safe(values), "metrics": _json_safe(metrics),
+               "failure": result.failure}
+    tune.report({**values, RESULT_KEY: json.dumps(payload)})
+
+
+class TargetMeasure:
+    """Runs a latency job as a Ray task on a node holding the resource ``target:TARGET``.
+
+    One unit of that resource per node means one measurement per node at a time; each job
+    runs in a fresh worker process (``max_calls=1``) that has run no other model.
+    """
+
+    def __init__(self, spec: StudySpec, settings: TrialSettings):
+        self.resource = f"target:{spec.latency.target}"
+        self.timeout_s = settings.timeout_s
+        self.node: str | None = None
+
+    def resource_available(self) -> bool:
+        """Whether a live node of the cluster holds the target resource."""
+        return any(node.get("Alive") and node.get("Resources", {}).get(self.resource)
+                   for node in ray.nodes())
+
+    def __call__(self, job):
+        remote = ray.remote(num_cpus=0, resources={self.resource: 1}, max_calls=1,
+                            max_retries=0)(_measure_here)
+        ref = remote.remote(job)
+        try:
+            report, self.node = ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise TimeoutError(f"the latency measurement on a {self.resource} node took "
+                               f"longer than {self.timeout_s:.0f} s") from None
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+        return report
+
+
+def _measure_here(job):
+    from ..evaluators import run_latency_job
+
+    return run_latency_job(job), ray.util.get_node_ip_address()
+
+
+def results_dir(spec: StudySpec) -> Path:
+    """Where Tune writes the study's experiment (trial logs, results, state)."""
+    return spec.ray_results_path() / spec.name
