@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..kernels import detect_target, lower
-from ._latency import SpeedupMeasurement, measure_speedup, torch_threads
+from ._latency import SpeedupMeasurement, measure_speedup, time_interleaved, torch_threads
 
 CACHE_ENV = "PARETOSLIM_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/paretoslim")
@@ -44,6 +44,8 @@ class LatencyJob:
 
     ``program`` and ``reference`` are ``torch.export`` programs saved to bytes (see
     ``program_bytes``) of the candidate and of the fp32 teacher, for ``example``'s shape.
+    ``sparse_program``, for a candidate with sparsely stored layers, is its variant running
+    them through ``torch.sparse.mm``; the faster of the two is kept.
     """
 
     program: bytes
@@ -55,6 +57,7 @@ class LatencyJob:
     min_calls: int = 300
     min_seconds: float = 1.0
     max_spread: float = 0.05
+    sparse_program: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class LatencyReport:
     max_relative_error: float
     host: str
     process_id: int
+    sparse_execution: str = "none"
+    sparse_speedup: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The figures as flat trial metrics."""
@@ -86,6 +91,8 @@ class LatencyReport:
             "lowering_error": self.max_relative_error,
             "compile_s": self.compile_seconds,
             "measured_on": self.host,
+            "sparse_execution": self.sparse_execution,
+            **({} if self.sparse_speedup is None else {"sparse_speedup": self.sparse_speedup}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +113,9 @@ def run_latency_job(job: LatencyJob) -> LatencyReport:
     """Lower both programs, check them against eager, and time them interleaved, here.
 
     The teacher's AOTInductor package is reused from the machine's cache when present.
+    With a ``sparse_program``, both executions are lowered and timed against each other
+    first; the report's ``sparse_execution`` says which one was kept ("sparse" or
+    "densified") and ``sparse_speedup`` by how much sparse beat dense (below 1: it lost).
     Raises LoweringError for a wrong lowering. Call it in a fresh process (``run_isolated``)
     unless this process has compiled no other quantized model.
     """
@@ -113,10 +123,20 @@ def run_latency_job(job: LatencyJob) -> LatencyReport:
     candidate = _load(job.program)
     teacher = _load(job.reference)
     x = job.example
+    sparse_execution, sparse_speedup = "none", None
     torch._dynamo.reset()
     try:
         with torch_threads(job.threads):
             lowered = lower(candidate, x, job.scheme, job.lowering)
+            if job.sparse_program is not None:
+                sparse = lower(_load(job.sparse_program), x, job.scheme, job.lowering)
+                duel = time_interleaved(
+                    {"dense": lowered.fn, "sparse": sparse.fn}, x, threads=job.threads,
+                    min_calls=max(20, job.min_calls // 4), min_seconds=job.min_seconds / 4)
+                sparse_speedup = duel["dense"].median_ms / duel["sparse"].median_ms
+                sparse_execution = "sparse" if sparse_speedup > 1.0 else "densified"
+                if sparse_speedup > 1.0:
+                    lowered = sparse
             package = _teacher_package(job) if job.lowering == "aoti" else None
             if package is None:
                 reference = lower(teacher, x, "fp32", job.lowering)
@@ -131,7 +151,8 @@ def run_latency_job(job: LatencyJob) -> LatencyReport:
     finally:
         torch._dynamo.reset()
     return LatencyReport(timing, lowered.backend, lowered.compile_seconds,
-                         lowered.max_relative_error, socket.gethostname(), os.getpid())
+                         lowered.max_relative_error, socket.gethostname(), os.getpid(),
+                         sparse_execution, sparse_speedup)
 
 
 def run_isolated(job: LatencyJob, timeout_s: float | None = None) -> LatencyReport:

@@ -1,6 +1,7 @@
 """How fast it runs: lowering compressed models to compiled kernels on a named target."""
 
 from ._lower import BACKENDS, TOLERANCE, Backend, Lowered, LoweringError, lower, relative_error
+from ._sparse import sparse_execution, sparse_layers
 from ._target import TARGETS, Target, detect_target
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "detect_target",
     "lower",
     "relative_error",
+    "sparse_execution",
+    "sparse_layers",
 ]

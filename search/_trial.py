@@ -21,8 +21,8 @@ from ..evaluators import (
     run_isolated,
     size_mb,
 )
-from ..kernels import detect_target
-from ..spaces import Deadline, Recipe, compress, count_parameters
+from ..kernels import detect_target, sparse_execution
+from ..spaces import SPARSE_MODULES, Deadline, Recipe, compress, count_parameters
 from ._spec import StudySpec
 from ._task import Task
 
@@ -139,11 +139,13 @@ def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettin
                 baseline: Baseline) -> LatencyJob:
     """The job timing ``model`` against the teacher at the settings' batch size."""
     x = latency_input(task, settings.latency_batch_size)
+    sparse = sparse_execution(model)
     return LatencyJob(
         program=program_bytes(model, x), reference=baseline.reference_program(task.model, x),
         example=x, scheme=scheme, lowering=settings.lowering, threads=settings.threads,
         min_calls=settings.min_calls, min_seconds=settings.min_seconds,
-        max_spread=settings.max_spread)
+        max_spread=settings.max_spread,
+        sparse_program=None if sparse is None else program_bytes(sparse, x))
 
 
 def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
@@ -198,6 +200,9 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         })
 
     latency = report.metrics()
+    if job.sparse_program is None and any(isinstance(m, SPARSE_MODULES)
+                                          for m in compressed.modules()):
+        latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
     values = {"quality": quality, "latency_ms": latency["latency_ms"], "size_mb": size}
     metrics = {
         **{k: v for k, v in facts.items() if isinstance(v, (bool, int, float, str))},

@@ -1,3 +1,4 @@
+import copy
 import os
 import pickle
 
@@ -84,3 +85,51 @@ def test_a_timeout_is_a_measurement_error():
     job = _job(TinyMLP(), TinyMLP(), x)
     with pytest.raises(MeasurementError, match="longer than"):
         run_isolated(job, timeout_s=0.01)
+
+
+def _pruned_mlp(sparsity: float) -> nn.Module:
+    from paretoslim.spaces import sparsify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 4)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            w = layer.weight
+            w[w.abs() <= w.abs().flatten().kthvalue(int(sparsity * w.numel())).values] = 0
+    assert sparsify(model, blocksize=1) and sparsify(model, blocksize=1) == []
+    return model
+
+
+@pytest.mark.parametrize("blocksize", [1, 4])
+def test_sparse_execution_equals_dense(blocksize):
+    from paretoslim.kernels import sparse_execution, sparse_layers
+    from paretoslim.spaces import densify, sparsify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[torch.rand_like(model[0].weight) < 0.9] = 0
+    sparsify(model, blocksize=blocksize)
+    dense = densify(copy.deepcopy(model))
+    assert sparse_layers(model) == ["0"]
+    fast = sparse_execution(model)
+    assert "SparseMatmul" in type(fast[0]).__name__ and model[0] is not fast[0]
+    x = torch.randn(5, 3, 32)  # leading dimensions are kept
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert sparse_execution(dense) is None
+
+
+def test_job_keeps_the_faster_of_sparse_and_dense_execution():
+    from paretoslim.kernels import sparse_execution
+
+    model, teacher, x = _pruned_mlp(0.95), TinyMLP(64, 256, 4).eval(), torch.randn(16, 64)
+    job = LatencyJob(program=program_bytes(model, x), reference=program_bytes(teacher, x),
+                     example=x, scheme="fp32", min_calls=40, min_seconds=0.0,
+                     sparse_program=program_bytes(sparse_execution(model), x))
+    report = run_isolated(job)
+    assert report.sparse_execution in ("sparse", "densified")
+    assert (report.sparse_execution == "sparse") == (report.sparse_speedup > 1)
+    assert report.metrics()["sparse_execution"] == report.sparse_execution
+    assert report.max_relative_error <= 1e-3
