@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._recipe import DistillationConfig
+from ._structure import output_layers
 
 
 class BudgetExceeded(RuntimeError):
@@ -60,15 +61,39 @@ def _cycle(batches: Iterable) -> Iterator:
             raise ValueError("the training data yielded no batches")
 
 
+class _Features:
+    """The input of a model's output layer, captured on every forward."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, role: str):
+        layers = output_layers(model, example)
+        if not layers:
+            raise ValueError(f"feature distillation needs the {role} to end in a Linear / "
+                             "Conv layer whose input it can match")
+        self.value: torch.Tensor | None = None
+        self.handle = layers[0].register_forward_pre_hook(self._capture)
+
+    def _capture(self, _module, inputs):
+        self.value = inputs[0].flatten(1)
+
+    def take(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        return value
+
+
 def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: int,
             config: DistillationConfig, learning_rate: float, seed: int,
             deadline: Deadline | None = None,
             on_step: Callable[[int, float], None] | None = None) -> nn.Module:
-    """Train ``student`` for ``steps`` batches against the teacher's soft targets, in place.
+    """Train ``student`` for ``steps`` batches against the teacher, in place.
 
-    AdamW with a cosine-decayed learning rate; deterministic for a given seed and data
-    order. Raises FloatingPointError when the loss becomes NaN or infinite, BudgetExceeded
-    past the deadline. ``steps == 0`` leaves the student untouched.
+    The loss is ``distillation_loss`` on the logits plus, when ``config.feature_weight``
+    is positive, that weight times the mean squared error between the teacher's
+    penultimate features (the input of its output layer) and the student's, mapped by a
+    learned linear projection that is discarded afterwards. AdamW with a cosine-decayed
+    learning rate; deterministic for a given seed and data order. ``on_step(step, loss)``
+    runs after each optimizer step. Raises FloatingPointError when the loss becomes NaN
+    or infinite, BudgetExceeded past the deadline. ``steps == 0`` leaves the student
+    untouched.
     """
     if steps <= 0:
         return student
@@ -76,15 +101,46 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     teacher.eval()
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
+    batches = _cycle(train)
+    features = None
+    if config.feature_weight > 0:
+        first_inputs, _ = next(_cycle(train))
+        with torch.no_grad():
+            student.eval()
+            taps = (_Features(teacher, first_inputs, "teacher"),
+                    _Features(student, first_inputs, "student"))
+            teacher(first_inputs)
+            student(first_inputs)
+            student.train()
+        t_dim, s_dim = taps[0].take().shape[1], taps[1].take().shape[1]
+        projection = nn.Linear(s_dim, t_dim, bias=False)
+        params += list(projection.parameters())
+        features = (taps, projection)
+    try:
+        _train(student, teacher, batches, steps, config, learning_rate, params, features,
+               deadline, on_step)
+    finally:
+        if features is not None:
+            for tap in features[0]:
+                tap.handle.remove()
+    student.eval()
+    return student
+
+
+def _train(student, teacher, batches, steps, config, learning_rate, params, features,
+           deadline, on_step) -> None:
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
-    batches = _cycle(train)
     for step in range(steps):
         inputs, targets = next(batches)
         with torch.no_grad():
             teacher_logits = teacher(inputs)
         loss = distillation_loss(student(inputs), teacher_logits, targets, config)
+        if features is not None:
+            (t_tap, s_tap), projection = features
+            loss = loss + config.feature_weight * F.mse_loss(projection(s_tap.take()),
+                                                             t_tap.take())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -95,5 +151,3 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
             on_step(step, loss.item())
         if deadline is not None:
             deadline.check(f"fine-tune step {step + 1}/{steps}")
-    student.eval()
-    return student

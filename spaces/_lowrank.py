@@ -37,43 +37,95 @@ def factorize_conv2d(layer: nn.Conv2d, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
-def _cost_and_rank(layer: nn.Module, fraction: float) -> tuple[int, int, int] | None:
-    """(rank, dense cost, factorized cost) per output position, or None if not factorizable."""
-    if isinstance(layer, nn.Linear):
+def factorize_tucker2(layer: nn.Conv2d, rank_out: int, rank_in: int) -> nn.Sequential:
+    """``layer`` as Tucker-2 (HOSVD): a 1 x 1 conv to ``rank_in`` channels, a k x k core
+    conv to ``rank_out`` channels, a 1 x 1 conv back to the output channels."""
+    w = layer.weight.detach()
+    out_ch, in_ch = w.shape[:2]
+    u_out = torch.linalg.svd(w.reshape(out_ch, -1), full_matrices=False)[0][:, :rank_out]
+    u_in = torch.linalg.svd(w.transpose(0, 1).reshape(in_ch, -1),
+                            full_matrices=False)[0][:, :rank_in]
+    core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)
+    first = nn.Conv2d(in_ch, rank_in, 1, bias=False)
+    middle = nn.Conv2d(rank_in, rank_out, layer.kernel_size, stride=layer.stride,
+                       padding=layer.padding, dilation=layer.dilation, bias=False,
+                       padding_mode=layer.padding_mode)
+    last = nn.Conv2d(rank_out, out_ch, 1, bias=layer.bias is not None)
+    first.weight.data.copy_(u_in.T.reshape(rank_in, in_ch, 1, 1))
+    middle.weight.data.copy_(core)
+    last.weight.data.copy_(u_out.reshape(out_ch, rank_out, 1, 1))
+    if layer.bias is not None:
+        last.bias.data.copy_(layer.bias.detach())
+    return nn.Sequential(first, middle, last)
+
+
+def rank_for(singular_values: torch.Tensor, fraction: float, energy: float) -> int:
+    """The smaller of ``fraction`` of the full rank and the fewest leading singular values
+    holding ``energy`` of the sum of squares (at least 1)."""
+    full = singular_values.numel()
+    rank = max(1, round(fraction * full))
+    if energy < 1.0:
+        share = torch.cumsum(singular_values.square(), 0) / singular_values.square().sum()
+        rank = min(rank, int((share < energy - 1e-12).sum()) + 1)
+    return max(1, min(rank, full))
+
+
+def _factorized(layer: nn.Module, fraction: float, energy: float, conv: str
+                ) -> nn.Module | None:
+    """The factorized replacement of ``layer``, or None when it would not be cheaper."""
+    if type(layer) is nn.Linear:
         m, n = layer.out_features, layer.in_features
-        full = min(m, n)
-        rank = max(1, round(fraction * full))
-        return rank, m * n, rank * (m + n)
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+    elif type(layer) is nn.Conv2d and layer.groups == 1:
         m = layer.out_channels
         n = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-        full = min(m, n)
-        rank = max(1, round(fraction * full))
-        return rank, m * n, rank * (m + n)
-    return None
+    else:
+        return None
+    w = layer.weight.detach()
+    if isinstance(layer, nn.Conv2d) and conv == "tucker2":
+        out_ch, in_ch = w.shape[:2]
+        area = w.shape[2] * w.shape[3]
+        r_out = rank_for(torch.linalg.svdvals(w.reshape(out_ch, -1)), fraction, energy)
+        r_in = rank_for(torch.linalg.svdvals(w.transpose(0, 1).reshape(in_ch, -1)), fraction,
+                        energy)
+        cost = in_ch * r_in + r_in * r_out * area + r_out * out_ch
+        return factorize_tucker2(layer, r_out, r_in) if cost < m * n else None
+    rank = rank_for(torch.linalg.svdvals(w.reshape(m, -1)), fraction, energy)
+    if rank * (m + n) >= m * n:  # rank >= mn / (m + n): no cheaper than dense
+        return None
+    return factorize_linear(layer, rank) if isinstance(layer, nn.Linear) else (
+        factorize_conv2d(layer, rank))
 
 
-def factorize(model: nn.Module, rank_fraction: float) -> tuple[nn.Module, int]:
-    """Replace each Linear / Conv2d by its rank-``rank_fraction`` factorization, in place.
+# Modules whose forward reads their Linear children's weights directly: a factorized child
+# would break them, so their layers stay dense.
+_READS_WEIGHTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
 
-    A layer stays dense when the factorization would not reduce its cost
-    (rank >= mn / (m + n)); grouped convolutions stay dense. Returns the model and the
-    number of layers factorized; ``rank_fraction == 1`` changes nothing.
+
+def factorize(model: nn.Module, rank_fraction: float, energy: float = 1.0,
+              conv: str = "svd", skip: tuple[nn.Module, ...] = ()) -> tuple[nn.Module, int]:
+    """Replace each Linear / Conv2d by its low-rank factorization, in place.
+
+    The rank is ``rank_for(singular values, rank_fraction, energy)``; convolutions use
+    ``svd`` (k x k conv to r channels, then 1 x 1) or ``tucker2``. A layer stays dense
+    when the factorization would not reduce its cost (for SVD: rank >= mn / (m + n));
+    grouped convolutions, the layers in ``skip`` and the layers inside
+    ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` / ``MultiheadAttention`` (their forward
+    reads the weights directly) stay dense. Returns the model and the
+    number of layers factorized; ``rank_fraction == energy == 1`` changes nothing.
     """
-    if rank_fraction >= 1.0:
+    if conv not in ("svd", "tucker2"):
+        raise ValueError(f"conv must be 'svd' or 'tucker2'. Got {conv!r} instead.")
+    if rank_fraction >= 1.0 and energy >= 1.0:
         return model, 0
     count = 0
     for parent in list(model.modules()):
+        if isinstance(parent, _READS_WEIGHTS):
+            continue
         for name, child in list(parent.named_children()):
-            info = _cost_and_rank(child, rank_fraction)
-            if info is None:
+            if any(child is s for s in skip):
                 continue
-            rank, dense, factored = info
-            if factored >= dense:
-                continue
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, factorize_linear(child, rank))
-            else:
-                setattr(parent, name, factorize_conv2d(child, rank))
-            count += 1
+            replacement = _factorized(child, rank_fraction, energy, conv)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+                count += 1
     return model, count

@@ -1,8 +1,10 @@
-"""Quantization to the recipe's numeric format: bf16, int8 dynamic, int8 static (PT2E)."""
+"""Quantization to the recipe's numeric format: bf16, int8 dynamic, int8 static (PT2E, post-
+training or quantization-aware), per-channel or per-tensor, with layers kept in float."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
 
@@ -13,60 +15,147 @@ from ._recipe import QuantScheme
 
 
 class Bf16Model(nn.Module):
-    """Runs a bf16 copy of a model on float32 inputs and returns float32 outputs."""
+    """Runs a bf16 copy of a model on float32 inputs and returns float32 outputs.
 
-    def __init__(self, model: nn.Module):
+    The submodules named in ``keep_float`` stay float32 (their inputs are cast up, their
+    outputs back down).
+    """
+
+    def __init__(self, model: nn.Module, keep_float: Iterable[str] = ()):
         super().__init__()
         self.model = model.to(torch.bfloat16)
+        for name in keep_float:
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.model.get_submodule(owner_name) if owner_name else self.model
+            setattr(owner, attr, _Float32(getattr(owner, attr).float()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(torch.bfloat16)).float()
 
 
+class _Float32(nn.Module):
+    """A float32 layer inside a bf16 model."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.float()).to(x.dtype)
+
+
 def quantize(model: nn.Module, scheme: QuantScheme, example_input: torch.Tensor,
-             calibration: Iterable | None = None) -> nn.Module:
+             calibration: Iterable | None = None, *, granularity: str = "per_channel",
+             keep_float: Iterable[str] = ()) -> nn.Module:
     """Return ``model`` (eval mode) in ``scheme``; the input model may be modified.
 
     ``int8_static`` is post-training quantization through PT2E with the x86 Inductor
     quantizer, calibrated on the inputs of ``calibration`` batches, with a dynamic batch
     dimension; ``int8_dynamic`` quantizes Linear weights to int8 and activations at run
-    time (torchao); ``bf16`` casts weights and activations.
+    time (torchao; ``nn.MultiheadAttention``'s own projection stays float); ``bf16``
+    casts weights and activations. ``granularity`` of int8 weights is ``per_channel``
+    (per output channel / row) or ``per_tensor``; the layers named in ``keep_float``
+    (module names of ``model``) stay in float.
     """
     model.eval()
+    keep = frozenset(keep_float)
+    if granularity not in ("per_channel", "per_tensor"):
+        raise ValueError(f"granularity must be 'per_channel' or 'per_tensor'. "
+                         f"Got {granularity!r} instead.")
     if scheme == "fp32":
         return model
     if scheme == "bf16":
-        return Bf16Model(model)
+        return Bf16Model(model, keep)
     if scheme == "int8_dynamic":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
 
+        config = Int8DynamicActivationInt8WeightConfig(
+            granularity=PerRow() if granularity == "per_channel" else PerTensor())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_(model, Int8DynamicActivationInt8WeightConfig())
+            quantize_(model, config,
+                      filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in keep)
         return model
     if scheme == "int8_static":
-        return _pt2e_static(model, example_input, calibration)
+        return _pt2e_static(model, example_input, calibration, granularity, keep)
     raise ValueError(f"unknown quantization scheme {scheme!r}")
 
 
-def _pt2e_static(model: nn.Module, example_input: torch.Tensor,
-                 calibration: Iterable | None) -> nn.Module:
+def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
+    """The x86 Inductor quantizer, per-channel or per-tensor weights, ``keep`` left float."""
+    import torchao.quantization.pt2e as pt2e
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    config = xiq.get_default_x86_inductor_quantization_config(is_qat=qat)
+    if granularity == "per_tensor":
+        observer = (pt2e.FusedMovingAvgObsFakeQuantize.with_args(
+            observer=pt2e.MovingAverageMinMaxObserver, eps=2 ** -12) if qat
+            else pt2e.MinMaxObserver.with_args(eps=2 ** -12))
+        weight = dataclasses.replace(config.weight, qscheme=torch.per_tensor_symmetric,
+                                     ch_axis=None, observer_or_fake_quant_ctr=observer)
+        config = dataclasses.replace(config, weight=weight)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(config)
+    for name in sorted(keep):
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def _pt2e_static(model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None,
+                 granularity: str, keep: frozenset[str]) -> nn.Module:
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = export_dynamic_batch(copy.deepcopy(model), example_input).module()
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(exported, quantizer)
+        prepared = prepare_pt2e(exported, _quantizer(False, granularity, keep))
         with torch.no_grad():
             for inputs in _calibration_inputs(calibration, example_input):
                 prepared(inputs)
+    return _convert(prepared)
+
+
+def prepare_qat(model: nn.Module, example_input: torch.Tensor, *,
+                granularity: str = "per_channel", keep_float: Iterable[str] = ()
+                ) -> torch.fx.GraphModule:
+    """The model exported with fake quantization inserted (PT2E ``prepare_qat_pt2e``), in
+    train mode, for the fine-tune; ``convert_qat`` turns it into the int8 model. Parameter
+    names are those of ``model``."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = export_dynamic_batch(copy.deepcopy(model), example_input).module()
+        prepared = prepare_qat_pt2e(exported, _quantizer(True, granularity,
+                                                         frozenset(keep_float)))
+    allow_exported_model_train_eval(prepared)
+    prepared.train()
+    return prepared
+
+
+def convert_qat(prepared: torch.fx.GraphModule) -> nn.Module:
+    """The int8 model of a model prepared by ``prepare_qat`` (and trained)."""
+    prepared.eval()
+    return _convert(prepared)
+
+
+def _convert(prepared: torch.fx.GraphModule) -> nn.Module:
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         converted = convert_pt2e(prepared)
     drop_unused_attributes(converted)
     allow_exported_model_train_eval(converted)
+    converted.eval()
     return converted
 
 

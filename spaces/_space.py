@@ -62,13 +62,18 @@ class Fixed:
 
 Domain = FloatRange | Choice | Fixed
 
-DEFAULT_DOMAINS: dict[str, Domain] = {
+_SEARCHED_BY_DEFAULT: dict[str, Domain] = {
     "student.width": FloatRange(0.5, 1.0, 0.125),
     "pruning.ratio": FloatRange(0.0, 0.7, 0.05),
-    "low_rank.rank_fraction": Fixed(1.0),
-    "distillation.temperature": Fixed(4.0),
-    "distillation.alpha": Fixed(0.9),
     "quantization.scheme": Choice(QUANT_SCHEMES),
+}
+
+# Every recipe parameter has a domain; those not searched by default are fixed at the
+# configuration's default (the technique off, or its most common setting).
+DEFAULT_DOMAINS: dict[str, Domain] = {
+    f"{section}.{f.name}": _SEARCHED_BY_DEFAULT.get(f"{section}.{f.name}", Fixed(f.default))
+    for section, config_type in _SECTION_TYPES.items()
+    for f in fields(config_type)
 }
 
 

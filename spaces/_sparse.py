@@ -21,6 +21,7 @@ from torch import nn
 
 Layout = Literal["csr", "bsr"]
 _INT16_MAX = 32767
+TENSOR_OVERHEAD = 300  # bytes torch.save spends per stored tensor, beyond its data
 
 
 class _SparseWeight(nn.Module):
@@ -45,6 +46,11 @@ class _SparseWeight(nn.Module):
         self.shape = (m, n)
         self.layout = layout
         self.blocksize = (bh, bw)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (layers such as ``nn.TransformerEncoderLayer`` read it directly)."""
+        return self.dense_weight().reshape(getattr(self, "kernel_shape", self.shape))
 
     @property
     def nnz(self) -> int:
@@ -156,7 +162,8 @@ def _matrix(layer: nn.Module) -> torch.Tensor:
 
 def sparsify(model: nn.Module, blocksize: int = 1) -> list[str]:
     """Replace each Linear / Conv2d whose sparse storage is smaller than its dense weight by
-    its sparse module, in place; return the names of the replaced layers.
+    its sparse module, in place; return the names of the replaced layers. The comparison
+    counts the serialization overhead of the two extra tensors.
 
     ``blocksize == 1`` stores CSR; a larger value stores BSR with square blocks of that
     size where they divide the weight, CSR elsewhere. Quantized and other layer types are
@@ -171,12 +178,15 @@ def sparsify(model: nn.Module, blocksize: int = 1) -> list[str]:
                 continue
             if isinstance(child, nn.Conv2d) and child.padding_mode != "zeros":
                 continue
+            if type(child.weight.data) is not torch.Tensor or not child.weight.is_floating_point():
+                continue  # already quantized (a torchao tensor subclass)
             matrix = _matrix(child)
             layout: Layout = "csr"
             block = (1, 1)
             if blocksize > 1 and not (matrix.shape[0] % blocksize or matrix.shape[1] % blocksize):
                 layout, block = "bsr", (blocksize, blocksize)
-            if sparse_bytes(matrix, layout, block) >= matrix.numel() * matrix.element_size():
+            stored = sparse_bytes(matrix, layout, block) + 2 * TENSOR_OVERHEAD
+            if stored >= matrix.numel() * matrix.element_size():
                 continue
             cls = SparseLinear if isinstance(child, nn.Linear) else SparseConv2d
             setattr(parent, name, cls(child, layout, block))

@@ -1,14 +1,21 @@
-"""Structural changes: student slimming and structured pruning, following the dependency graph."""
+"""Structural changes: students (width, depth) and structured pruning on the dependency graph."""
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ROOTS = [nn.modules.conv._ConvNd, nn.Linear]
+
+Loss = Callable[[nn.Module], torch.Tensor]
+"""A scalar loss of a model on fixed data (for gradients and sensitivity measurements)."""
 
 
 def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
@@ -35,40 +42,196 @@ def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Modu
     return [called[-1][0]] if called else []
 
 
+def _importance(criterion: str, model: nn.Module) -> tp.importance.Importance:
+    if criterion == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if criterion == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if criterion == "taylor":
+        return tp.importance.TaylorImportance()
+    if criterion == "bn_scale":
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("the 'bn_scale' pruning criterion ranks channels by BatchNorm "
+                             "scale, and this model has no BatchNorm layer")
+        return tp.importance.BNScaleImportance()
+    raise ValueError(f"The 'criterion' of structured pruning must be one of "
+                     f"['l2', 'l1', 'taylor', 'bn_scale']. Got {criterion!r} instead.")
+
+
+def _heads(model: nn.Module) -> int:
+    """Least common multiple of the attention head counts (channel counts must divide by it)."""
+    counts = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    return math.lcm(*counts) if counts else 1
+
+
 def prune_channels(model: nn.Module, example_input: torch.Tensor, ratio: float, *,
-                   global_ranking: bool, round_to: int | None = None) -> nn.Module:
+                   global_ranking: bool, round_to: int | None = None, criterion: str = "l2",
+                   layer_ratios: dict[nn.Module, float] | None = None,
+                   loss: Loss | None = None) -> nn.Module:
     """Physically remove ``ratio`` of the channels / neurons of every prunable group, in place.
 
-    Channels are ranked by the L2 norm of their weights, across the whole network when
-    ``global_ranking`` (layers shrink unevenly), or within each layer otherwise (uniform
-    slimming). Consumers of a removed channel shrink to match (Torch-Pruning's dependency
-    graph: residual adds, concatenations, normalization layers). The output layer keeps
-    its width. ``ratio == 0`` returns the model untouched.
+    Channels are ranked by ``criterion`` (``l2`` / ``l1`` weight norm, ``taylor``
+    |w * dL/dw| with gradients of ``loss``, ``bn_scale`` BatchNorm scale: network
+    slimming) across the whole network when ``global_ranking`` (layers shrink unevenly),
+    or within each layer otherwise; ``layer_ratios`` overrides the ratio of the groups
+    led by the given layers. Consumers of a removed channel shrink to match
+    (Torch-Pruning's dependency graph: residual adds, concatenations, BatchNorm,
+    LayerNorm, grouped and depthwise convolutions, ``nn.MultiheadAttention``, whose
+    embedding shrinks evenly across its heads). Channel counts stay multiples of
+    ``round_to`` (and of the head counts). The output layer keeps its width.
+    ``ratio == 0`` without ``layer_ratios`` returns the model untouched.
     """
-    if ratio == 0:
+    if ratio == 0 and not layer_ratios:
         return model
+    importance = _importance(criterion, model)
+    if criterion == "taylor" and loss is None:
+        raise ValueError("the 'taylor' criterion needs a loss to take gradients of")
     was_training = model.training
     model.eval()
+    step = math.lcm(round_to or 1, _heads(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             model,
             example_input,
-            importance=tp.importance.MagnitudeImportance(p=2),
+            importance=importance,
             global_pruning=global_ranking,
             pruning_ratio=ratio,
+            pruning_ratio_dict=layer_ratios,
             max_pruning_ratio=0.95,
             ignored_layers=output_layers(model, example_input),
-            round_to=round_to,
+            round_to=step if step > 1 else None,
         )
+        if criterion == "taylor":
+            model.zero_grad(set_to_none=True)
+            loss(model).backward()
         pruner.step()
+        model.zero_grad(set_to_none=True)
     model.train(was_training)
     return model
 
 
-def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float) -> nn.Module:
-    """A copy of the teacher slimmed uniformly to ``width`` of its channels, weights inherited."""
-    import copy
+def sensitivity_ratios(model: nn.Module, example_input: torch.Tensor, ratio: float,
+                       loss: Loss) -> dict[str, float]:
+    """Per-layer pruning ratios scaled inversely to each group's measured sensitivity.
 
+    Each prunable group (named by the layer leading it) is pruned alone by ``ratio``
+    (L2 ranking) on a copy of the model; its sensitivity is the increase of ``loss``. The
+    ratios are ``ratio * w / mean(w)`` with ``w = 1 / (sensitivity + median sensitivity)``,
+    clipped to [0, 0.9]: robust layers lose more channels, fragile ones fewer.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    with torch.no_grad():
+        base = float(loss(model))
+    roots = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(model, example_input)
+        ignored = output_layers(model, example_input)
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
+            roots.append(names[group[0].dep.target.module])
+    if not roots:
+        return {}
+    sensitivity = []
+    for root in roots:
+        trial = copy.deepcopy(model)
+        prune_channels(trial, example_input, 0.0, global_ranking=False,
+                       layer_ratios={trial.get_submodule(root): ratio})
+        with torch.no_grad():
+            sensitivity.append(max(float(loss(trial)) - base, 0.0))
+    s = torch.tensor(sensitivity)
+    weights = 1.0 / (s + s.median() + 1e-8)
+    ratios = (ratio * weights / weights.mean()).clamp(0.0, 0.9)
+    return dict(zip(roots, ratios.tolist(), strict=True))
+
+
+def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float,
+                   depth: float = 1.0, round_to: int | None = None) -> nn.Module:
+    """A copy of the teacher with ``depth`` of its repeated blocks (see ``drop_blocks``),
+    slimmed uniformly to ``width`` of its channels; weights inherited."""
     student = copy.deepcopy(teacher)
-    return prune_channels(student, example_input, 1.0 - width, global_ranking=False)
+    if depth < 1.0:
+        drop_blocks(student, example_input, depth)
+    if width < 1.0:
+        prune_channels(student, example_input, 1.0 - width, global_ranking=False,
+                       round_to=round_to)
+    return student
+
+
+def repeated_blocks(model: nn.Module, example_input: torch.Tensor
+                    ) -> dict[str, list[int]]:
+    """Containers holding repeated blocks: ``{container name: indices of its blocks}``.
+
+    A block is a child of an ``nn.Sequential`` / ``nn.ModuleList`` that holds weights
+    (a Linear / Conv inside), maps its input to an output of the same shape and shares
+    its class with at least one such sibling; dropping it leaves the network valid.
+    """
+    shapes: dict[nn.Module, bool] = {}
+
+    def hook(module, inputs, output):
+        same = (len(inputs) >= 1 and isinstance(inputs[0], torch.Tensor)
+                and isinstance(output, torch.Tensor) and inputs[0].shape == output.shape)
+        shapes[module] = shapes.get(module, True) and same
+
+    containers = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    children = [c for _, m in containers for c in m]
+    handles = [c.register_forward_hook(hook) for c in children]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    found = {}
+    for name, container in containers:
+        candidates = [i for i, c in enumerate(container)
+                      if shapes.get(c) and any(isinstance(x, _PRUNABLE) for x in c.modules())
+                      and not isinstance(c, _PRUNABLE)]
+        by_class: dict[type, list[int]] = {}
+        for i in candidates:
+            by_class.setdefault(type(container[i]), []).append(i)
+        blocks = sorted(i for idx in by_class.values() if len(idx) >= 2 for i in idx)
+        if blocks:
+            found[name] = blocks
+    return found
+
+
+def drop_blocks(model: nn.Module, example_input: torch.Tensor, depth: float) -> int:
+    """Keep ``depth`` (rounded up, at least one) of each run of repeated blocks, evenly
+    spaced, and remove the others, in place; return how many blocks were removed.
+
+    Raises ValueError when ``depth < 1`` and the model has no repeated blocks (give the
+    task a student factory for such models).
+    """
+    if depth >= 1.0:
+        return 0
+    found = repeated_blocks(model, example_input)
+    if not found:
+        raise ValueError(
+            f"student depth {depth:g} < 1 needs repeated shape-preserving blocks (e.g. "
+            f"residual blocks or encoder layers in a Sequential / ModuleList), and "
+            f"{type(model).__name__} has none; give the task a student(width, depth) factory"
+        )
+    removed = 0
+    for name, blocks in found.items():
+        container = model.get_submodule(name)
+        keep_count = max(1, math.ceil(depth * len(blocks)))
+        positions = torch.linspace(0, len(blocks) - 1, keep_count).round().long().tolist()
+        keep = {blocks[p] for p in positions}
+        drop = set(blocks) - keep
+        kept = [c for i, c in enumerate(container) if i not in drop]
+        if isinstance(container, nn.Sequential):
+            for key in list(container._modules):
+                del container._modules[key]
+            for i, c in enumerate(kept):
+                container.add_module(str(i), c)
+        else:
+            container._modules.clear()
+            container.extend(kept)
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if hasattr(owner, "num_layers") and attr == "layers":
+            owner.num_layers = len(kept)  # nn.TransformerEncoder counts its layers
+        removed += len(drop)
+    return removed

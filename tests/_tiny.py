@@ -42,6 +42,57 @@ class TinyMLP(nn.Module):
         return self.net(x)
 
 
+class DepthwiseBlock(nn.Module):
+    """Residual block: depthwise 3x3, BatchNorm, ReLU, pointwise 1x1, BatchNorm, plus input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels,
+                                   bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.depthwise(x)))
+        return torch.relu(x + self.bn2(self.pointwise(y)))
+
+
+class TinyResNet(nn.Module):
+    """Stem, three repeated depthwise residual blocks, a channel concatenation, a head."""
+
+    def __init__(self, width: int = 16, classes: int = 4, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(*[DepthwiseBlock(width) for _ in range(blocks)])
+        self.side = nn.Conv2d(width, width // 2, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(width + width // 2, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(torch.cat([x, self.side(x)], dim=1))
+
+
+class TinyTransformer(nn.Module):
+    """Patch projection, a two-layer encoder (multi-head attention, LayerNorm, GELU),
+    mean pooling and a classifier; input N x tokens x features."""
+
+    def __init__(self, features: int = 8, dim: int = 32, heads: int = 4, layers: int = 2,
+                 classes: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                           activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.encoder(self.embed(x)).mean(dim=1)))
+
+
 def blobs(n: int, shape: tuple[int, ...], classes: int, seed: int):
     """Separable synthetic classification data: class-dependent means plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +123,14 @@ def tiny_task(kind: str = "cnn") -> Task:
     torch.manual_seed(0)
     if kind == "cnn":
         shape, model = (1, 8, 8), TinyCNN()
-    else:
+    elif kind == "resnet":
+        shape, model = (1, 8, 8), TinyResNet()
+    elif kind == "transformer":
+        shape, model = (6, 8), TinyTransformer()
+    elif kind == "mlp":
         shape, model = (16,), TinyMLP()
+    else:
+        raise ValueError(f"unknown tiny task kind {kind!r}")
     x, y = blobs(512, shape, 4, seed=1)
     vx, vy = blobs(256, shape, 4, seed=2)
     train = batches(x, y, 32)

@@ -39,14 +39,18 @@ def _full_recipe():
 def test_recipe_json_round_trip():
     recipe = _full_recipe()
     text = recipe.to_json()
-    assert json.loads(text)["pruning"] == {"ratio": 0.3}
+    assert json.loads(text)["pruning"] == {"ratio": 0.3, "criterion": "l2",
+                                           "allocation": "global", "round_to": 1}
     assert Recipe.from_json(text) == recipe
     assert Recipe.from_dict({}) == Recipe()
 
 
 @pytest.mark.parametrize("data, message", [
     ({"prune": {}}, "Unknown recipe section"),
-    ({"pruning": {"ratio": 0.1, "criterion": "l1"}}, "Unknown key"),
+    ({"pruning": {"ratio": 0.1, "criteria": "l1"}}, "Unknown key"),
+    ({"pruning": {"ratio": 0.1, "criterion": "l3"}}, "'criterion' parameter of PruningConfig"),
+    ({"quantization": {"cluster_bits": 3.5}}, "must be an integer"),
+    ({"quantization": {"qat": "yes"}}, "must be true or false"),
     ({"pruning": {"ratio": 1.2}}, "The 'ratio' parameter of PruningConfig must be in"),
     ({"student": {"width": 0.0}}, "'width' parameter of StudentConfig"),
     ({"quantization": {"scheme": "int4"}}, "must be one of"),

@@ -30,11 +30,11 @@ def _mask_(layer: nn.Module, keep: float, block: int = 1, seed: int = 0) -> None
 @pytest.mark.parametrize("block", [1, 4])
 def test_sparse_storage_is_exact_exportable_smaller_and_densifies(block):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(16 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     _mask_(model[0], 0.15, 1)
     _mask_(model[3], 0.1, block)
-    x = torch.randn(3, 4, 6, 6)
+    x = torch.randn(3, 8, 6, 6)
     expected = model(x)
     dense_size = size_mb(model)
     replaced = sparsify(model, blocksize=block)
