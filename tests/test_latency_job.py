@@ -133,3 +133,25 @@ def test_job_keeps_the_faster_of_sparse_and_dense_execution():
     assert (report.sparse_execution == "sparse") == (report.sparse_speedup > 1)
     assert report.metrics()["sparse_execution"] == report.sparse_execution
     assert report.max_relative_error <= 1e-3
+
+
+def test_trial_job_times_sparse_layers_dense_or_through_sparse_mm():
+    import io
+
+    from _tiny import tiny_task
+
+    from paretoslim.search import Baseline, TrialSettings
+    from paretoslim.search._trial import latency_job
+
+    task = tiny_task("mlp")
+    model = _pruned_mlp(0.9)
+    task.model = TinyMLP(64, 256, 4).eval()
+    task.example_input = torch.randn(4, 64)
+    job = latency_job(task, model, "fp32", TrialSettings(), Baseline(0.9, 1.0, 1))
+
+    def targets(data):
+        graph = torch.export.load(io.BytesIO(data)).graph
+        return {str(n.target) for n in graph.nodes if n.op == "call_function"}
+
+    assert not any("searchsorted" in t for t in targets(job.program))  # plain dense weights
+    assert any("sparse_linear" in t for t in targets(job.sparse_program))
