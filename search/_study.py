@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ METRICS_ATTR = "metrics"
 FAILURE_ATTR = "fail_reason"
 SPEC_ATTR = "spec"
 DUPLICATE_ATTR = "duplicate_of"
+WORKER_ATTR = "worker"
 _URL_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
 
 
@@ -47,16 +48,8 @@ def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
         retry = RetryHeartbeatStaleTrialCallback(max_retry=workers.max_retries)
-
-        def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            study._storage.set_trial_user_attr(
-                trial._trial_id, FAILURE_ATTR,
-                f"lost: its worker sent no heartbeat for {workers.grace_s} s (killed or "
-                "disconnected); the recipe is retried")
-            retry(study, trial)
-
         return RDBStorage(url_or_path, heartbeat_interval=workers.heartbeat_s,
-                          grace_period=workers.grace_s, heartbeat_stale_trial_callback=stale,
+                          grace_period=workers.grace_s, heartbeat_stale_trial_callback=retry,
                           engine_kwargs={"pool_pre_ping": True})
     path = Path(url_or_path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,19 +222,31 @@ class _Objective:
     task: Task
     settings: TrialSettings
     progress: StudyProgress
-    measure: Callable | None = None
+    shared: bool = False
 
     def __post_init__(self) -> None:
         self.progress.stage("measuring the teacher")
         self.baseline = measure_baseline(self.task)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        if not self.shared:
+            return self._run(trial)
+        # a finished trial cannot be annotated: say now why it fails if this worker dies
+        trial.set_user_attr(FAILURE_ATTR, (
+            f"lost: worker {socket.gethostname()}:{os.getpid()} stopped sending heartbeats "
+            "(killed or disconnected); the recipe is retried"))
+        values = self._run(trial)
+        trial.set_user_attr(FAILURE_ATTR, "")
+        return values
+
+    def _run(self, trial: optuna.Trial) -> tuple[float, ...]:
         recipe = suggest_recipe(trial, self.spec)
         trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
         earlier = reuse_earlier(trial, self.spec)
         if earlier is not None:
             self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
             return earlier
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,
                            on_stage=self.progress.stage)
@@ -328,7 +333,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
         return
     task = load_task(spec.task, spec.base_dir, spec.task_options)
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
-    objective = _Objective(spec, task, TrialSettings.from_spec(spec), reporter)
+    objective = _Objective(spec, task, TrialSettings.from_spec(spec), reporter, shared)
     failures, max_failures = 0, max(5, target)
 
     def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

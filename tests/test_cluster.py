@@ -1,0 +1,187 @@
+"""Runs on real components: processes killed with SIGKILL, PostgreSQL workers, a Ray cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from _servers import RAY_ENV, RAY_HEAD, RAY_WORKER, end_session, start_in_session
+from _tiny import write_study
+from optuna.trial import TrialState
+
+from paretoslim.search import load_spec
+from paretoslim.search._study import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
+
+CLI = [sys.executable, "-m", "paretoslim.search.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _study(location):
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.load_study(study_name="tiny", storage=make_storage(str(location)))
+
+
+def _states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def _wait_for(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _journal_ready(path):
+    def ready():
+        if not path.is_file():
+            return None
+        try:
+            study = _study(path)
+        except KeyError:
+            return None
+        states = _states(study)
+        return study if TrialState.COMPLETE in states and TrialState.RUNNING in states else None
+    return ready
+
+
+@pytest.fixture
+def processes():
+    """Sessions started by a test, all ended afterwards."""
+    started = []
+    yield started
+    for process in started:
+        end_session(process.pid)
+
+
+def test_a_local_run_killed_mid_study_resumes_to_exactly_the_requested_trials(
+        tmp_path, processes):
+    spec_path = write_study(tmp_path, trials=3)
+    journal = tmp_path / "runs" / "tiny" / "journal.log"
+    run = start_in_session([*CLI, "run", str(spec_path), "--quiet"], cwd=tmp_path, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes.append(run)
+    before = _wait_for(_journal_ready(journal), 240, "a completed and a running trial")
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    kept = {t.number: t.values for t in before.get_trials(states=(TrialState.COMPLETE,))}
+
+    again = subprocess.run([*CLI, "run", str(spec_path), "--quiet"], cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    study = _study(journal)
+    states = _states(study)
+    assert states.count(TrialState.COMPLETE) == 3
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        assert trial.user_attrs[FAILURE_ATTR].startswith("interrupted")
+    done = {t.number: t.values for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(done[number] == values for number, values in kept.items())
+
+
+@pytest.mark.postgres
+def test_first_workers_create_a_new_database_study_at_once_without_crashing(
+        tmp_path, postgres_url):
+    write_study(tmp_path, trials=1)
+    code = ("import sys\nfrom paretoslim.search import load_spec\n"
+            "from paretoslim.search._study import open_study\n"
+            "open_study(load_spec(sys.argv[1]), sys.argv[2])\n")
+    starters = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "study.toml"),
+                                  postgres_url], stderr=subprocess.PIPE, text=True)
+                for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in starters]
+    assert [p.returncode for p in starters] == [0] * 4, errors
+    assert [s.study_name for s in optuna.get_all_study_summaries(postgres_url)] == ["tiny"]
+
+
+@pytest.mark.postgres
+def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
+        tmp_path, postgres_url, processes):
+    spec_path = write_study(tmp_path, trials=4)
+    with spec_path.open("a") as spec:
+        spec.write("[workers]\nheartbeat_s = 1\ngrace_s = 4\nmax_retries = 2\n")
+    argv = [*CLI, "worker", str(spec_path), "--storage", postgres_url, "--quiet"]
+    workers = [start_in_session(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes.extend(workers)
+    victim, survivor = workers
+
+    def victim_is_training():
+        try:
+            study = _study(postgres_url)
+        except KeyError:
+            return None
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get(WORKER_ATTR, "").endswith(f":{victim.pid}")]
+
+    lost = _wait_for(victim_is_training, 240, "the first worker to start a trial")[0]
+    time.sleep(1.0)
+    os.killpg(victim.pid, signal.SIGKILL)  # the worker and its measuring process
+    victim.wait()
+    out, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+
+    study = _study(postgres_url)
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 4
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    # every failed trial was lost by a dead worker and retried exactly once, by a trial that
+    # completed; nothing else failed, and no trial ran twice
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert lost.number in [t.number for t in failed]
+    for trial in failed:
+        assert trial.user_attrs[FAILURE_ATTR].startswith("lost")
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert retries[0].params == trial.params
+    workers_seen = {t.user_attrs[WORKER_ATTR] for t in trials if WORKER_ATTR in t.user_attrs}
+    assert any(w.endswith(f":{victim.pid}") for w in workers_seen)
+    assert any(w.endswith(f":{survivor.pid}") for w in workers_seen)
+    assert "4 completed trials" in out
+
+
+@pytest.mark.ray
+def test_a_ray_study_runs_on_two_nodes_times_on_the_target_and_resumes_after_a_kill(
+        tmp_path, ray_cluster, processes):
+    spec_path = write_study(tmp_path, trials=4)
+    with spec_path.open("a") as spec:
+        spec.write("[ray]\nmax_concurrent_trials = 2\n")
+    journal = tmp_path / "runs" / "tiny" / "journal.log"
+    argv = [*CLI, "run", str(spec_path), "--backend", "ray", "--address", ray_cluster.address]
+    env = {**ENV, **RAY_ENV}
+    driver = start_in_session([*argv, "--quiet"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes.append(driver)
+    _wait_for(_journal_ready(journal), 300, "a completed and a running trial")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the Ray Tune experiment" in again.stdout
+    study = _study(journal)
+    states = _states(study)
+    assert states.count(TrialState.COMPLETE) == 4
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    metrics = [t.user_attrs["metrics"] for t in completed if "duplicate_of" not in t.user_attrs]
+    assert {m["trained_on_node"] for m in metrics} == {RAY_HEAD, RAY_WORKER}
+    # only the head holds the target resource: every latency was measured there
+    assert {m["measured_on_node"] for m in metrics} == {RAY_HEAD}
+    assert all(m["measured_on_target"] for m in metrics)
+    assert (tmp_path / "runs" / "tiny" / "ray" / "tiny" / "tuner.pkl").is_file()
+
+    front = subprocess.run([*CLI, "front", "tiny", "--format", "json"], cwd=tmp_path,
+                           env=ENV, capture_output=True, text=True, timeout=120)
+    assert front.returncode == 0, front.stderr
+    assert {p["number"] for p in json.loads(front.stdout)} <= {t.number for t in completed}
+    assert open_study(load_spec(spec_path)).study_name == "tiny"
