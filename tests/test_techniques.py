@@ -5,16 +5,37 @@ import copy
 
 import pytest
 import torch
+from _tiny import tiny_task
 from torch import nn
 
 from paretoslim.evaluators import size_mb
 from paretoslim.spaces import (
+    ClusteredLinear,
+    DistillationConfig,
+    QuantizationConfig,
+    Recipe,
+    SearchSpace,
     SparseConv2d,
     SparseLinear,
+    Sparsifier,
+    SparsityConfig,
+    cluster_weights,
+    compress,
     densify,
+    derive_student,
+    distill,
     export_dynamic_batch,
+    factorize,
+    factorize_tucker2,
+    float_layers,
+    prune_channels,
+    quantize,
+    rank_for,
+    repeated_blocks,
+    sensitivity_ratios,
     sparsify,
 )
+from paretoslim.spaces._cluster import pack_bits, unpack_bits
 
 
 def _mask_(layer: nn.Module, keep: float, block: int = 1, seed: int = 0) -> None:
@@ -57,3 +78,361 @@ def test_sparsify_leaves_dense_layers_dense():
     assert sparsify(model) == []
     assert type(model[0]) is nn.Linear
     assert torch.equal(model[0].weight, before[0].weight)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+KINDS = ["resnet", "mlp", "transformer"]
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {kind: tiny_task(kind) for kind in KINDS}
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _loss(task):
+    x, y = task.train[0]
+    return lambda model: nn.functional.cross_entropy(model(x), y)
+
+
+def _run(task, recipe, steps=5, seed=0):
+    return compress(task.model, recipe, example_input=task.example_input, train=task.train,
+                    calibration=task.train[:4], finetune_steps=steps, learning_rate=1e-3,
+                    seed=seed)
+
+
+# ----------------------------------------------------------------------------- structured
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("criterion", ["l2", "l1", "taylor", "bn_scale"])
+def test_structured_pruning_removes_channels_on_every_architecture(tasks, kind, criterion):
+    task = tasks[kind]
+    model, x = copy.deepcopy(task.model), task.example_input
+    if criterion == "bn_scale" and kind != "resnet":
+        with pytest.raises(ValueError, match="no BatchNorm"):
+            prune_channels(model, x, 0.5, global_ranking=True, criterion=criterion)
+        return
+    prune_channels(model, x, 0.5, global_ranking=True, criterion=criterion, round_to=4,
+                   loss=_loss(task))
+    assert _params(model) < 0.8 * _params(task.model)
+    assert model(x).shape == task.model(x).shape
+    if kind == "resnet":  # the residual stream, depthwise convs and the concat stay consistent
+        c = model.stem[0].out_channels
+        assert c % 4 == 0 and model.blocks[0].depthwise.groups == c
+        assert model.head[-1].in_features == c + model.side.out_channels
+    if kind == "transformer":  # embedding shrinks evenly across the 4 heads, LayerNorm follows
+        attention = model.encoder.layers[0].self_attn
+        assert attention.embed_dim < 32 and attention.embed_dim % attention.num_heads == 0
+        assert model.norm.normalized_shape == (attention.embed_dim,)
+
+
+def test_sensitivity_allocation_gives_uneven_ratios_around_the_target(tasks):
+    task = tasks["resnet"]
+    ratios = sensitivity_ratios(copy.deepcopy(task.model), task.example_input, 0.4, _loss(task))
+    values = list(ratios.values())
+    assert len(values) >= 2 and all(0.0 <= v <= 0.9 for v in values)
+    assert len(set(values)) > 1
+
+
+@pytest.mark.parametrize("kind, container, before, after", [
+    ("resnet", "blocks", 3, 2), ("transformer", "encoder.layers", 2, 1)])
+def test_depth_drops_repeated_blocks(tasks, kind, container, before, after):
+    task = tasks[kind]
+    assert repeated_blocks(task.model, task.example_input) == {container: list(range(before))}
+    student = derive_student(task.model, task.example_input, 1.0, depth=0.5)
+    assert len(student.get_submodule(container)) == after
+    assert student(task.example_input).shape == task.model(task.example_input).shape
+
+
+def test_depth_without_repeated_blocks_is_a_clear_error(tasks):
+    with pytest.raises(ValueError, match="repeated"):
+        derive_student(tasks["mlp"].model, tasks["mlp"].example_input, 1.0, depth=0.5)
+
+
+# ----------------------------------------------------------------------------- unstructured
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "random"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_unstructured_masks_reach_the_ratio(tasks, criterion, scope):
+    task = tasks["mlp"]
+    model = copy.deepcopy(task.model)
+    config = SparsityConfig(0.6, criterion, scope)
+    sparsifier = Sparsifier(model, config, steps=0, exclude=[model.net[4]])
+    sparsifier.start(model, _loss(task))
+    assert sparsifier.sparsity() == pytest.approx(0.6, abs=0.01)
+    layers = [model.net[0].weight, model.net[2].weight]
+    if scope == "layer":
+        for w in layers:
+            assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+    assert (model.net[4].weight != 0).all()  # the output layer is left alone
+    if criterion == "magnitude" and scope == "global":
+        kept = torch.cat([w[w != 0].abs() for w in layers]).min()
+        removed = torch.cat([task.model.net[i].weight.detach().reshape(-1) for i in (0, 2)])
+        assert (removed.abs() < kept).sum() >= 0.6 * removed.numel() - 1
+
+
+def test_block_sparsity_removes_whole_blocks(tasks):
+    model = copy.deepcopy(tasks["mlp"].model)
+    sparsifier = Sparsifier(model, SparsityConfig(0.5, block=4), steps=0)
+    sparsifier.start(model)
+    w = model.net[2].weight.detach()
+    blocks = w.reshape(16, 4, 16, 4).permute(0, 2, 1, 3).reshape(256, 16)
+    zero_blocks = (blocks == 0).all(dim=1)
+    assert zero_blocks.float().mean() > 0.3
+    assert ((blocks == 0).any(dim=1) == zero_blocks).all()
+
+
+def test_gradual_schedule_is_polynomial_and_monotone():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 2))
+    sparsifier = Sparsifier(model, SparsityConfig(0.8, schedule="gradual"), steps=100)
+    targets = [sparsifier.target(t) for t in range(0, 101, 5)]
+    assert targets[0] == 0.0 and targets[-1] == 0.8
+    assert all(a <= b for a, b in zip(targets, targets[1:], strict=False))
+    assert sparsifier.target(37) == pytest.approx(0.8 * (1 - (1 - 37 / 75) ** 3))
+
+
+@pytest.mark.parametrize("schedule", ["one_shot", "gradual"])
+def test_sparsity_holds_through_the_fine_tune_and_is_stored_sparse(tasks, schedule):
+    task = tasks["mlp"]
+    recipe = Recipe(sparsity=SparsityConfig(0.85, schedule=schedule))
+    model, facts = _run(task, recipe, steps=20)
+    assert facts["sparsity"] == pytest.approx(0.85, abs=0.01)
+    assert facts["sparse_layers"] == 2 and facts["sparse_layout"] == "csr"
+    assert isinstance(model.net[0], SparseLinear) and isinstance(model.net[2], SparseLinear)
+    assert size_mb(model) < 0.6 * size_mb(task.model)
+
+
+# ----------------------------------------------------------------------------- low rank
+
+
+def test_energy_rank_keeps_the_requested_share_of_the_spectrum():
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0])  # squares 16, 4, 1, 1 of 22
+    assert rank_for(s, 1.0, 0.7) == 1 and rank_for(s, 1.0, 0.9) == 2
+    assert rank_for(s, 0.25, 0.99) == 1 and rank_for(s, 1.0, 1.0) == 4
+
+
+def test_tucker2_at_full_rank_reproduces_the_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(factorize_tucker2(conv, 8, 6)(x), conv(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("conv", ["svd", "tucker2"])
+def test_low_rank_runs_on_every_architecture(tasks, kind, conv):
+    task = tasks[kind]
+    model, count = factorize(copy.deepcopy(task.model), 0.25, conv=conv)
+    assert model(task.example_input).shape == task.model(task.example_input).shape
+    assert count >= 1
+    if kind == "transformer":  # encoder layers read their weights directly: they stay dense
+        assert not any(isinstance(m, nn.Sequential) for m in model.encoder.modules())
+
+
+# ----------------------------------------------------------------------------- weight sharing
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_bit_packing_round_trips(bits):
+    codes = torch.randint(0, 2 ** bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (1001 * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+
+
+def test_kmeans_shares_weights_keeps_zeros_and_counts_packed_bytes():
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64)
+    with torch.no_grad():
+        layer.weight[:, :32] = 0
+    model = nn.Sequential(layer)
+    x = torch.randn(4, 128)
+    dense_bytes = size_mb(model) * 1e6
+    assert cluster_weights(model, 4) == ["0"]
+    shared = model[0]
+    assert isinstance(shared, ClusteredLinear)
+    assert shared.codebook.numel() <= 16 and torch.unique(shared.weight).numel() <= 16
+    assert (shared.weight[:, :32] == 0).all()
+    assert shared.codes.numel() == 128 * 64 * 4 // 8
+    # codes (4 bits per weight) + codebook + bias, not 4 bytes per weight
+    assert size_mb(model) * 1e6 < 0.2 * dense_bytes
+    error = (shared(x) - layer(x)).abs().max() / layer(x).abs().max()
+    assert error < 0.1
+    program = export_dynamic_batch(model, x).module()
+    torch.testing.assert_close(program(x), shared(x))
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def test_mixed_precision_keeps_the_chosen_layers_in_float(tasks):
+    task = tasks["mlp"]
+    model = copy.deepcopy(task.model)
+    keep = float_layers(model, task.example_input, "first_last", [task.example_input],
+                        "int8_dynamic", 0)
+    assert keep == ["net.0", "net.4"]
+    quantized = quantize(model, "int8_dynamic", task.example_input, keep_float=keep)
+    assert type(quantized.net[0].weight.data) is torch.Tensor
+    assert type(quantized.net[2].weight.data) is not torch.Tensor  # int8 tensor subclass
+    sensitive = float_layers(task.model, task.example_input, "sensitive",
+                             [task.example_input], "int8_static", 0)
+    assert len(sensitive) == 1 and sensitive[0] in {"net.0", "net.2", "net.4"}
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_int8_static_granularity_and_float_layers(tasks, granularity):
+    task = tasks["mlp"]
+    x = task.val[0][0]
+    quantized = quantize(copy.deepcopy(task.model), "int8_static", task.example_input,
+                         task.train[:4], granularity=granularity, keep_float=["net.4"])
+    targets = {str(n.target) for n in quantized.graph.nodes}
+    per_channel_weights = any("dequantize_per_channel" in t for t in targets)
+    assert per_channel_weights == (granularity == "per_channel")
+    reference = task.model(x)
+    assert ((quantized(x) - reference).abs().max() / reference.abs().max()) < 0.1
+    assert size_mb(quantized) < 0.8 * size_mb(task.model)
+
+
+def test_qat_trains_fake_quantized_then_converts_to_int8(tasks):
+    task = tasks["mlp"]
+    model, facts = _run(task, Recipe(quantization=QuantizationConfig("int8_static", qat=True)),
+                        steps=30)
+    assert facts["finetune_steps"] == 30
+    assert isinstance(model, torch.fx.GraphModule)
+    targets = " ".join(str(n.target) for n in model.graph.nodes)
+    assert "quantize_per_tensor" in targets and "fake_quant" not in targets
+    x, y = task.val[0]
+    assert (model(x).argmax(1) == y).float().mean() > 0.8
+    assert size_mb(model) < 0.5 * size_mb(task.model)
+
+
+def test_qat_without_fine_tune_is_a_clear_error(tasks):
+    recipe = Recipe(quantization=QuantizationConfig("int8_static", qat=True))
+    with pytest.raises(ValueError, match="fine-tune steps"):
+        _run(tasks["mlp"], recipe, steps=0)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def test_feature_distillation_matches_penultimate_features(tasks):
+    task = tasks["resnet"]
+    student = derive_student(task.model, task.example_input, 0.5)
+    config = DistillationConfig(feature_weight=1.0)
+    losses = []
+    distill(student, task.model, task.train, steps=30, config=config, learning_rate=3e-3,
+            seed=0, on_step=lambda _step, loss: losses.append(loss))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    head = task.model.head[-1]
+    assert not head._forward_pre_hooks  # the teacher is left without hooks
+
+
+# ----------------------------------------------------------------------------- the whole space
+
+FULL_SPACE = {
+    "student": {"width": [0.5, 1.0], "depth": [0.5, 1.0]},
+    "pruning": {"ratio": [0.0, 0.3], "criterion": ["l2", "l1", "taylor", "bn_scale"],
+                "allocation": ["global", "uniform", "sensitivity"], "round_to": [1, 4]},
+    "low_rank": {"rank_fraction": [0.5, 1.0], "energy": [0.9, 1.0], "conv": ["svd", "tucker2"]},
+    "sparsity": {"ratio": [0.0, 0.7], "criterion": ["magnitude", "taylor", "random"],
+                 "scope": ["global", "layer"], "schedule": ["one_shot", "gradual"],
+                 "block": [1, 4]},
+    "distillation": {"temperature": [2.0, 4.0], "alpha": [0.5, 0.9],
+                     "feature_weight": [0.0, 1.0]},
+    "quantization": {"scheme": ["fp32", "bf16", "int8_dynamic", "int8_static"],
+                     "granularity": ["per_channel", "per_tensor"],
+                     "calibration_batches": [2, 8], "qat": [False, True],
+                     "keep_float": ["none", "first_last", "sensitive"],
+                     "cluster_bits": [0, 3, 5]},
+}
+CLEAR_FAILURES = ("repeated", "BatchNorm", "feature distillation cannot run with QAT")
+
+
+def _sample(space, rng):
+    params = {name: domain.values[int(rng.integers(len(domain.values)))]
+              for name, domain in space.searched().items()}
+    return space.recipe(params)
+
+
+def _random_recipes_run_or_fail_clearly(tasks, count, seed):
+    import numpy as np
+
+    space = SearchSpace.from_table(FULL_SPACE)
+    rng = np.random.default_rng(seed)
+    outcomes = []
+    for i in range(count):
+        kind = KINDS[i % len(KINDS)]
+        task = tasks[kind]
+        recipe = _sample(space, rng)
+        try:
+            model, facts = _run(task, recipe, steps=3)
+        except ValueError as exc:
+            assert any(reason in str(exc) for reason in CLEAR_FAILURES), (recipe, exc)
+            outcomes.append("declared")
+            continue
+        out = model(task.val[0][0])
+        assert torch.isfinite(out).all() and out.shape == (64, 4), recipe
+        assert all(isinstance(v, (int, float, str, bool)) for v in facts.values())
+        outcomes.append("ran")
+    assert outcomes.count("ran") >= count // 2
+
+
+def test_random_recipes_from_the_full_space_run_or_fail_clearly(tasks):
+    _random_recipes_run_or_fail_clearly(tasks, 12, seed=0)
+
+
+@pytest.mark.slow
+def test_many_random_recipes_from_the_full_space(tasks):
+    _random_recipes_run_or_fail_clearly(tasks, 90, seed=1)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "transformer"])
+def test_a_rich_recipe_is_deterministic(tasks, kind):
+    recipe = Recipe.from_dict({
+        "student": {"depth": 0.5},
+        "pruning": {"ratio": 0.25, "criterion": "taylor", "allocation": "sensitivity"},
+        "sparsity": {"ratio": 0.5, "criterion": "random", "schedule": "gradual"},
+        "distillation": {"feature_weight": 0.5},
+        "quantization": {"scheme": "bf16", "cluster_bits": 4, "keep_float": "sensitive"},
+    })
+    task = tasks[kind]
+    a, facts_a = _run(task, recipe, steps=8, seed=5)
+    b, facts_b = _run(task, recipe, steps=8, seed=5)
+    assert facts_a == facts_b
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c, _ = _run(task, recipe, steps=8, seed=6)
+    assert not all(torch.equal(sa[k], v) for k, v in c.state_dict().items() if k in sa)
+
+
+# ----------------------------------------------------------------------------- recipe & space
+
+
+def test_old_recipes_load_and_irrelevant_settings_normalize():
+    old = {"student": {"width": 0.75}, "pruning": {"ratio": 0.3},
+           "low_rank": {"rank_fraction": 1.0},
+           "distillation": {"temperature": 4.0, "alpha": 0.9},
+           "quantization": {"scheme": "int8_static"}}
+    recipe = Recipe.from_dict(old)
+    assert recipe.sparsity == SparsityConfig() and recipe.quantization.granularity == "per_channel"
+    fp32_qat = Recipe(quantization=QuantizationConfig("fp32", qat=True, cluster_bits=4,
+                                                      granularity="per_tensor"))
+    assert fp32_qat.quantization == QuantizationConfig("fp32", cluster_bits=4)
+    int8_kmeans = Recipe(quantization=QuantizationConfig("int8_dynamic", cluster_bits=4))
+    assert int8_kmeans.quantization.cluster_bits == 0
+    assert Recipe(sparsity=SparsityConfig(0.0, "random")) == Recipe()
+
+
+def test_space_table_takes_every_new_dimension():
+    space = SearchSpace.from_table(FULL_SPACE)
+    assert len(space.searched()) == sum(len(v) for v in FULL_SPACE.values())
+    with pytest.raises(ValueError, match="criterion"):
+        SearchSpace.from_table({"sparsity": {"criterion": ["magnitude", "hessian"]}})
+    with pytest.raises(KeyError):
+        SearchSpace.from_table({"sparsity": {"amount": 0.5}})
