@@ -15,7 +15,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ..spaces import Recipe, compress, export_dynamic_batch
+from ..kernels import sparse_execution
+from ..spaces import SPARSE_MODULES, Recipe, compress, densify, export_dynamic_batch
 from ._errors import ParetoslimError
 from ._spec import StudySpec
 from ._study import METRICS_ATTR, RECIPE_ATTR
@@ -62,6 +63,7 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         learning_rate=settings.learning_rate, seed=settings.seed, student_factory=task.student,
     )
     quality = quality_of(task, model)
+    model, execution = _as_measured(model, recorded)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,8 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         "export_quality": quality,
         "dynamic_batch": dynamic,
         "onnx": onnx,
+        "sparse_execution": execution,
+        "model_file_mb": (out / MODEL_FILE).stat().st_size / 1e6,
         "scheme": recipe.quantization.scheme,
         "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
                  "options": spec.task_options},
@@ -89,6 +93,19 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
                                        dynamic, tuple(task.example_input.shape)) + onnx_line)
     return out
+
+
+def _as_measured(model: torch.nn.Module, recorded: dict[str, Any]
+                 ) -> tuple[torch.nn.Module, str]:
+    """The model computing the way its latency was measured, and how ("none", "sparse":
+    sparse layers run ``paretoslim::sparse_linear``, or "densified")."""
+    if not any(isinstance(m, SPARSE_MODULES) for m in model.modules()):
+        return model, "none"
+    if recorded.get("sparse_execution") == "sparse":
+        fast = sparse_execution(model)
+        if fast is not None:
+            return fast, "sparse"
+    return densify(model), "densified"
 
 
 def _save_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> bool:
@@ -115,6 +132,8 @@ def load_program(path: str | Path) -> torch.nn.Module:
     import logging
 
     import torchao.quantization.pt2e  # noqa: F401  registers the int8 ops PT2E graphs call
+
+    from .. import kernels  # noqa: F401  registers paretoslim::sparse_linear
 
     previous = os.environ.get(_WEIGHTS_ONLY)
     os.environ[_WEIGHTS_ONLY] = "1"
@@ -186,6 +205,13 @@ def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: f
         return f"| {label} | {format(base, fmt)} {unit} | {format(value, fmt)} {unit} |\n"
 
     batch = "any batch size" if dynamic else f"input shape {shape} only"
+    sparse = {
+        "sparse": "Its sparse layers call `paretoslim::sparse_linear` (`torch.sparse.mm` on "
+                  "the stored CSR / BSR components): `import paretoslim.kernels` before "
+                  "loading it.\n\n",
+        "densified": "Its sparse layers are stored dense in `model.pt2`, since dense "
+                     "kernels were faster for them; `size` counts their sparse storage.\n\n",
+    }.get(m.get("sparse_execution", "none"), "")
     return (
         f"# Compressed model: study `{study}`, trial {number}\n\n"
         f"Recipe: `{recipe.short()}` (full recipe in `recipe.json`).\n\n"
@@ -199,11 +225,13 @@ def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: f
         f"{m.get('compression', float('nan')):.1f}x, measured at search time with batch "
         f"{m.get('latency_batch_size')} on {m.get('threads')} thread(s) of "
         f"{m.get('target', {}).get('cpu', 'this CPU')}; the teacher was lowered the same way "
-        f"({m.get('lowering', 'aoti')} lowering, frozen weights) and timed interleaved in "
-        "the same process.\n\n"
+        f"({m.get('lowering', 'aoti')} lowering, frozen weights) and timed interleaved with "
+        "it.\n\n"
+        + sparse +
         f"Quality re-measured on export: {quality:.4f}.\n\n"
         f"`model.pt2` is a `torch.export` program ({batch}): "
-        "`torch.export.load('model.pt2').module()`; compile it with "
-        "`torch.compile` under `torch._inductor.config.freezing = True` for the measured speed. "
+        "`torch.export.load('model.pt2')`; compile it with AOTInductor, "
+        "`torch._inductor.aoti_compile_and_package(program, "
+        "inductor_configs={'freezing': True})`, for the measured speed. "
         "`paretoslim verify DIR` re-measures quality and latency on the machine at hand.\n"
     )
