@@ -1,4 +1,9 @@
-"""Model size: bytes of the serialized tensors the deployed model reads."""
+"""Model size: bytes of the serialized tensors the deployed model reads.
+
+What is stored is what counts: int8 weights with their scales (PT2E graphs: only what the
+graph reads), the CSR / BSR components of sparse layers, k-means codebooks with their
+packed k-bit indices, bf16 weights at two bytes; never a stale float copy.
+"""
 
 from __future__ import annotations
 
