@@ -343,8 +343,9 @@ class TargetMeasure:
                    for node in ray.nodes())
 
     def __call__(self, job):
+        # DEFAULT: not inside the trial's placement group, which holds no target resource
         remote = ray.remote(num_cpus=0, resources={self.resource: 1}, max_calls=1,
-                            max_retries=0)(_measure_here)
+                            max_retries=0, scheduling_strategy="DEFAULT")(_measure_here)
         ref = remote.remote(job)
         try:
             report, self.node = ray.get(ref, timeout=self.timeout_s)
