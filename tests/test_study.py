@@ -8,7 +8,14 @@ import torch
 from _tiny import write_study
 from optuna.trial import TrialState
 
-from paretoslim.search import load_spec, pareto_front, render_front, resolve_study, run_study
+from paretoslim.search import (
+    ParetoslimError,
+    load_spec,
+    pareto_front,
+    render_front,
+    resolve_study,
+    run_study,
+)
 from paretoslim.search._study import FAILURE_ATTR, open_study
 from paretoslim.search.cli import main
 
@@ -163,3 +170,50 @@ def test_a_repeated_recipe_reuses_the_measured_figures(in_tmp):
     assert second.values == first.values
     assert second.user_attrs["metrics"] == first.user_attrs["metrics"]
     assert [p.number for p in pareto_front(study)].count(second.number) == 0
+
+
+def test_cluster_sections_of_the_spec(in_tmp):
+    spec_path = write_study(in_tmp)
+    with spec_path.open("a") as spec:
+        spec.write('[ray]\naddress = "auto"\ncpu = 0.5\nmax_concurrent_trials = 3\n'
+                   '[workers]\nheartbeat_s = 2\ngrace_s = 5\n')
+    spec = load_spec(spec_path)
+    assert (spec.ray.address, spec.ray.cpu, spec.ray.gpu) == ("auto", 0.5, 0.0)
+    assert spec.ray.max_concurrent_trials == 3 and spec.ray.time_on_target
+    assert (spec.workers.heartbeat_s, spec.workers.grace_s, spec.workers.max_retries) == (2, 5, 2)
+    assert spec.ray_results_path() == in_tmp / "runs" / "tiny" / "ray"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('backend = "dask"\n', "backend must be one of ['optuna', 'ray']. Got 'dask'."),
+    ("[ray]\ncpu = -1\n", "ray.cpu must be in [0.0, 1024.0]. Got -1.0."),
+    ("[ray]\nmax_concurrent = 2\n", "unknown key 'ray.max_concurrent' in [ray] (did you mean "
+                                    "'max_concurrent_trials'?)"),
+    ("[workers]\nheartbeat_s = 10\ngrace_s = 5\n", "workers.grace_s must be > heartbeat_s"),
+])
+def test_bad_cluster_settings_are_named(in_tmp, extra, message):
+    spec_path = write_study(in_tmp)
+    text = spec_path.read_text()
+    spec_path.write_text(extra + text if not extra.startswith("[") else text + extra)
+    with pytest.raises(ParetoslimError) as error:
+        load_spec(spec_path)
+    assert message in str(error.value)
+
+
+def test_a_worker_needs_a_database_storage(in_tmp, capsys):
+    spec_path = write_study(in_tmp)
+    assert main(["worker", str(spec_path), "--storage", "runs/x/journal.log"]) == 2
+    assert "a worker needs a database storage shared by all workers" in capsys.readouterr().err
+
+
+def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
+    write_study(in_tmp, trials=1)
+    url = f"sqlite:///{in_tmp / 'shared.db'}"
+    code = ("import sys\nfrom paretoslim.search import load_spec\n"
+            "from paretoslim.search._study import open_study\n"
+            "open_study(load_spec(sys.argv[1]), sys.argv[2])\n")
+    starters = [subprocess.Popen([sys.executable, "-c", code, "study.toml", url], cwd=in_tmp,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in starters]
+    assert [p.returncode for p in starters] == [0] * 4, errors
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["tiny"]
