@@ -132,7 +132,7 @@ def _connect(address: str) -> None:
     if ray.is_initialized():
         return
     # the task is loaded relative to the spec, not to a trial's directory
-    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0"}
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
     try:
         ray.init(address=address or None, runtime_env={"env_vars": env},
                  logging_level=logging.WARNING, log_to_driver=False,
@@ -316,6 +316,7 @@ def _trainable(config: dict, spec: StudySpec) -> None:
     node = ray.util.get_node_ip_address()
     metrics = dict(result.metrics)
     metrics["trained_on_node"] = node
+    metrics["trained_in_process"] = os.getpid()  # the same for trials of a reused actor
     if result.ok:
         metrics["measured_on_node"] = measure.node if measure and measure.node else node
         metrics["measured_on_target"] = bool(measure and measure.node)
