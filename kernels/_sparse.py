@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from ..spaces import SparseLinear
+from ..spaces import SparseLinear, densify
 
 
 @torch.library.custom_op("paretoslim::sparse_linear", mutates_args=())
@@ -68,8 +68,9 @@ def sparse_layers(model: nn.Module) -> list[str]:
 
 
 def sparse_execution(model: nn.Module) -> nn.Module | None:
-    """A copy of ``model`` whose sparse Linear layers run ``torch.sparse.mm``; None if it has
-    none (or they sit inside a quantized or bf16 wrapper, where only fp32 runs sparse)."""
+    """A copy of ``model`` whose sparse Linear layers run ``torch.sparse.mm`` and whose other
+    stored weight forms are decoded dense; None if it has no sparse Linear layer (or they
+    sit inside a quantized or bf16 wrapper, where only fp32 runs sparse)."""
     if not sparse_layers(model) or any(
             p.dtype != torch.float32 for p in model.parameters()):
         return None
@@ -78,4 +79,4 @@ def sparse_execution(model: nn.Module) -> nn.Module | None:
         for name, child in list(parent.named_children()):
             if isinstance(child, SparseLinear):
                 setattr(parent, name, SparseMatmulLinear(child))
-    return copied
+    return densify(copied)

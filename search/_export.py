@@ -16,7 +16,13 @@ import torch
 from optuna.trial import TrialState
 
 from ..kernels import sparse_execution
-from ..spaces import SPARSE_MODULES, Recipe, compress, densify, export_dynamic_batch
+from ..spaces import (
+    Recipe,
+    StoredWeight,
+    compress,
+    densify,
+    export_dynamic_batch,
+)
 from ._errors import ParetoslimError
 from ._spec import StudySpec
 from ._study import METRICS_ATTR, RECIPE_ATTR
@@ -91,15 +97,17 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
                  else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
     (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
-                                       dynamic, tuple(task.example_input.shape)) + onnx_line)
+                                       dynamic, tuple(task.example_input.shape), execution)
+                                 + onnx_line)
     return out
 
 
 def _as_measured(model: torch.nn.Module, recorded: dict[str, Any]
                  ) -> tuple[torch.nn.Module, str]:
-    """The model computing the way its latency was measured, and how ("none", "sparse":
-    sparse layers run ``paretoslim::sparse_linear``, or "densified")."""
-    if not any(isinstance(m, SPARSE_MODULES) for m in model.modules()):
+    """The model computing the way its latency was measured, and how: "none" (no stored
+    weight forms), "sparse" (sparse layers run ``paretoslim::sparse_linear``, other stored
+    forms decoded) or "densified" (every stored form decoded to dense weights)."""
+    if not any(isinstance(m, StoredWeight) for m in model.modules()):
         return model, "none"
     if recorded.get("sparse_execution") == "sparse":
         fast = sparse_execution(model)
@@ -197,7 +205,7 @@ def _environment() -> dict[str, Any]:
 
 
 def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: float,
-          dynamic: bool, shape: tuple[int, ...]) -> str:
+          dynamic: bool, shape: tuple[int, ...], execution: str) -> str:
     def row(label: str, key: str, base_key: str, unit: str, fmt: str) -> str:
         value, base = m.get(key), m.get(base_key)
         if value is None or base is None:
@@ -209,9 +217,10 @@ def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: f
         "sparse": "Its sparse layers call `paretoslim::sparse_linear` (`torch.sparse.mm` on "
                   "the stored CSR / BSR components): `import paretoslim.kernels` before "
                   "loading it.\n\n",
-        "densified": "Its sparse layers are stored dense in `model.pt2`, since dense "
-                     "kernels were faster for them; `size` counts their sparse storage.\n\n",
-    }.get(m.get("sparse_execution", "none"), "")
+        "densified": "Layers kept in a compact form (sparse components, k-means codebooks) "
+                     "are decoded to dense weights in `model.pt2`, as they were timed; "
+                     "`size` counts the compact form.\n\n",
+    }.get(execution, "")
     return (
         f"# Compressed model: study `{study}`, trial {number}\n\n"
         f"Recipe: `{recipe.short()}` (full recipe in `recipe.json`).\n\n"

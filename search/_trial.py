@@ -23,7 +23,15 @@ from ..evaluators import (
     size_mb,
 )
 from ..kernels import detect_target, sparse_execution
-from ..spaces import SPARSE_MODULES, Deadline, Recipe, compress, count_parameters, densify
+from ..spaces import (
+    SPARSE_MODULES,
+    Deadline,
+    Recipe,
+    StoredWeight,
+    compress,
+    count_parameters,
+    densify,
+)
 from ._spec import StudySpec
 from ._task import Task
 
@@ -141,8 +149,8 @@ def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettin
     """The job timing ``model`` against the teacher at the settings' batch size."""
     x = latency_input(task, settings.latency_batch_size)
     sparse = sparse_execution(model)
-    if any(isinstance(m, SPARSE_MODULES) for m in model.modules()):
-        # rebuilding weights from sparse components is not folded by the compiler
+    if any(isinstance(m, StoredWeight) for m in model.modules()):
+        # rebuilding weights from their stored form is not folded by the compiler
         model = densify(copy.deepcopy(model))
     return LatencyJob(
         program=program_bytes(model, x), reference=baseline.reference_program(task.model, x),

@@ -17,7 +17,14 @@ from ._recipe import (
     StudentConfig,
 )
 from ._space import DEFAULT_DOMAINS, Choice, Fixed, FloatRange, SearchSpace
-from ._sparse import SPARSE_MODULES, SparseConv2d, SparseLinear, densify, sparsify
+from ._sparse import (
+    SPARSE_MODULES,
+    SparseConv2d,
+    SparseLinear,
+    StoredWeight,
+    densify,
+    sparsify,
+)
 from ._structure import (
     derive_student,
     drop_blocks,
@@ -50,6 +57,7 @@ __all__ = [
     "SearchSpace",
     "SparseConv2d",
     "SparseLinear",
+    "StoredWeight",
     "Sparsifier",
     "SparsityConfig",
     "StudentConfig",

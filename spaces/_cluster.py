@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._sparse import TENSOR_OVERHEAD
+from ._sparse import TENSOR_OVERHEAD, StoredWeight
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -29,7 +29,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream.reshape(count, bits) * weights).sum(dim=1)
 
 
-class _Clustered(nn.Module):
+class _Clustered(StoredWeight):
     """A layer whose weight is ``codebook[indices]``, indices packed at ``bits`` each."""
 
     def _store(self, weight: torch.Tensor, bits: int, seed: int) -> None:
@@ -65,6 +65,10 @@ class ClusteredLinear(_Clustered):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
 
+    def to_dense(self) -> nn.Linear:
+        return _filled(nn.Linear(self.in_features, self.out_features,
+                                 bias=self.bias is not None), self)
+
 
 class ClusteredConv2d(_Clustered):
     """A Conv2d with k-means shared weights (zero padding)."""
@@ -79,6 +83,23 @@ class ClusteredConv2d(_Clustered):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
+
+    def to_dense(self) -> nn.Conv2d:
+        out_ch, in_per_group, kh, kw = self.weight_shape
+        return _filled(nn.Conv2d(in_per_group * self.groups, out_ch, (kh, kw),
+                                 stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation, groups=self.groups,
+                                 bias=self.bias is not None), self)
+
+
+def _filled(layer: nn.Module, stored: _Clustered) -> nn.Module:
+    """``layer`` (fresh, same shapes) holding ``stored``'s decoded weight and bias."""
+    layer = layer.to(stored.codebook.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(stored.dense_weight())
+        if stored.bias is not None:
+            layer.bias.copy_(stored.bias)
+    return layer
 
 
 CLUSTERED_MODULES = (ClusteredLinear, ClusteredConv2d)

@@ -24,7 +24,16 @@ _INT16_MAX = 32767
 TENSOR_OVERHEAD = 300  # bytes torch.save spends per stored tensor, beyond its data
 
 
-class _SparseWeight(nn.Module):
+class StoredWeight(nn.Module):
+    """A layer whose weight is kept in a compact stored form (sparse components, a k-means
+    codebook) and rebuilt in ``forward``. Compilers do not fold that rebuild into a
+    constant, so execution uses ``to_dense()``, the equivalent plain layer (``densify``)."""
+
+    def to_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class _SparseWeight(StoredWeight):
     """The CSR / BSR components of one weight matrix and their dense reconstruction."""
 
     def _store(self, matrix: torch.Tensor, layout: Layout, blocksize: tuple[int, int]) -> None:
@@ -195,9 +204,10 @@ def sparsify(model: nn.Module, blocksize: int = 1) -> list[str]:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every sparse module by its dense Linear / Conv2d equivalent, in place."""
+    """Replace every layer with a stored weight form (``StoredWeight``: sparse, k-means
+    shared) by its plain Linear / Conv2d equivalent, in place."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, SPARSE_MODULES):
+            if isinstance(child, StoredWeight):
                 setattr(parent, name, child.to_dense())
     return model

@@ -173,3 +173,31 @@ def test_export_writes_the_execution_that_was_measured(tmp_path, recorded):
     assert any("sparse_linear" in t for t in targets) == (recorded == "sparse")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stored_weight_forms_are_timed_decoded():
+    import io
+
+    from _tiny import tiny_task
+
+    from paretoslim.search import Baseline, TrialSettings
+    from paretoslim.search._trial import latency_job
+    from paretoslim.spaces import StoredWeight, densify
+    from paretoslim.spaces._cluster import cluster_weights
+
+    model = TinyMLP(64, 256, 4).eval()
+    assert cluster_weights(model, 4)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = model(x)
+        decoded = densify(copy.deepcopy(model))
+        assert not any(isinstance(m, StoredWeight) for m in decoded.modules())
+        torch.testing.assert_close(decoded(x), expected, rtol=0, atol=0)
+
+    task = tiny_task("mlp")
+    task.model, task.example_input = TinyMLP(64, 256, 4).eval(), x
+    job = latency_job(task, model, "fp32", TrialSettings(), Baseline(0.9, 1.0, 1))
+    graph = torch.export.load(io.BytesIO(job.program)).graph
+    ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert not any("shift" in op or "bitwise" in op for op in ops)  # no unpacking per call
+    assert job.sparse_program is None
