@@ -153,10 +153,59 @@ def _convert(prepared: torch.fx.GraphModule) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = convert_pt2e(prepared)
+    weights_per_tensor_as_per_channel(converted)
     drop_unused_attributes(converted)
     allow_exported_model_train_eval(converted)
     converted.eval()
     return converted
+
+
+def weights_per_tensor_as_per_channel(gm: torch.fx.GraphModule) -> int:
+    """Rewrite per-tensor dequantization of constant int8 weights as per-channel dequantization
+    with the one scale repeated; return how many were rewritten.
+
+    The values are identical, and Inductor fuses only per-channel weight patterns into
+    oneDNN's int8 convolutions and GEMMs: per-tensor weights otherwise run dequantized in
+    fp32.
+    """
+    decomposed = torch.ops.quantized_decomposed
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.target != decomposed.dequantize_per_tensor.default:
+            continue
+        weight = node.args[0]
+        if weight.op != "get_attr":
+            continue  # an activation
+        tensor = _attribute(gm, weight.target)
+        if tensor.dtype != torch.int8 or tensor.dim() < 2:
+            continue
+        scale, zero_point, qmin, qmax, dtype = node.args[1:6]
+        channels = tensor.shape[0]
+        names = []
+        for suffix, value in (("scales", torch.full((channels,), float(scale),
+                                                    dtype=torch.float32)),
+                              ("zero_points", torch.full((channels,), int(zero_point),
+                                                         dtype=torch.int64))):
+            name = f"{weight.target.replace('.', '_')}_{suffix}"
+            gm.register_buffer(name, value)
+            names.append(name)
+        with gm.graph.inserting_before(node):
+            scales, zero_points = (gm.graph.get_attr(n) for n in names)
+            per_channel = gm.graph.call_function(
+                decomposed.dequantize_per_channel.default,
+                (weight, scales, zero_points, 0, qmin, qmax, dtype), dict(node.kwargs))
+        node.replace_all_uses_with(per_channel)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
+
+
+def _attribute(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return getattr(owner, attr)
 
 
 def export_dynamic_batch(model: nn.Module, example_input: torch.Tensor
