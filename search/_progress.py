@@ -32,6 +32,9 @@ class StudyProgress:
         self.stage("")
 
     def trial_done(self, number: int, result, feasible: bool, where: str = "") -> None:
+        self.bar.update(1)
+        if not self.enabled:
+            return
         m = result.metrics
         flag = "" if feasible else "  (quality drop above the limit)"
         if m.get("latency_noisy"):
@@ -42,7 +45,6 @@ class StudyProgress:
             f"size {m['size_mb']:.3f} MB ({m['compression']:.1f}x)  "
             f"[{result.recipe.short()}]{where}{flag}"
         )
-        self.bar.update(1)
 
     def trial_failed(self, number: int, reason: str, where: str = "") -> None:
         self._write(f"trial {number:>3}  failed: {reason}{where}")
