@@ -6,7 +6,7 @@ from ._front import FrontPoint, pareto_front, render_front, write_front
 from ._pick import Pick, PickRule, pick
 from ._report import write_report
 from ._spec import OBJECTIVES, StudySpec, load_spec, parse_spec
-from ._study import open_study, resolve_study, run_study
+from ._study import open_study, resolve_study, run_study, run_worker
 from ._task import Task, load_task
 from ._trial import Baseline, TrialResult, TrialSettings, measure_baseline, run_trial
 from ._verify import verify_artifact
@@ -34,6 +34,7 @@ __all__ = [
     "resolve_study",
     "run_study",
     "run_trial",
+    "run_worker",
     "verify_artifact",
     "write_front",
     "write_report",
