@@ -21,6 +21,7 @@ from ..evaluators import (
     program_bytes,
     run_isolated,
     size_mb,
+    torch_threads,
 )
 from ..kernels import detect_target, sparse_execution
 from ..spaces import (
@@ -45,6 +46,7 @@ class TrialSettings:
     finetune_steps: int = 300
     learning_rate: float = 5e-4
     timeout_s: float | None = 900.0
+    finetune_threads: int = 0
     seed: int = 0
     target: str = "cpu-x86"
     latency_batch_size: int = 0
@@ -60,6 +62,7 @@ class TrialSettings:
             finetune_steps=spec.finetune.steps,
             learning_rate=spec.finetune.learning_rate,
             timeout_s=spec.finetune.trial_timeout_s,
+            finetune_threads=spec.finetune.threads,
             seed=spec.seed,
             target=spec.latency.target,
             latency_batch_size=spec.latency.batch_size,
@@ -182,15 +185,17 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
 
     started = time.perf_counter()
     deadline = Deadline(settings.timeout_s)
+    threads = settings.finetune_threads or torch.get_num_threads()
     try:
-        compressed, facts = compress(
-            task.model, recipe,
-            example_input=task.example_input, train=task.train,
-            calibration=calibration_batches(task),
-            finetune_steps=settings.finetune_steps, learning_rate=settings.learning_rate,
-            seed=settings.seed, student_factory=task.student, deadline=deadline,
-            on_stage=stage,
-        )
+        with torch_threads(threads):
+            compressed, facts = compress(
+                task.model, recipe,
+                example_input=task.example_input, train=task.train,
+                calibration=calibration_batches(task),
+                finetune_steps=settings.finetune_steps, learning_rate=settings.learning_rate,
+                seed=settings.seed, student_factory=task.student, deadline=deadline,
+                on_stage=stage,
+            )
         compress_seconds = time.perf_counter() - started
 
         stage("quality")

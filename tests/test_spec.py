@@ -46,6 +46,7 @@ name = "tpe"
 [finetune]
 steps = 10
 learning_rate = 1e-3
+threads = 1
 [latency]
 batch_size = 1
 threads = 2
@@ -60,6 +61,9 @@ scheme = ["fp32", "int8_static"]
     assert spec.sampler.name == "tpe" and spec.latency.batch_size == 1
     assert spec.space.domains["pruning.ratio"] == FloatRange(0.0, 0.5, 0.1)
     assert spec.base_dir == tmp_path
+    from paretoslim.search import TrialSettings
+
+    assert TrialSettings.from_spec(spec).finetune_threads == 1
 
 
 @pytest.mark.parametrize("text, message", [
@@ -68,6 +72,7 @@ scheme = ["fp32", "int8_static"]
     ('task = "t.py:f"\ntrials = "many"\n', "key 'trials' must be int. Got str"),
     ('task = "t.py:f"\ntrials = 0\n', "trials must be >= 1"),
     ('task = "t.py:f"\n[finetune]\nsteps = -1\n', "finetune.steps must be >= 0"),
+    ('task = "t.py:f"\n[finetune]\nthreads = -2\n', "finetune.threads must be >= 0"),
     ('task = "t.py:f"\n[finetune]\nlearning_rate = "fast"\n',
      "'finetune.learning_rate' must be float"),
     ('task = "t.py:f"\n[latency]\nthread = 2\n', "unknown key 'latency.thread' in \\[latency\\]"),
