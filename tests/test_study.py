@@ -142,7 +142,7 @@ def test_cli_bad_spec_key(in_tmp):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "paretoslim: error: bad.toml: unknown key 'finetune.step' in [finetune] (did you mean "
-        "'steps'?); valid keys: learning_rate, steps, trial_timeout_s")
+        "'steps'?); valid keys: learning_rate, steps, threads, trial_timeout_s")
 
 
 def test_export_rejects_failed_or_missing_trials(in_tmp):
