@@ -8,7 +8,6 @@ candidate can be measured on a node of the target hardware while training runs a
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import math
@@ -309,10 +308,9 @@ def _trainable(config: dict, spec: StudySpec) -> None:
     recipe = spec.space.recipe(config["params"])
     settings = TrialSettings.from_spec(spec)
     measure = TargetMeasure(spec, settings) if spec.ray.time_on_target else None
-    kwargs = {}
-    if measure is not None and "measure" in inspect.signature(run_trial).parameters:
-        kwargs["measure"] = measure if measure.resource_available() else None
-    result = run_trial(task, recipe, settings, baseline, **kwargs)
+    if measure is not None and not measure.resource_available():
+        measure = None  # no node of the target: measure where the trial runs
+    result = run_trial(task, recipe, settings, baseline, measure=measure)
     node = ray.util.get_node_ip_address()
     metrics = dict(result.metrics)
     metrics["trained_on_node"] = node
