@@ -66,8 +66,8 @@ class ClusteredLinear(_Clustered):
         return F.linear(x, self.dense_weight(), self.bias)
 
     def to_dense(self) -> nn.Linear:
-        return _filled(nn.Linear(self.in_features, self.out_features,
-                                 bias=self.bias is not None), self)
+        return self._filled(nn.Linear(self.in_features, self.out_features,
+                                      bias=self.bias is not None), self.dense_weight())
 
 
 class ClusteredConv2d(_Clustered):
@@ -86,20 +86,10 @@ class ClusteredConv2d(_Clustered):
 
     def to_dense(self) -> nn.Conv2d:
         out_ch, in_per_group, kh, kw = self.weight_shape
-        return _filled(nn.Conv2d(in_per_group * self.groups, out_ch, (kh, kw),
-                                 stride=self.stride, padding=self.padding,
-                                 dilation=self.dilation, groups=self.groups,
-                                 bias=self.bias is not None), self)
-
-
-def _filled(layer: nn.Module, stored: _Clustered) -> nn.Module:
-    """``layer`` (fresh, same shapes) holding ``stored``'s decoded weight and bias."""
-    layer = layer.to(stored.codebook.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(stored.dense_weight())
-        if stored.bias is not None:
-            layer.bias.copy_(stored.bias)
-    return layer
+        layer = nn.Conv2d(in_per_group * self.groups, out_ch, (kh, kw), stride=self.stride,
+                          padding=self.padding, dilation=self.dilation, groups=self.groups,
+                          bias=self.bias is not None)
+        return self._filled(layer, self.dense_weight())
 
 
 CLUSTERED_MODULES = (ClusteredLinear, ClusteredConv2d)

@@ -32,6 +32,16 @@ class StoredWeight(nn.Module):
     def to_dense(self) -> nn.Module:
         raise NotImplementedError
 
+    def _filled(self, layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """``layer`` (fresh, same shapes) moved to ``weight``'s device and dtype, holding
+        ``weight`` and this layer's bias."""
+        layer = layer.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
 
 class _SparseWeight(StoredWeight):
     """The CSR / BSR components of one weight matrix and their dense reconstruction."""
@@ -109,13 +119,8 @@ class SparseLinear(_SparseWeight):
         return F.linear(x, self.dense_weight(), self.bias)
 
     def to_dense(self) -> nn.Linear:
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return self._filled(nn.Linear(self.in_features, self.out_features,
+                                      bias=self.bias is not None), self.dense_weight())
 
 
 class SparseConv2d(_SparseWeight):
@@ -142,13 +147,8 @@ class SparseConv2d(_SparseWeight):
         out_ch, in_per_group, kh, kw = self.kernel_shape
         layer = nn.Conv2d(in_per_group * self.groups, out_ch, (kh, kw), stride=self.stride,
                           padding=self.padding, dilation=self.dilation, groups=self.groups,
-                          bias=self.bias is not None, device=self.values.device,
-                          dtype=self.values.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.dense_weight().reshape(self.kernel_shape))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+                          bias=self.bias is not None)
+        return self._filled(layer, self.dense_weight().reshape(self.kernel_shape))
 
 
 SPARSE_MODULES = (SparseLinear, SparseConv2d)
