@@ -21,6 +21,7 @@ from ._structure import (
     drop_blocks,
     output_layers,
     prune_channels,
+    run_with_hooks,
     sensitivity_ratios,
 )
 from ._unstructured import Sparsifier
@@ -241,14 +242,8 @@ def float_layers(model: nn.Module, example_input: torch.Tensor, rule: str,
     if rule == "none":
         return []
     order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-               for m in model.modules() if isinstance(m, _LAYERS)]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, [m for m in model.modules() if isinstance(m, _LAYERS)],
+                   lambda mod, _i, _o: order.append(mod), example_input)
     names = {m: n for n, m in model.named_modules()}
     called = list(dict.fromkeys(order))
     if rule == "first_last":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch_pruning as tp
@@ -18,6 +18,19 @@ Loss = Callable[[nn.Module], torch.Tensor]
 """A scalar loss of a model on fixed data (for gradients and sensitivity measurements)."""
 
 
+def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callable,
+                   example_input: torch.Tensor) -> torch.Tensor:
+    """``model(example_input)`` without gradients, with ``hook`` a forward hook of each of
+    ``modules`` during that call only; returns the output."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            return model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
     """The Linear/Conv layers whose outputs are the model's outputs (never pruned).
 
@@ -28,14 +41,8 @@ def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Modu
     def hook(module, _inputs, output):
         called.append((module, output))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, _PRUNABLE)]
-    try:
-        with torch.no_grad():
-            out = model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    out = run_with_hooks(model, [m for m in model.modules() if isinstance(m, _PRUNABLE)],
+                         hook, example_input)
     direct = [m for m, o in called if o is out]
     if direct:
         return direct
@@ -176,13 +183,7 @@ def repeated_blocks(model: nn.Module, example_input: torch.Tensor
     containers = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Sequential, nn.ModuleList))]
     children = [c for _, m in containers for c in m]
-    handles = [c.register_forward_hook(hook) for c in children]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, children, hook, example_input)
     found = {}
     for name, container in containers:
         candidates = [i for i, c in enumerate(container)
