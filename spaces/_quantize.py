@@ -176,7 +176,8 @@ def weights_per_tensor_as_per_channel(gm: torch.fx.GraphModule) -> int:
         weight = node.args[0]
         if weight.op != "get_attr":
             continue  # an activation
-        tensor = _attribute(gm, weight.target)
+        owner, attr = _owner(gm, weight.target)
+        tensor = getattr(owner, attr)
         if tensor.dtype != torch.int8 or tensor.dim() < 2:
             continue
         scale, zero_point, qmin, qmax, dtype = node.args[1:6]
@@ -202,10 +203,10 @@ def weights_per_tensor_as_per_channel(gm: torch.fx.GraphModule) -> int:
     return rewritten
 
 
-def _attribute(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    owner_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    return getattr(owner, attr)
+def _owner(gm: torch.fx.GraphModule, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding the attribute at dotted ``name``, and the attribute's name."""
+    owner_path, _, attr = name.rpartition(".")
+    return (gm.get_submodule(owner_path) if owner_path else gm), attr
 
 
 def export_dynamic_batch(model: nn.Module, example_input: torch.Tensor
@@ -236,7 +237,5 @@ def drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if graph_reads(gm, name):
             continue
-        owner_path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        delattr(owner, attr)
+        delattr(*_owner(gm, name))
     gm.delete_all_unused_submodules()
