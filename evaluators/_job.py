@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,6 @@ class LatencyReport:
             "sparse_execution": self.sparse_execution,
             **({} if self.sparse_speedup is None else {"sparse_speedup": self.sparse_speedup}),
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
