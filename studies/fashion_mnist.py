@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from paretoslim.evaluators import accuracy as top1_accuracy
+from paretoslim.evaluators._job import CACHE_ENV
+from paretoslim.evaluators._job import cache_dir as shared_cache_dir
 from paretoslim.search import ParetoslimError, Task
 from paretoslim.studies._data import TensorBatches, find_idx_split, read_idx
 
@@ -44,9 +46,7 @@ __all__ = [
 ]
 
 DATA_ENV = "PARETOSLIM_FASHION_MNIST"
-CACHE_ENV = "PARETOSLIM_CACHE"
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_CACHE_DIR = Path("~/.cache/paretoslim")
 MEAN, STD = 0.2860, 0.3530
 NUM_CLASSES = 10
 SPLITS = {
@@ -344,8 +344,7 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """Cache directory: argument > $PARETOSLIM_CACHE > ``~/.cache/paretoslim``."""
     if cache_dir is not None and str(cache_dir) != "":
         return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV, "")
-    return Path(env).expanduser() if env else DEFAULT_CACHE_DIR.expanduser()
+    return shared_cache_dir()
 
 
 def _cache_key(config: TeacherConfig, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
