@@ -93,6 +93,14 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(self.encoder(self.embed(x)).mean(dim=1)))
 
 
+class InputMutating(nn.Module):
+    """Doubles its input in place, then sums rows: a lowering must not leak the mutation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return x.sum(dim=1, keepdim=True)
+
+
 def blobs(n: int, shape: tuple[int, ...], classes: int, seed: int):
     """Separable synthetic classification data: class-dependent means plus noise."""
     g = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _tiny import TinyMLP
+from _tiny import InputMutating, TinyMLP
 from torch import nn
 
 from paretoslim.evaluators import (
@@ -62,25 +62,15 @@ def test_lowered_fp32_matches_eager(backend):
 
 
 def test_lowering_rejects_a_model_that_mutates_its_input():
-    class Mutating(nn.Module):
-        def forward(self, x):
-            x.mul_(2)
-            return x.sum(dim=1, keepdim=True)
-
     torch._dynamo.reset()
     with pytest.raises(LoweringError, match="modified its input"):
-        lower(Mutating(), torch.randn(4, 3), "fp32", "compile")
+        lower(InputMutating(), torch.randn(4, 3), "fp32", "compile")
 
 
 def test_aoti_lowering_never_leaks_an_input_mutation():
-    class Mutating(nn.Module):
-        def forward(self, x):
-            x.mul_(2)
-            return x.sum(dim=1, keepdim=True)
-
     x = torch.randn(4, 3)
     try:
-        lowered = lower(Mutating(), x, "fp32", "aoti")
+        lowered = lower(InputMutating(), x, "fp32", "aoti")
     except LoweringError as exc:
         assert "modified its input" in str(exc)
     else:  # a functional program: outputs must still equal eager on a fresh copy

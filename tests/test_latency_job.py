@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from _tiny import TinyCNN, TinyMLP
+from _tiny import InputMutating, TinyCNN, TinyMLP
 from torch import nn
 
 from paretoslim.evaluators import (
@@ -53,14 +53,9 @@ def test_job_is_measured_in_a_fresh_process_and_teacher_package_is_cached(tmp_pa
 
 
 def test_a_wrong_lowering_is_raised_in_the_caller():
-    class Mutating(nn.Module):
-        def forward(self, x):
-            x.mul_(2)
-            return x.sum(dim=1, keepdim=True)
-
     x = torch.randn(4, 3)
-    job = LatencyJob(program=program_bytes(Mutating(), x),
-                     reference=program_bytes(Mutating(), x), example=x, scheme="fp32",
+    job = LatencyJob(program=program_bytes(InputMutating(), x),
+                     reference=program_bytes(InputMutating(), x), example=x, scheme="fp32",
                      lowering="compile", min_calls=10, min_seconds=0.0)
     try:
         run_latency_job(job)
