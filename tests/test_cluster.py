@@ -64,6 +64,18 @@ def processes():
         end_session(process.pid)
 
 
+def _resumed(journal, completed: int):
+    """The study after a resume: exactly ``completed`` trials complete, none left running
+    or waiting, and every failure an interrupted trial."""
+    study = _study(journal)
+    states = _states(study)
+    assert states.count(TrialState.COMPLETE) == completed
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        assert trial.user_attrs[FAILURE_ATTR].startswith("interrupted")
+    return study
+
+
 def test_a_local_run_killed_mid_study_resumes_to_exactly_the_requested_trials(
         tmp_path, processes):
     spec_path = write_study(tmp_path, trials=3)
@@ -79,12 +91,7 @@ def test_a_local_run_killed_mid_study_resumes_to_exactly_the_requested_trials(
     again = subprocess.run([*CLI, "run", str(spec_path), "--quiet"], cwd=tmp_path, env=ENV,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    study = _study(journal)
-    states = _states(study)
-    assert states.count(TrialState.COMPLETE) == 3
-    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
-    for trial in study.get_trials(states=(TrialState.FAIL,)):
-        assert trial.user_attrs[FAILURE_ATTR].startswith("interrupted")
+    study = _resumed(journal, completed=3)
     done = {t.number: t.values for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert all(done[number] == values for number, values in kept.items())
 
@@ -171,14 +178,9 @@ def test_a_ray_study_runs_on_two_nodes_times_on_the_target_and_resumes_after_a_k
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming the Ray Tune experiment" in again.stdout
-    study = _study(journal)
-    states = _states(study)
-    assert states.count(TrialState.COMPLETE) == 4
-    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     # trials running at the kill were resumed under their Optuna trial; only one asked for
     # in the last second before the kill could be unknown to the restored experiment
-    for trial in study.get_trials(states=(TrialState.FAIL,)):
-        assert trial.user_attrs[FAILURE_ATTR].startswith("interrupted")
+    study = _resumed(journal, completed=4)
     completed = study.get_trials(states=(TrialState.COMPLETE,))
     metrics = [t.user_attrs["metrics"] for t in completed if "duplicate_of" not in t.user_attrs]
     assert {m["trained_on_node"] for m in metrics} == {RAY_HEAD, RAY_WORKER}
