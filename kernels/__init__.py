@@ -1,7 +1,7 @@
 """How fast it runs: lowering compressed models to compiled kernels on a named target."""
 
 from ._lower import BACKENDS, TOLERANCE, Backend, Lowered, LoweringError, lower, relative_error
-from ._sparse import sparse_execution, sparse_layers
+from ._sparse import dense_execution, sparse_execution, sparse_layers
 from ._target import TARGETS, Target, detect_target
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Lowered",
     "LoweringError",
     "Target",
+    "dense_execution",
     "detect_target",
     "lower",
     "relative_error",

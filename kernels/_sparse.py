@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from ..spaces import SparseLinear, densify
+from ..spaces import SparseLinear, StoredWeight, densify
 
 
 @torch.library.custom_op("paretoslim::sparse_linear", mutates_args=())
@@ -65,6 +65,15 @@ class SparseMatmulLinear(nn.Module):
 def sparse_layers(model: nn.Module) -> list[str]:
     """Names of the model's sparsely stored Linear layers."""
     return [name for name, m in model.named_modules() if isinstance(m, SparseLinear)]
+
+
+def dense_execution(model: nn.Module) -> nn.Module:
+    """``model`` as compiled kernels should run it: a copy with every stored weight form
+    (sparse components, k-means codebooks) decoded to plain layers, since compilers do
+    not fold the per-call rebuild; ``model`` itself when it has none."""
+    if not any(isinstance(m, StoredWeight) for m in model.modules()):
+        return model
+    return densify(copy.deepcopy(model))
 
 
 def sparse_execution(model: nn.Module) -> nn.Module | None:

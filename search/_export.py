@@ -15,12 +15,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ..kernels import sparse_execution
+from ..kernels import dense_execution, sparse_execution
 from ..spaces import (
     Recipe,
-    StoredWeight,
     compress,
-    densify,
     export_dynamic_batch,
 )
 from ._errors import ParetoslimError
@@ -107,13 +105,12 @@ def _as_measured(model: torch.nn.Module, recorded: dict[str, Any]
     """The model computing the way its latency was measured, and how: "none" (no stored
     weight forms), "sparse" (sparse layers run ``paretoslim::sparse_linear``, other stored
     forms decoded) or "densified" (every stored form decoded to dense weights)."""
-    if not any(isinstance(m, StoredWeight) for m in model.modules()):
-        return model, "none"
     if recorded.get("sparse_execution") == "sparse":
         fast = sparse_execution(model)
         if fast is not None:
             return fast, "sparse"
-    return densify(model), "densified"
+    dense = dense_execution(model)
+    return dense, "none" if dense is model else "densified"
 
 
 def _save_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import traceback
@@ -23,15 +22,13 @@ from ..evaluators import (
     size_mb,
     torch_threads,
 )
-from ..kernels import detect_target, sparse_execution
+from ..kernels import dense_execution, detect_target, sparse_execution
 from ..spaces import (
     SPARSE_MODULES,
     Deadline,
     Recipe,
-    StoredWeight,
     compress,
     count_parameters,
-    densify,
 )
 from ._spec import StudySpec
 from ._task import Task
@@ -152,11 +149,9 @@ def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettin
     """The job timing ``model`` against the teacher at the settings' batch size."""
     x = latency_input(task, settings.latency_batch_size)
     sparse = sparse_execution(model)
-    if any(isinstance(m, StoredWeight) for m in model.modules()):
-        # rebuilding weights from their stored form is not folded by the compiler
-        model = densify(copy.deepcopy(model))
     return LatencyJob(
-        program=program_bytes(model, x), reference=baseline.reference_program(task.model, x),
+        program=program_bytes(dense_execution(model), x),
+        reference=baseline.reference_program(task.model, x),
         example=x, scheme=scheme, lowering=settings.lowering, threads=settings.threads,
         min_calls=settings.min_calls, min_seconds=settings.min_seconds,
         max_spread=settings.max_spread,
