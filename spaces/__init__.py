@@ -1,6 +1,7 @@
 """What can be done to a model: each technique's configuration and how a Recipe is applied."""
 
 from ._apply import compress, count_parameters, float_layers
+from ._attention import UnfusedAttention, prune_heads
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
 from ._distill import BudgetExceeded, Deadline, distill, distillation_loss
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
@@ -61,6 +62,7 @@ __all__ = [
     "Sparsifier",
     "SparsityConfig",
     "StudentConfig",
+    "UnfusedAttention",
     "cluster_weights",
     "compress",
     "convert_qat",
@@ -79,6 +81,7 @@ __all__ = [
     "output_layers",
     "prepare_qat",
     "prune_channels",
+    "prune_heads",
     "quantize",
     "rank_for",
     "repeated_blocks",

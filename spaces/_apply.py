@@ -10,6 +10,7 @@ from itertools import islice
 import torch
 from torch import nn
 
+from ._attention import prune_heads
 from ._cluster import cluster_weights
 from ._distill import Deadline, _cycle, distill, distillation_loss
 from ._lowrank import factorize
@@ -43,7 +44,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
     Order: student (task factory if given, else the teacher with repeated blocks dropped
-    to the depth and slimmed to the width) -> structured pruning -> low-rank
+    to the depth and slimmed to the width) -> structured pruning (attention heads, then
+    channels) -> low-rank
     factorization -> unstructured sparsity masks -> [QAT: fake quantization inserted] ->
     distillation fine-tune from the teacher (skipped when nothing changed; gradual
     sparsity follows its schedule here) -> weight sharing (k-means) -> quantization (or
@@ -83,6 +85,11 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
     deadline.check("student")
 
     stage("prune")
+    if p.heads > 0:
+        facts["heads_removed"] = prune_heads(model, p.heads, criterion=p.criterion,
+                                             global_ranking=p.allocation == "global",
+                                             loss=loss)
+        changed = True
     if p.ratio > 0:
         layer_ratios = None
         if p.allocation == "sensitivity":

@@ -78,22 +78,26 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class PruningConfig:
-    """Structured pruning: ``ratio`` of channels / neurons / heads physically removed.
+    """Structured pruning: ``heads`` of the attention heads, then ``ratio`` of the
+    channels / neurons, physically removed.
 
     ``criterion`` ranks channels (L2 or L1 weight norm, first-order Taylor, BatchNorm
-    scale); ``allocation`` spreads the ratio: one ranking across the network (``global``),
-    the same ratio per layer (``uniform``), or per-layer ratios scaled inversely to each
-    layer's measured sensitivity (``sensitivity``); channel counts are kept at multiples
-    of ``round_to``.
+    scale) and heads (the same, BatchNorm scale as L2); ``allocation`` spreads the ratio:
+    one ranking across the network (``global``), the same ratio per layer (``uniform``),
+    or per-layer ratios scaled inversely to each layer's measured sensitivity
+    (``sensitivity``; heads then go uniformly); channel counts are kept at multiples of
+    ``round_to``. Removing heads leaves the residual stream's width alone.
     """
 
     ratio: float = 0.0
     criterion: StructuredCriterion = "l2"
     allocation: Allocation = "global"
     round_to: int = 1
+    heads: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("PruningConfig", "ratio", self.ratio, 0.0, 0.95)
+        _check_range("PruningConfig", "heads", self.heads, 0.0, 0.95)
         _check_choice("PruningConfig", "criterion", self.criterion,
                       get_args(StructuredCriterion))
         _check_choice("PruningConfig", "allocation", self.allocation, get_args(Allocation))
@@ -228,8 +232,13 @@ class Recipe:
             keep_float=q.keep_float if q.scheme != "fp32" or bits else "none",
         )
         p = self.pruning
-        if p.ratio == 0:
-            p = PruningConfig(round_to=p.round_to if self.student.width < 1 else 1)
+        round_to = p.round_to if self.student.width < 1 else 1
+        if p.ratio == 0 and p.heads == 0:
+            p = PruningConfig(round_to=round_to)
+        elif p.ratio == 0:  # heads only: ranked per module or globally, never by BN scale
+            p = PruningConfig(heads=p.heads, round_to=round_to,
+                              criterion="l2" if p.criterion == "bn_scale" else p.criterion,
+                              allocation="global" if p.allocation == "global" else "uniform")
         s = self.sparsity if self.sparsity.ratio > 0 else SparsityConfig()
         r = self.low_rank
         if r.rank_fraction == 1.0 and r.energy == 1.0:
@@ -284,9 +293,11 @@ class Recipe:
             parts.append(f"width={student.width:g}")
         if student.depth != 1.0:
             parts.append(f"depth={student.depth:g}")
+        detail = "" if (p.criterion, p.allocation) == ("l2", "global") else (
+            f"({p.criterion},{p.allocation})")
+        if p.heads:
+            parts.append(f"heads={p.heads:g}" + ("" if p.ratio else detail))
         if p.ratio:
-            detail = "" if (p.criterion, p.allocation) == ("l2", "global") else (
-                f"({p.criterion},{p.allocation})")
             parts.append(f"prune={p.ratio:g}{detail}")
         if s.ratio:
             parts.append(f"sparse={s.ratio:g}({s.criterion},{s.scope},{s.schedule}"

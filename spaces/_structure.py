@@ -11,6 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._attention import UnfusedAttention
+
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ROOTS = [nn.modules.conv._ConvNd, nn.Linear]
 
@@ -66,9 +68,17 @@ def _importance(criterion: str, model: nn.Module) -> tp.importance.Importance:
 
 
 def _heads(model: nn.Module) -> int:
-    """Least common multiple of the attention head counts (channel counts must divide by it)."""
+    """Least common multiple of the ``nn.MultiheadAttention`` head counts (the embedding,
+    and so the residual stream, must stay divisible by it)."""
     counts = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     return math.lcm(*counts) if counts else 1
+
+
+def _head_groups(model: nn.Module) -> dict[nn.Module, int]:
+    """The q / k / v projections of each ``UnfusedAttention`` with its head count: their
+    outputs shrink by the same dimensions in every head."""
+    return {layer: m.num_heads for m in model.modules() if isinstance(m, UnfusedAttention)
+            for layer in (m.q_proj, m.k_proj, m.v_proj)}
 
 
 def prune_channels(model: nn.Module, example_input: torch.Tensor, ratio: float, *,
@@ -84,8 +94,10 @@ def prune_channels(model: nn.Module, example_input: torch.Tensor, ratio: float, 
     led by the given layers. Consumers of a removed channel shrink to match
     (Torch-Pruning's dependency graph: residual adds, concatenations, BatchNorm,
     LayerNorm, grouped and depthwise convolutions, ``nn.MultiheadAttention``, whose
-    embedding shrinks evenly across its heads). Channel counts stay multiples of
-    ``round_to`` (and of the head counts). The output layer keeps its width.
+    embedding shrinks evenly across its heads; an ``UnfusedAttention`` shrinks its heads
+    evenly, apart from the residual stream). Channel counts stay multiples of
+    ``round_to`` (and of the ``nn.MultiheadAttention`` head counts). The output layer
+    keeps its width.
     ``ratio == 0`` without ``layer_ratios`` returns the model untouched.
     """
     if ratio == 0 and not layer_ratios:
@@ -108,6 +120,7 @@ def prune_channels(model: nn.Module, example_input: torch.Tensor, ratio: float, 
             max_pruning_ratio=0.95,
             ignored_layers=output_layers(model, example_input),
             round_to=step if step > 1 else None,
+            num_heads=_head_groups(model),
         )
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
