@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import detect_target, lower
+from ..kernels import detect_target, lower, register_quantized_ops
 from ._latency import SpeedupMeasurement, measure_speedup, time_interleaved, torch_threads
 
 CACHE_ENV = "PARETOSLIM_CACHE"
@@ -116,7 +116,8 @@ def run_latency_job(job: LatencyJob) -> LatencyReport:
     Raises LoweringError for a wrong lowering. Call it in a fresh process (``run_isolated``)
     unless this process has compiled no other quantized model.
     """
-    _register_quantized_ops(job.scheme)
+    if job.scheme.startswith("int8"):
+        register_quantized_ops()
     candidate = _load(job.program)
     teacher = _load(job.reference)
     x = job.example
@@ -195,13 +196,6 @@ def _main(job_path: str, out_path: str) -> None:
 
 def _load(data: bytes) -> torch.export.ExportedProgram:
     return torch.export.load(io.BytesIO(data))
-
-
-def _register_quantized_ops(scheme: str) -> None:
-    """Import the libraries whose operators quantized programs call."""
-    if scheme.startswith("int8"):
-        import torchao.quantization  # noqa: F401
-        import torchao.quantization.pt2e  # noqa: F401
 
 
 def cache_dir() -> Path:

@@ -1,6 +1,15 @@
 """How fast it runs: lowering compressed models to compiled kernels on a named target."""
 
-from ._lower import BACKENDS, TOLERANCE, Backend, Lowered, LoweringError, lower, relative_error
+from ._lower import (
+    BACKENDS,
+    TOLERANCE,
+    Backend,
+    Lowered,
+    LoweringError,
+    lower,
+    register_quantized_ops,
+    relative_error,
+)
 from ._sparse import dense_execution, sparse_execution, sparse_layers
 from ._target import TARGETS, Target, detect_target
 
@@ -15,6 +24,7 @@ __all__ = [
     "dense_execution",
     "detect_target",
     "lower",
+    "register_quantized_ops",
     "relative_error",
     "sparse_execution",
     "sparse_layers",

@@ -24,6 +24,12 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "int8_dynamic": 1e-1, "int8_static": 1e-1}
 
 
+def register_quantized_ops() -> None:
+    """Register the torchao operators that saved int8 programs call (their import does)."""
+    import torchao.quantization  # noqa: F401
+    import torchao.quantization.pt2e  # noqa: F401
+
+
 class LoweringError(RuntimeError):
     """The lowered model is wrong: its outputs differ from eager or it mutated its input."""
 

@@ -136,9 +136,11 @@ def load_program(path: str | Path) -> torch.nn.Module:
     """
     import logging
 
-    import torchao.quantization.pt2e  # noqa: F401  registers the int8 ops PT2E graphs call
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
 
-    from .. import kernels  # noqa: F401  registers paretoslim::sparse_linear
+    from .. import kernels  # registers paretoslim::sparse_linear
+
+    kernels.register_quantized_ops()
 
     previous = os.environ.get(_WEIGHTS_ONLY)
     os.environ[_WEIGHTS_ONLY] = "1"
@@ -156,7 +158,7 @@ def load_program(path: str | Path) -> torch.nn.Module:
         else:
             os.environ[_WEIGHTS_ONLY] = previous
     # exported modules refuse .eval(); it is a no-op for an inference graph
-    torchao.quantization.pt2e.allow_exported_model_train_eval(module)
+    allow_exported_model_train_eval(module)
     return module
 
 

@@ -10,7 +10,7 @@ from itertools import islice
 import torch
 from torch import nn
 
-from ._attention import prune_heads
+from ._attention import prune_heads, unfuse_attention
 from ._cluster import cluster_weights
 from ._distill import Deadline, _cycle, distill, distillation_loss
 from ._lowrank import factorize
@@ -44,8 +44,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
     Order: student (task factory if given, else the teacher with repeated blocks dropped
-    to the depth and slimmed to the width) -> structured pruning (attention heads, then
-    channels) -> low-rank
+    to the depth and slimmed to the width) -> multi-head attention unfused into separate
+    projections -> structured pruning (attention heads, then channels) -> low-rank
     factorization -> unstructured sparsity masks -> [QAT: fake quantization inserted] ->
     distillation fine-tune from the teacher (skipped when nothing changed; gradual
     sparsity follows its schedule here) -> weight sharing (k-means) -> quantization (or
@@ -82,6 +82,9 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
             model = derive_student(model, example_input, width, round_to=p.round_to)
     model.eval()
     changed = student_factory is not None or width < 1.0 or depth < 1.0
+    # q / k / v as Linear layers: quantized, pruned, factorized like every other layer
+    # (nn.MultiheadAttention's fused input projection stays float under int8)
+    unfuse_attention(model)
     deadline.check("student")
 
     stage("prune")

@@ -202,7 +202,7 @@ class Recipe:
     """Everything applied to the teacher, in this fixed order:
 
     student -> pruning -> low_rank -> sparsity -> (distillation fine-tune, with QAT and
-    gradual sparsity) -> quantization -> weight sharing -> sparse storage.
+    gradual sparsity) -> weight sharing -> quantization -> sparse storage.
 
     Settings that cannot act under the rest of the recipe take their defaults, so two
     recipes giving the same model compare equal: ``qat`` outside ``int8_static``;

@@ -263,6 +263,21 @@ def test_head_pruned_transformer_lowers_to_matching_kernels(tasks, scheme):
         assert (lowered.fn(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic"])
+def test_int8_quantizes_every_attention_projection(tasks, scheme):
+    task = tasks["transformer"]
+    model, _ = _run(task, Recipe(quantization=QuantizationConfig(scheme)), steps=0)
+    linears = 1 + 2 * 6 + 1  # embedding, 2 x (q, k, v, out, feed-forward x 2), classifier
+    if scheme == "int8_static":
+        targets = [str(n.target) for n in model.graph.nodes]
+        assert sum("dequantize_per_channel" in t for t in targets) == linears
+    else:
+        int8 = [m for m in model.modules() if isinstance(m, nn.Linear)
+                and type(m.weight.data) is not torch.Tensor]
+        assert len(int8) == linears
+    assert size_mb(model) < 0.6 * size_mb(task.model)
+
+
 def test_head_pruning_without_attention_is_a_clear_error(tasks):
     with pytest.raises(ValueError, match="needs multi-head attention"):
         prune_heads(copy.deepcopy(tasks["resnet"].model), 0.5, global_ranking=True)
