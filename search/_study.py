@@ -24,6 +24,7 @@ FAILURE_ATTR = "fail_reason"
 SPEC_ATTR = "spec"
 DUPLICATE_ATTR = "duplicate_of"
 WORKER_ATTR = "worker"
+HEARTBEAT_ATTR = "sends_heartbeats"
 _URL_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
 
 
@@ -172,9 +173,15 @@ def _redacted(url: str) -> str:
 
 
 def mark_interrupted(study: optuna.Study) -> int:
-    """Record trials left running by a killed process as failed; return how many."""
+    """Record trials left running by a killed process as failed; return how many.
+
+    Trials of ``worker`` processes are left alone: they may still be running, and a
+    worker's trial that stops sending heartbeats is failed and retried by the workers.
+    """
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(HEARTBEAT_ATTR):
+            continue
         study._storage.set_trial_user_attr(
             trial._trial_id, FAILURE_ATTR,
             "interrupted: the process running this trial ended before it finished")
@@ -231,6 +238,7 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         if not self.shared:
             return self._run(trial)
+        trial.set_user_attr(HEARTBEAT_ATTR, True)
         # a finished trial cannot be annotated: say now why it fails if this worker dies
         trial.set_user_attr(FAILURE_ATTR, (
             f"lost: worker {socket.gethostname()}:{os.getpid()} stopped sending heartbeats "
