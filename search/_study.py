@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ..spaces import Recipe
 from ._errors import ParetoslimError
 from ._progress import StudyProgress
 from ._spec import StudySpec, WorkerSpec, load_spec
@@ -190,13 +191,21 @@ def mark_interrupted(study: optuna.Study) -> int:
     return count
 
 
+def _stored_recipe(data: Any) -> Recipe | None:
+    """The Recipe a trial stored (keys added since then take their defaults), or None."""
+    try:
+        return Recipe.from_dict(data)
+    except (TypeError, ValueError):
+        return None
+
+
 def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | None:
     """If a completed trial had this trial's recipe, copy its figures here and return its
     values (the pipeline is deterministic); else None. The recipe attribute must be set."""
-    recipe = trial.user_attrs[RECIPE_ATTR]
+    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if (other.user_attrs.get(RECIPE_ATTR) == recipe
-                and DUPLICATE_ATTR not in other.user_attrs):
+        if (DUPLICATE_ATTR not in other.user_attrs
+                and _stored_recipe(other.user_attrs.get(RECIPE_ATTR)) == recipe):
             trial.set_user_attr(METRICS_ATTR, other.user_attrs[METRICS_ATTR])
             trial.set_user_attr(DUPLICATE_ATTR, other.number)
             for key, value in other.system_attrs.items():

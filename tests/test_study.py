@@ -173,6 +173,20 @@ def test_a_repeated_recipe_reuses_the_measured_figures(in_tmp):
     assert [p.number for p in pareto_front(study)].count(second.number) == 0
 
 
+def test_a_recipe_stored_before_a_new_parameter_is_still_recognized(in_tmp):
+    spec = load_spec(write_study(in_tmp, trials=2, width="1.0"))
+    params = {"pruning.ratio": 0.0, "quantization.scheme": "fp32"}
+    old = spec.space.recipe(params).to_dict()
+    del old["pruning"]["heads"]  # as stored before pruning.heads existed
+    study = open_study(spec)
+    study.add_trial(optuna.trial.create_trial(
+        values=[0.9, 1.0, 0.1], user_attrs={"recipe": old, "metrics": {"quality": 0.9}}))
+    study.enqueue_trial(params)
+    study = run_study(spec, progress=False)
+    assert study.trials[1].user_attrs["duplicate_of"] == 0
+    assert study.trials[1].values == [0.9, 1.0, 0.1]
+
+
 def test_cluster_sections_of_the_spec(in_tmp):
     spec_path = write_study(in_tmp)
     with spec_path.open("a") as spec:
