@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Loss = Callable[[nn.Module], torch.Tensor]
+if TYPE_CHECKING:
+    from ._structure import Loss
 
 
 class UnfusedAttention(nn.Module):
@@ -161,23 +163,25 @@ def unfuse_attention(model: nn.Module) -> list[UnfusedAttention]:
     return [m for m in model.modules() if isinstance(m, UnfusedAttention)]
 
 
+def _by_head(attention: UnfusedAttention, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The q / k / v / ``out_proj`` weight-shaped ``tensors`` as one row per head."""
+    h = attention.num_heads
+    q, k, v, out = tensors
+    columns = out.view(out.shape[0], h, -1).transpose(0, 1)
+    return torch.cat([t.reshape(h, -1) for t in (q, k, v, columns)], dim=1)
+
+
 def head_importance(attention: UnfusedAttention, criterion: str) -> torch.Tensor:
     """One score per head from its q / k / v rows and ``out_proj`` columns: their L2 or L1
     norm, or for ``taylor`` the sum of |w * dL/dw| (gradients must be present)."""
-    h = attention.num_heads
-    parts = [layer.weight.view(h, -1, layer.in_features)
-             for layer in (attention.q_proj, attention.k_proj, attention.v_proj)]
-    parts.append(attention.out_proj.weight.view(attention.embed_dim, h, -1).transpose(0, 1))
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
+    weights = _by_head(attention, [layer.weight for layer in layers])
     if criterion == "taylor":
-        grads = [layer.weight.grad for layer in (attention.q_proj, attention.k_proj,
-                                                 attention.v_proj, attention.out_proj)]
+        grads = [layer.weight.grad for layer in layers]
         if any(g is None for g in grads):
             raise ValueError("the 'taylor' criterion needs gradients of the attention weights")
-        grads = [g.view_as(p) if i < 3 else g.view(attention.embed_dim, h, -1).transpose(0, 1)
-                 for i, (g, p) in enumerate(zip(grads, parts, strict=True))]
-        return sum((p * g).abs().flatten(1).sum(1) for p, g in zip(parts, grads, strict=True))
-    p = 1 if criterion == "l1" else 2
-    return torch.stack([part.flatten(1).norm(p=p, dim=1) for part in parts]).norm(p=p, dim=0)
+        return (weights * _by_head(attention, grads)).abs().sum(dim=1)
+    return weights.norm(p=1 if criterion == "l1" else 2, dim=1)
 
 
 def prune_heads(model: nn.Module, ratio: float, *, global_ranking: bool,
