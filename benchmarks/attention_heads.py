@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _rows import record, trial_settings
 from torch import nn
 from tqdm.auto import tqdm
 
 from paretoslim.evaluators import run_isolated
 from paretoslim.evaluators._job import cache_dir
-from paretoslim.search import Task, TrialSettings, measure_baseline, run_trial
+from paretoslim.search import Task, measure_baseline, run_trial
 from paretoslim.search._trial import latency_job, quality_of
 from paretoslim.spaces import Recipe, prune_heads
 from paretoslim.studies._data import TensorBatches
@@ -101,8 +101,7 @@ def main() -> None:
                 val=TensorBatches(test_x, test_y, 500), example_input=test_x[:64].clone(),
                 name="fashion_mnist_patch_transformer")
     baseline = measure_baseline(task)
-    settings = TrialSettings(finetune_steps=args.steps, latency_batch_size=64, threads=1,
-                             min_calls=args.min_calls, timeout_s=None)
+    settings = trial_settings(args.steps, args.min_calls)
     print(f"teacher: quality {baseline.quality:.4f}, size {baseline.size_mb:.3f} MB, "
           f"{baseline.parameters} parameters, 4 x 8 heads", flush=True)
     print("| recipe | heads kept | quality | drop (pt) | speedup (spread) | compression |")
@@ -124,14 +123,8 @@ def main() -> None:
             else:
                 result = run_trial(task, Recipe.from_dict(data), settings, baseline)
                 metrics, failure = result.metrics, result.failure
-            row = {"name": name, "recipe": data, "failure": failure,
-                   "seconds": time.perf_counter() - started,
-                   **{k: v for k, v in metrics.items()
-                      if isinstance(v, (int, float, str, bool)) and k != "traceback"}}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if failure:
-                print(f"| {name} | failed: {failure} | | | | |", flush=True)
+            if not record(log, name, data, failure, time.perf_counter() - started, metrics,
+                          columns=6):
                 continue
             kept = 32 - metrics.get("heads_removed", 0)
             print(f"| {name} | {kept}/32 | {metrics['quality']:.4f} | "

@@ -4,14 +4,14 @@ teacher: quality, speedup (lowered and timed like a study trial) and compression
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _rows import record, trial_settings
 
-from paretoslim.search import TrialSettings, measure_baseline, run_trial
+from paretoslim.search import measure_baseline, run_trial
 from paretoslim.spaces import Recipe
 from paretoslim.studies.fashion_mnist import make_task
 
@@ -72,8 +72,7 @@ def main() -> None:
         recipes[recipe.short()] = recipe.to_dict()
     task = make_task()
     baseline = measure_baseline(task)
-    settings = TrialSettings(finetune_steps=args.steps, latency_batch_size=64, threads=1,
-                             min_calls=args.min_calls, timeout_s=None)
+    settings = trial_settings(args.steps, args.min_calls)
     print(f"teacher: quality {baseline.quality:.4f}, size {baseline.size_mb:.3f} MB, "
           f"{baseline.parameters} parameters", flush=True)
     print("| recipe | quality | drop (pt) | speedup | compression | size (MB) |")
@@ -83,14 +82,8 @@ def main() -> None:
             recipe = Recipe.from_dict(data)
             started = time.perf_counter()
             result = run_trial(task, recipe, settings, baseline)
-            row = {"name": name, "recipe": recipe.to_dict(), "failure": result.failure,
-                   "seconds": time.perf_counter() - started,
-                   **{k: v for k, v in result.metrics.items()
-                      if isinstance(v, (int, float, str, bool)) and k != "traceback"}}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if result.failure:
-                print(f"| {name} | failed: {result.failure} | | | | |", flush=True)
+            if not record(log, name, recipe.to_dict(), result.failure,
+                          time.perf_counter() - started, result.metrics, columns=6):
                 continue
             m = result.metrics
             print(f"| {name} | {m['quality']:.4f} | {100 * m['quality_drop']:+.2f} | "
