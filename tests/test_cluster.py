@@ -42,6 +42,22 @@ def _wait_for(condition, timeout_s, what, process=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _finish(argv, timeout_s, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``argv`` to its end; past ``timeout_s`` it is aborted and the assertion shows
+    where each of its threads was (Python's fault handler) and what it printed."""
+    env = {**kwargs.pop("env", os.environ), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, **kwargs)
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        out, err = process.communicate()
+        raise AssertionError(f"{argv[3:]} still ran after {timeout_s} s\n--- stdout\n"
+                             f"{out[-3000:]}\n--- stderr\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
 def _journal_ready(path):
     def ready():
         if not path.is_file():
@@ -88,8 +104,7 @@ def test_a_local_run_killed_mid_study_resumes_to_exactly_the_requested_trials(
     run.wait()
     kept = {t.number: t.values for t in before.get_trials(states=(TrialState.COMPLETE,))}
 
-    again = subprocess.run([*CLI, "run", str(spec_path), "--quiet"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=600)
+    again = _finish([*CLI, "run", str(spec_path), "--quiet"], 600, cwd=tmp_path, env=ENV)
     assert again.returncode == 0, again.stderr
     study = _resumed(journal, completed=3)
     done = {t.number: t.values for t in study.get_trials(states=(TrialState.COMPLETE,))}
@@ -174,8 +189,7 @@ def test_a_ray_study_runs_on_two_nodes_times_on_the_target_and_resumes_after_a_k
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
 
-    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
+    again = _finish(argv, 600, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming the Ray Tune experiment" in again.stdout
     # trials running at the kill were resumed under their Optuna trial; only one asked for
