@@ -100,7 +100,8 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=str(results), verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=1)),
+                    failure_config=tune.FailureConfig(max_failures=1),
+                    callbacks=[FollowExperiment()]),
             )
         tuner.fit()
     finally:
@@ -159,6 +160,8 @@ class StudySearch(OptunaSearch):
     the figures of a repeated recipe, and finishes at the study's target of completed
     trials (or after ``max_failures`` failures in a row)."""
 
+    _max_concurrent: float = math.inf  # set by Tune's ConcurrencyLimiter
+
     def __init__(self, spec: StudySpec, location: str, max_failures: int):
         self._spec, self._location, self._max_failures = spec, location, max_failures
         self._running: dict[str, optuna.Trial] = {}
@@ -187,8 +190,26 @@ class StudySearch(OptunaSearch):
             if trial.number not in known:
                 storage.set_trial_user_attr(
                     trial._trial_id, FAILURE_ATTR,
-                    "interrupted: the Ray driver ended before this trial was scheduled")
+                    "interrupted: the Ray driver ended before its experiment state held "
+                    "this trial")
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Limit the running trials here, where a restore can correct the count."""
+        self._max_concurrent = max_concurrent
+        return True
+
+    def follow_experiment(self, unfinished: dict[str, dict]) -> None:
+        """Count as running exactly the trials a restored experiment will run:
+        ``unfinished`` maps each one's Tune trial id to its config. Tune saves its trials
+        and this searcher one after the other, so a driver killed in between leaves them
+        apart: a trial counted here that Tune never runs would hold its place (and the
+        study's end) forever, one that Tune runs unknown here would run for nothing."""
+        self._numbers = {tid: config["number"] for tid, config in unfinished.items()}
+        self._recipes = {tid: self._spec.space.recipe(config["params"])
+                         for tid, config in unfinished.items()}
+        if self._ot_study is not None:
+            self._setup_study(self._mode)
 
     def _study(self) -> optuna.Study:
         if self._ot_study is None:
@@ -201,7 +222,8 @@ class StudySearch(OptunaSearch):
         while True:
             if self._done >= self._target or self._failures >= self._max_failures:
                 return Searcher.FINISHED
-            if self._done + len(self._running) >= self._target:
+            if (self._done + len(self._running) >= self._target
+                    or len(self._running) >= self._max_concurrent):
                 return None  # enough running: wait for them
             params = super().suggest(trial_id)
             trial = self._ot_trials[trial_id]
@@ -280,8 +302,18 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
+        _driver["restored_searcher"] = self
 
 
+class FollowExperiment(tune.Callback):
+    """Before the first step of a restored experiment, gives the restored searcher the
+    trials the experiment will still run (see ``StudySearch.follow_experiment``)."""
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        searcher = _driver.pop("restored_searcher", None)
+        if searcher is not None:
+            searcher.follow_experiment({t.trial_id: t.config for t in trials
+                                        if not t.is_finished() and "number" in t.config})
 
 
 def _where(metrics: dict) -> str:

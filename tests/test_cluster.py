@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -14,7 +15,12 @@ from _tiny import write_study
 from optuna.trial import TrialState
 
 from paretoslim.search import load_spec
-from paretoslim.search._study import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
+from paretoslim.search._study import (
+    FAILURE_ATTR,
+    WORKER_ATTR,
+    make_storage,
+    open_study,
+)
 
 CLI = [sys.executable, "-m", "paretoslim.search.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -208,3 +214,47 @@ def test_a_ray_study_runs_on_two_nodes_times_on_the_target_and_resumes_after_a_k
     assert front.returncode == 0, front.stderr
     assert {p["number"] for p in json.loads(front.stdout)} <= {t.number for t in completed}
     assert open_study(load_spec(spec_path)).study_name == "tiny"
+
+
+def _restored_searcher(tmp_path, suggested: int, saved_after: int, held: int):
+    """A searcher that suggested trials "t0", "t1"... up to ``suggested`` and was saved
+    after ``saved_after``, restored where the experiment still runs the first ``held``."""
+    pytest.importorskip("ray.tune", reason="needs ray[tune]: pip install -e '.[test]'")
+    from types import SimpleNamespace
+
+    from paretoslim.search._ray import FollowExperiment, StudySearch
+
+    spec, journal = load_spec(write_study(tmp_path, trials=3)), str(tmp_path / "journal.log")
+    searcher = StudySearch(spec, journal, max_failures=5)
+    assert searcher.set_max_concurrency(2)
+    configs = []
+    for n in range(suggested):
+        configs.append(searcher.suggest(f"t{n}"))
+        if n + 1 == saved_after:
+            searcher.save(str(tmp_path / "searcher.pkl"))
+    assert searcher.suggest("over") is None  # two running: the limit
+    # the driver dies; Tune restores its own trials and the searcher's last save
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    trials = [SimpleNamespace(trial_id=f"t{n}", config=configs[n], is_finished=lambda: False)
+              for n in range(held)]
+    trials.append(SimpleNamespace(trial_id="old", config={}, is_finished=lambda: True))
+    FollowExperiment().on_step_begin(iteration=0, trials=trials)
+    return restored, _study(journal)
+
+
+def test_a_restored_ray_searcher_forgets_a_trial_its_experiment_never_held(tmp_path):
+    searcher, study = _restored_searcher(tmp_path, suggested=2, saved_after=2, held=1)
+    assert isinstance(searcher.suggest("next"), dict)  # "t1" no longer holds a place
+    assert searcher.suggest("over") is None
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL,
+                                         TrialState.RUNNING]
+    assert trials[1].user_attrs[FAILURE_ATTR].startswith("interrupted")
+
+
+def test_a_restored_ray_searcher_adopts_a_trial_saved_only_by_its_experiment(tmp_path):
+    searcher, study = _restored_searcher(tmp_path, suggested=2, saved_after=1, held=2)
+    assert searcher.suggest("over") is None  # "t1" is running again, and counted
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2
+    assert searcher._numbers == {"t0": 0, "t1": 1}
