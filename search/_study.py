@@ -26,6 +26,7 @@ SPEC_ATTR = "spec"
 DUPLICATE_ATTR = "duplicate_of"
 WORKER_ATTR = "worker"
 HEARTBEAT_ATTR = "sends_heartbeats"
+JOURNAL_LOCK_GRACE_S = 30  # a journal lock kept this long (its writer was killed) is taken over
 _URL_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
 
 
@@ -53,12 +54,15 @@ def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
         return RDBStorage(url_or_path, heartbeat_interval=workers.heartbeat_s,
                           grace_period=workers.grace_s, heartbeat_stale_trial_callback=retry,
                           engine_kwargs={"pool_pre_ping": True})
-    path = Path(url_or_path).expanduser()
+    # absolute: the lock is a symbolic link to the journal, and a relative link would
+    # dangle, so a lock left by a killed writer would never be released
+    path = Path(url_or_path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-    return JournalStorage(JournalFileBackend(str(path)))
+    lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
+    return JournalStorage(JournalFileBackend(str(path), lock))
 
 
 def storage_of(spec: StudySpec, override: str | None = None) -> str:

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import optuna
 import pytest
@@ -10,13 +11,20 @@ from optuna.trial import TrialState
 
 from paretoslim.search import (
     ParetoslimError,
+    _study,
     load_spec,
     pareto_front,
     render_front,
     resolve_study,
     run_study,
 )
-from paretoslim.search._study import FAILURE_ATTR, HEARTBEAT_ATTR, open_study
+from paretoslim.search._study import (
+    FAILURE_ATTR,
+    HEARTBEAT_ATTR,
+    make_storage,
+    open_study,
+    storage_of,
+)
 from paretoslim.search.cli import main
 
 
@@ -232,3 +240,20 @@ def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
     errors = [p.communicate(timeout=120)[1] for p in starters]
     assert [p.returncode for p in starters] == [0] * 4, errors
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["tiny"]
+
+
+def test_a_journal_lock_left_by_a_killed_writer_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default journal path is relative: runs/tiny/journal.log
+    monkeypatch.setattr(_study, "JOURNAL_LOCK_GRACE_S", 3)
+    spec = load_spec(write_study(tmp_path, trials=1))
+    open_study(spec)
+    make_storage(storage_of(spec))._backend._lock.acquire()  # its writer killed: never released
+    written = threading.Event()
+
+    def write():
+        open_study(spec).set_user_attr("after the kill", True)
+        written.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert written.wait(60), "the journal stayed locked"
+    assert open_study(spec).user_attrs["after the kill"]
