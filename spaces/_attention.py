@@ -152,11 +152,8 @@ def unfuse_attention(model: nn.Module) -> list[UnfusedAttention]:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by an equivalent
     ``UnfusedAttention``, in place; return all the model's ``UnfusedAttention`` modules."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.MultiheadAttention):
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        setattr(owner, attr, UnfusedAttention.from_multihead(module))
+        if isinstance(module, nn.MultiheadAttention):
+            model.set_submodule(name, UnfusedAttention.from_multihead(module))
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False  # that path reads nn.MultiheadAttention weights

@@ -25,9 +25,7 @@ class Bf16Model(nn.Module):
         super().__init__()
         self.model = model.to(torch.bfloat16)
         for name in keep_float:
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.model.get_submodule(owner_name) if owner_name else self.model
-            setattr(owner, attr, _Float32(getattr(owner, attr).float()))
+            self.model.set_submodule(name, _Float32(self.model.get_submodule(name).float()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(torch.bfloat16)).float()
