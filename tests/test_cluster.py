@@ -15,12 +15,7 @@ from _tiny import write_study
 from optuna.trial import TrialState
 
 from paretoslim.search import load_spec
-from paretoslim.search._study import (
-    FAILURE_ATTR,
-    WORKER_ATTR,
-    make_storage,
-    open_study,
-)
+from paretoslim.search._study import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
 
 CLI = [sys.executable, "-m", "paretoslim.search.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -242,10 +242,9 @@ def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["tiny"]
 
 
-def test_a_journal_lock_left_by_a_killed_writer_is_taken_over(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default journal path is relative: runs/tiny/journal.log
+def test_a_journal_lock_left_by_a_killed_writer_is_taken_over(in_tmp, monkeypatch):
     monkeypatch.setattr(_study, "JOURNAL_LOCK_GRACE_S", 3)
-    spec = load_spec(write_study(tmp_path, trials=1))
+    spec = load_spec(write_study(in_tmp, trials=1))  # journal at relative runs/tiny/
     open_study(spec)
     make_storage(storage_of(spec))._backend._lock.acquire()  # its writer killed: never released
     written = threading.Event()
