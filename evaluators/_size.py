@@ -12,6 +12,8 @@ import io
 import torch
 from torch import nn
 
+from ..spaces import graph_reads
+
 
 def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters and buffers the model reads, once each.
@@ -35,16 +37,6 @@ def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         unique[name] = tensor
     return unique
-
-
-def graph_reads(gm: torch.fx.GraphModule, name: str) -> bool:
-    """Whether the graph reads the parameter or buffer ``name`` (directly or via a submodule)."""
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and (name == node.target or name.startswith(node.target + ".")):
-            return True
-        if node.op == "call_module" and name.startswith(node.target + "."):
-            return True
-    return False
 
 
 def serialized_size_bytes(model: nn.Module) -> int:

@@ -17,11 +17,13 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ..spaces import scheme, scheme_names
+
 Backend = Literal["aoti", "compile"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # Largest relative output difference (max |lowered - eager| / max |eager|) accepted per scheme.
-TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "int8_dynamic": 1e-1, "int8_static": 1e-1}
+TOLERANCE = {name: scheme(name).tolerance for name in scheme_names()}
 
 
 def register_quantized_ops() -> None:

@@ -1,23 +1,35 @@
-"""What can be done to a model: each technique's configuration and how a Recipe is applied."""
+"""What can be done to a model: the registered techniques, their configs (the Recipe's
+sections), the joint search space and ``compress``, which applies a Recipe."""
 
-from ._apply import compress, count_parameters, float_layers
+# Technique modules register themselves on import, in this order of files; the pipeline
+# order is each technique's ``order``.
+from ._student import StudentConfig  # isort: skip
+from ._pruning import PruningConfig  # isort: skip
+from ._lowrank import LowRankConfig  # isort: skip
+from ._unstructured import Sparsifier, SparsityConfig  # isort: skip
+from ._quantize import QuantizationConfig  # isort: skip
+from ._distill import DistillationConfig  # isort: skip
+from ._cluster import WeightSharingConfig  # isort: skip
+from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
+from ._apply import compress, count_parameters
 from ._attention import UnfusedAttention, prune_heads
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
-from ._distill import BudgetExceeded, Deadline, distill, distillation_loss
+from ._config import param
+from ._distill import distill
+from ._domains import Choice, Domain, Fixed, FloatRange
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
-from ._quantize import Bf16Model, convert_qat, export_dynamic_batch, prepare_qat, quantize
-from ._recipe import (
-    QUANT_SCHEMES,
-    DistillationConfig,
-    LowRankConfig,
-    PruningConfig,
-    QuantizationConfig,
-    QuantScheme,
-    Recipe,
-    SparsityConfig,
-    StudentConfig,
+from ._quantize import (
+    Bf16Model,
+    convert_qat,
+    export_dynamic_batch,
+    float_layers,
+    graph_reads,
+    prepare_qat,
 )
-from ._space import DEFAULT_DOMAINS, Choice, Fixed, FloatRange, SearchSpace
+from ._readme import parameter_table
+from ._recipe import Recipe
+from ._schemes import Scheme, quantize, register_scheme, scheme, scheme_names
+from ._space import SearchSpace, default_domains
 from ._sparse import (
     SPARSE_MODULES,
     SparseConv2d,
@@ -34,7 +46,11 @@ from ._structure import (
     repeated_blocks,
     sensitivity_ratios,
 )
-from ._unstructured import Sparsifier
+from ._technique import Context, Technique, register, technique, techniques
+from ._training import BudgetExceeded, Deadline, distillation_loss
+
+DEFAULT_DOMAINS = default_domains()  # the registry's defaults once every technique is in
+QUANT_SCHEMES = scheme_names()
 
 __all__ = [
     "CLUSTERED_MODULES",
@@ -46,27 +62,32 @@ __all__ = [
     "Choice",
     "ClusteredConv2d",
     "ClusteredLinear",
+    "Context",
     "Deadline",
     "DistillationConfig",
+    "Domain",
     "Fixed",
     "FloatRange",
     "LowRankConfig",
     "PruningConfig",
-    "QuantScheme",
     "QuantizationConfig",
     "Recipe",
+    "Scheme",
     "SearchSpace",
     "SparseConv2d",
     "SparseLinear",
-    "StoredWeight",
     "Sparsifier",
     "SparsityConfig",
+    "StoredWeight",
     "StudentConfig",
+    "Technique",
     "UnfusedAttention",
+    "WeightSharingConfig",
     "cluster_weights",
     "compress",
     "convert_qat",
     "count_parameters",
+    "default_domains",
     "densify",
     "derive_student",
     "distill",
@@ -78,13 +99,22 @@ __all__ = [
     "factorize_linear",
     "factorize_tucker2",
     "float_layers",
+    "graph_reads",
     "output_layers",
+    "param",
+    "parameter_table",
     "prepare_qat",
     "prune_channels",
     "prune_heads",
     "quantize",
     "rank_for",
+    "register",
+    "register_scheme",
     "repeated_blocks",
+    "scheme",
+    "scheme_names",
     "sensitivity_ratios",
     "sparsify",
+    "technique",
+    "techniques",
 ]

@@ -3,12 +3,18 @@ codebook of 2^k values, stored as the codebook plus packed k-bit indices."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._config import Config, param
+from ._schemes import scheme
 from ._sparse import TENSOR_OVERHEAD, StoredWeight
+from ._technique import Context, Technique, register
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -151,3 +157,36 @@ def cluster_weights(model: nn.Module, bits: int, *, skip: frozenset[str] = froze
             setattr(parent, name, cls(child, bits, seed))
             replaced.append(full)
     return replaced
+
+
+@dataclass(frozen=True)
+class WeightSharingConfig(Config):
+    """``bits`` k > 0 shares each float layer's weights through a k-means codebook of 2^k
+    values, stored as packed k-bit indices (0: off)."""
+
+    bits: int = param(0, low=0, high=8, integer=True, off=True,
+                      note="k-means codebook of 2^k values (float schemes)")
+
+
+@register
+class WeightSharing(Technique):
+    """After the fine-tune, each float Linear / Conv2d not kept in float is clustered."""
+
+    section, config, order, stage = "weight_sharing", WeightSharingConfig, 70, "weight sharing"
+
+    def apply(self, model: nn.Module, config: WeightSharingConfig, ctx: Context) -> nn.Module:
+        if config.bits:
+            clustered = cluster_weights(model, config.bits, skip=frozenset(ctx.float_layers),
+                                        seed=ctx.seed)
+            ctx.facts["clustered_layers"] = len(clustered)
+            ctx.facts["cluster_bits"] = config.bits
+        return model
+
+    def normalize(self, config: WeightSharingConfig, sections: dict[str, Any]
+                  ) -> WeightSharingConfig:
+        # integer schemes store their own integer weights: a codebook cannot act there
+        integer = scheme(sections["quantization"].scheme).integer_weights
+        return WeightSharingConfig() if integer else config
+
+    def label(self, config: WeightSharingConfig) -> str:
+        return f"kmeans{config.bits}b" if config.bits else ""

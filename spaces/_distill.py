@@ -3,62 +3,17 @@
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._recipe import DistillationConfig
+from ._config import Config, param
 from ._structure import output_layers
-
-
-class BudgetExceeded(RuntimeError):
-    """A trial ran past its time budget."""
-
-
-class Deadline:
-    """A wall-clock budget; ``check`` raises BudgetExceeded once it has passed."""
-
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
-        self.start = time.monotonic()
-
-    def check(self, stage: str) -> None:
-        if self.seconds is not None and time.monotonic() - self.start > self.seconds:
-            raise BudgetExceeded(
-                f"time budget of {self.seconds:g} s exceeded during {stage}"
-            )
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      targets: torch.Tensor | None, config: DistillationConfig) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * cross-entropy."""
-    t = config.temperature
-    soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1),
-                    F.log_softmax(teacher_logits / t, dim=-1),
-                    reduction="batchmean", log_target=True) * (t * t)
-    if targets is None or config.alpha == 1.0:
-        return soft
-    hard = F.cross_entropy(student_logits, targets)
-    return config.alpha * soft + (1.0 - config.alpha) * hard
-
-
-def _cycle(batches: Iterable) -> Iterator:
-    """Endless batches; collections with ``set_epoch`` restart at epoch 0 so a fine-tune
-    sees the same data order whatever ran before it (DataLoaders follow the seeded RNG)."""
-    epoch = 0
-    while True:
-        empty = True
-        if hasattr(batches, "set_epoch"):
-            batches.set_epoch(epoch)
-        epoch += 1
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the training data yielded no batches")
+from ._technique import Context, Technique, register
+from ._training import Deadline, cycle, distillation_loss
 
 
 class _Features:
@@ -101,10 +56,10 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     teacher.eval()
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    batches = _cycle(train)
+    batches = cycle(train)
     features = None
     if config.feature_weight > 0:
-        first_inputs, _ = next(_cycle(train))
+        first_inputs, _ = next(cycle(train))
         with torch.no_grad():
             student.eval()
             taps = (_Features(teacher, first_inputs, "teacher"),
@@ -151,3 +106,41 @@ def _train(student, teacher, batches, steps, config, learning_rate, params, feat
             on_step(step, loss.item())
         if deadline is not None:
             deadline.check(f"fine-tune step {step + 1}/{steps}")
+
+
+@dataclass(frozen=True)
+class DistillationConfig(Config):
+    """Recovery fine-tune loss: alpha * T^2 * KL(soft targets at T) + (1 - alpha) * CE,
+    plus ``feature_weight`` * MSE between the teacher's penultimate features and the
+    student's through a learned linear projection (0: response distillation only)."""
+
+    temperature: float = param(4.0, low=0.0, high=100.0, low_open=True)
+    alpha: float = param(0.9, low=0.0, high=1.0)
+    feature_weight: float = param(0.0, low=0.0, high=100.0, off=True,
+                                  note="penultimate-feature matching")
+
+
+@register
+class FineTune(Technique):
+    """``finetune_steps`` of distillation from the teacher when anything changed the model
+    (or QAT must learn its ranges); the step hooks run after each optimizer step."""
+
+    section, config, order, stage = "distillation", DistillationConfig, 60, "fine-tune"
+
+    def apply(self, model: nn.Module, config: DistillationConfig, ctx: Context) -> nn.Module:
+        steps = ctx.finetune_steps if ctx.changed or ctx.needs_training else 0
+        if steps:
+            def on_step(step: int, _loss: float) -> None:
+                for hook in ctx.step_hooks:
+                    hook(model, step)
+
+            distill(model, ctx.teacher, ctx.train, steps=steps, config=config,
+                    learning_rate=ctx.learning_rate, seed=ctx.seed, deadline=ctx.deadline,
+                    on_step=on_step)
+        model.eval()
+        ctx.facts["finetune_steps"] = steps
+        ctx.facts["parameters"] = sum(p.numel() for p in model.parameters())
+        return model
+
+    def label(self, config: DistillationConfig) -> str:
+        return f"feat={config.feature_weight:g}" if config.feature_weight else ""

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 from torch import nn
+
+from ._config import Config, param
+from ._technique import Context, Technique, register
 
 
 def factorize_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
@@ -129,3 +135,42 @@ def factorize(model: nn.Module, rank_fraction: float, energy: float = 1.0,
                 setattr(parent, name, replacement)
                 count += 1
     return model, count
+
+
+ConvFactorization = Literal["svd", "tucker2"]
+
+
+@dataclass(frozen=True)
+class LowRankConfig(Config):
+    """Factorization of Linear / Conv layers; ``rank_fraction == energy == 1.0`` is off.
+
+    The rank is the smaller of ``rank_fraction`` of the full rank and the fewest singular
+    values holding ``energy`` of the squared spectrum. Convolutions use SVD (k x k conv to
+    r channels, then 1 x 1) or Tucker-2 (1 x 1, k x k core, 1 x 1).
+    """
+
+    rank_fraction: float = param(1.0, low=0.0, high=1.0, low_open=True, off=True)
+    energy: float = param(1.0, low=0.0, high=1.0, low_open=True, off=True,
+                          note="share of the squared singular values kept")
+    conv: ConvFactorization = param("svd", choices=("svd", "tucker2"))
+
+
+@register
+class LowRank(Technique):
+    """Each Linear / Conv2d factorized where that reduces its cost."""
+
+    section, config, order, stage = "low_rank", LowRankConfig, 30, "low-rank"
+
+    def apply(self, model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module:
+        model, count = factorize(model, config.rank_fraction, config.energy, config.conv)
+        ctx.facts["factorized_layers"] = count
+        ctx.changed |= count > 0
+        return model
+
+    def normalize(self, config: LowRankConfig, sections: dict[str, Any]) -> LowRankConfig:
+        off = config.rank_fraction == 1.0 and config.energy == 1.0
+        return LowRankConfig() if off else config
+
+    def label(self, config: LowRankConfig) -> str:
+        return " ".join([f"rank={config.rank_fraction:g}"] * (config.rank_fraction != 1.0)
+                        + [f"energy={config.energy:g}"] * (config.energy != 1.0))

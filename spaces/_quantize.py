@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ._recipe import QuantScheme
+from ._config import Config, param
+from ._domains import Choice
+from ._schemes import Scheme, quantize, register_scheme, scheme, scheme_names
+from ._structure import run_with_hooks
+from ._technique import Context, Technique, register
 
 
 class Bf16Model(nn.Module):
@@ -42,48 +49,6 @@ class _Float32(nn.Module):
         return self.layer(x.float()).to(x.dtype)
 
 
-def quantize(model: nn.Module, scheme: QuantScheme, example_input: torch.Tensor,
-             calibration: Iterable | None = None, *, granularity: str = "per_channel",
-             keep_float: Iterable[str] = ()) -> nn.Module:
-    """Return ``model`` (eval mode) in ``scheme``; the input model may be modified.
-
-    ``int8_static`` is post-training quantization through PT2E with the x86 Inductor
-    quantizer, calibrated on the inputs of ``calibration`` batches, with a dynamic batch
-    dimension; ``int8_dynamic`` quantizes Linear weights to int8 and activations at run
-    time (torchao; ``nn.MultiheadAttention``'s own projection stays float); ``bf16``
-    casts weights and activations. ``granularity`` of int8 weights is ``per_channel``
-    (per output channel / row) or ``per_tensor``; the layers named in ``keep_float``
-    (module names of ``model``) stay in float.
-    """
-    model.eval()
-    keep = frozenset(keep_float)
-    if granularity not in ("per_channel", "per_tensor"):
-        raise ValueError(f"granularity must be 'per_channel' or 'per_tensor'. "
-                         f"Got {granularity!r} instead.")
-    if scheme == "fp32":
-        return model
-    if scheme == "bf16":
-        return Bf16Model(model, keep)
-    if scheme == "int8_dynamic":
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            PerRow,
-            PerTensor,
-            quantize_,
-        )
-
-        config = Int8DynamicActivationInt8WeightConfig(
-            granularity=PerRow() if granularity == "per_channel" else PerTensor())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_(model, config,
-                      filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in keep)
-        return model
-    if scheme == "int8_static":
-        return _pt2e_static(model, example_input, calibration, granularity, keep)
-    raise ValueError(f"unknown quantization scheme {scheme!r}")
-
-
 def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
     """The x86 Inductor quantizer, per-channel or per-tensor weights, ``keep`` left float."""
     import torchao.quantization.pt2e as pt2e
@@ -104,8 +69,9 @@ def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
     return quantizer
 
 
-def _pt2e_static(model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None,
-                 granularity: str, keep: frozenset[str]) -> nn.Module:
+def _pt2e_static(model: nn.Module, example_input: torch.Tensor,
+                 calibration: list[torch.Tensor], granularity: str,
+                 keep: frozenset[str]) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     with warnings.catch_warnings():
@@ -113,7 +79,7 @@ def _pt2e_static(model: nn.Module, example_input: torch.Tensor, calibration: Ite
         exported = export_dynamic_batch(copy.deepcopy(model), example_input).module()
         prepared = prepare_pt2e(exported, _quantizer(False, granularity, keep))
         with torch.no_grad():
-            for inputs in _calibration_inputs(calibration, example_input):
+            for inputs in calibration:
                 prepared(inputs)
     return _convert(prepared)
 
@@ -220,20 +186,264 @@ def export_dynamic_batch(model: nn.Module, example_input: torch.Tensor
     return torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
 
 
-def _calibration_inputs(calibration: Iterable | None, example_input: torch.Tensor):
-    if calibration is None:
-        yield example_input
-        return
-    for batch in calibration:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
     """Delete parameters and buffers the graph no longer reads (PT2E keeps the fp32 weights)."""
-    from ..evaluators import graph_reads
-
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if graph_reads(gm, name):
             continue
         delattr(*_owner(gm, name))
     gm.delete_all_unused_submodules()
+
+
+def graph_reads(gm: torch.fx.GraphModule, name: str) -> bool:
+    """Whether the graph reads the parameter or buffer ``name`` (directly or via a submodule)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and (name == node.target or name.startswith(node.target + ".")):
+            return True
+        if node.op == "call_module" and name.startswith(node.target + "."):
+            return True
+    return False
+
+
+@register_scheme
+class Fp32(Scheme):
+    name = "fp32"
+
+    def convert(self, model, example_input, calibration, granularity, keep):
+        return model
+
+
+@register_scheme
+class Bf16(Scheme):
+    name, levels, tolerance = "bf16", 0, 5e-2
+
+    def convert(self, model, example_input, calibration, granularity, keep):
+        return Bf16Model(model, keep)
+
+
+@register_scheme
+class Int8Dynamic(Scheme):
+    """Linear weights in int8, activations quantized at run time (torchao)."""
+
+    name, integer_weights, levels, tolerance = "int8_dynamic", True, 256, 1e-1
+
+    def convert(self, model, example_input, calibration, granularity, keep):
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        config = Int8DynamicActivationInt8WeightConfig(granularity=torchao_granularity(
+            granularity))
+        return torchao_quantize(model, config, keep)
+
+
+@register_scheme
+class Int8Static(Scheme):
+    """Post-training int8 through PT2E and the x86 Inductor quantizer, calibrated, with a
+    dynamic batch dimension (QAT: fake quantization during the fine-tune)."""
+
+    name, integer_weights, calibrated, qat = "int8_static", True, True, True
+    levels, tolerance = 256, 1e-1
+
+    def convert(self, model, example_input, calibration, granularity, keep):
+        return _pt2e_static(model, example_input, calibration, granularity, keep)
+
+
+def torchao_granularity(granularity: str):
+    from torchao.quantization import PerRow, PerTensor
+
+    return PerRow() if granularity == "per_channel" else PerTensor()
+
+
+def torchao_quantize(model: nn.Module, config, keep: frozenset[str]) -> nn.Module:
+    """torchao's ``quantize_`` on every ``nn.Linear`` not named in ``keep``, in place."""
+    from torchao.quantization import quantize_
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, config, filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in keep)
+    return model
+
+
+KeepFloat = Literal["none", "first_last", "sensitive"]
+Granularity = Literal["per_channel", "per_tensor"]
+
+
+@dataclass(frozen=True)
+class QuantizationConfig(Config):
+    """Numeric format of the deployed model.
+
+    ``granularity`` of integer weights (per output channel or per tensor);
+    ``calibration_batches`` for calibrated schemes; ``qat`` trains int8_static with fake
+    quantization during the fine-tune, then converts; ``keep_float`` leaves layers at
+    float precision (none, first and last, or the most sensitive quarter measured on
+    calibration data).
+    """
+
+    scheme: str = param("fp32", choices=scheme_names)
+    granularity: Granularity = param("per_channel", choices=("per_channel", "per_tensor"),
+                                     note="integer schemes")
+    calibration_batches: int = param(8, low=1, high=1024, integer=True, note="static int8")
+    qat: bool = param(False, note="fake quantization during the fine-tune "
+                                  "(`int8_static`)")
+    keep_float: KeepFloat = param("none", choices=("none", "first_last", "sensitive"))
+
+
+@register
+class Quantization(Technique):
+    """Before the fine-tune, QAT inserts fake quantization; after it (and after weight
+    sharing), the model is converted to its scheme, chosen layers kept in float."""
+
+    section, config, order, stage = "quantization", QuantizationConfig, 50, "prepare QAT"
+    searched = {"scheme": lambda: Choice(scheme_names())}
+
+    def apply(self, model: nn.Module, config: QuantizationConfig, ctx: Context) -> nn.Module:
+        if config.qat:
+            return self._prepare_qat(model, config, ctx)
+        reference: list[torch.Tensor] = []
+
+        def choose_float(trained: nn.Module, _ctx: Context) -> nn.Module:
+            ctx.float_layers = self._float_layers(trained, config, ctx)
+            reference.append(_outputs(trained, ctx.example_input))
+            return trained
+
+        def convert(trained: nn.Module, _ctx: Context) -> nn.Module:
+            compressed = quantize(trained, config.scheme, ctx.example_input,
+                                  ctx.calibration_inputs(config.calibration_batches),
+                                  granularity=config.granularity, keep_float=ctx.float_layers)
+            ctx.facts["quantization_error"] = _relative_error(
+                _outputs(compressed, ctx.example_input), reference[0])
+            if scheme(config.scheme).calibrated:
+                ctx.facts["calibration_batches"] = config.calibration_batches
+            self._float_facts(config, ctx)
+            return compressed
+
+        ctx.later(65, "float layers", choose_float)
+        ctx.later(80, "quantize", convert)
+        return model
+
+    def _prepare_qat(self, model: nn.Module, config: QuantizationConfig, ctx: Context
+                     ) -> nn.Module:
+        if ctx.recipe.distillation.feature_weight > 0:
+            raise ValueError("feature distillation cannot run with QAT: the QAT graph exposes "
+                             "no layer to read features from; set feature_weight = 0 or "
+                             "qat = false")
+        if ctx.finetune_steps <= 0:
+            raise ValueError("QAT learns its quantization ranges during the fine-tune and "
+                             "needs fine-tune steps > 0")
+        ctx.float_layers = self._float_layers(model, config, ctx)
+        if ctx.float_layers:
+            model = _fold_batchnorm(model)
+        ctx.needs_training = True
+
+        def convert(trained: nn.Module, _ctx: Context) -> nn.Module:
+            self._float_facts(config, ctx)
+            return convert_qat(trained)
+
+        ctx.later(80, "quantize", convert)
+        return prepare_qat(model, ctx.example_input, granularity=config.granularity,
+                           keep_float=ctx.float_layers)
+
+    @staticmethod
+    def _float_layers(model: nn.Module, config: QuantizationConfig, ctx: Context) -> list[str]:
+        inputs = ctx.calibration_inputs(config.calibration_batches)[:2]
+        return float_layers(model, ctx.example_input, config.keep_float, inputs,
+                            config.scheme, ctx.recipe.weight_sharing.bits)
+
+    @staticmethod
+    def _float_facts(config: QuantizationConfig, ctx: Context) -> None:
+        if config.keep_float != "none":
+            ctx.facts["float_layers"] = ",".join(ctx.float_layers)
+            ctx.facts["float_layer_count"] = len(ctx.float_layers)
+
+    def normalize(self, config: QuantizationConfig, sections: dict[str, Any]
+                  ) -> QuantizationConfig:
+        s = scheme(config.scheme)
+        qat = config.qat and s.qat
+        rounded = s.levels is not None or sections["weight_sharing"].bits > 0
+        return dataclasses.replace(
+            config, qat=qat,
+            granularity=config.granularity if s.integer_weights else "per_channel",
+            calibration_batches=config.calibration_batches if s.calibrated and not qat else 8,
+            keep_float=config.keep_float if rounded else "none")
+
+    def label(self, config: QuantizationConfig) -> str:
+        text = config.scheme + ("_qat" if config.qat else "")
+        text += "/tensor" if config.granularity == "per_tensor" else ""
+        return text + (f" keep={config.keep_float}" if config.keep_float != "none" else "")
+
+
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """The model with each BatchNorm folded into the convolution before it (torch.fx);
+    PT2E's QAT cannot leave a Conv-BatchNorm pair in float otherwise."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except Exception as exc:
+        raise ValueError(f"QAT with float layers folds BatchNorm into convolutions first, and "
+                         f"torch.fx could not trace this model: {exc}") from exc
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x.clone()).float()
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    error = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+    if not math.isfinite(error):
+        raise FloatingPointError(f"the quantized model's outputs are not finite ({error})")
+    return round(error, 6)
+
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def float_layers(model: nn.Module, example_input: torch.Tensor, rule: str,
+                 inputs: list[torch.Tensor], scheme_name: str, cluster_bits: int) -> list[str]:
+    """Names of the Linear / Conv layers kept at float precision under ``rule``.
+
+    ``first_last``: the first and the last layer called. ``sensitive``: the quarter of the
+    layers (at least one) whose weights alone, rounded to the target precision (the
+    scheme's integer levels per channel, bf16, or ``cluster_bits`` uniform levels), change
+    the model's outputs on ``inputs`` the most. ``none``: no layer.
+    """
+    if rule == "none":
+        return []
+    order: list[nn.Module] = []
+    run_with_hooks(model, [m for m in model.modules() if isinstance(m, _LAYERS)],
+                   lambda mod, _i, _o: order.append(mod), example_input)
+    names = {m: n for n, m in model.named_modules()}
+    called = list(dict.fromkeys(order))
+    if rule == "first_last":
+        return sorted({names[called[0]], names[called[-1]]}) if called else []
+    if rule != "sensitive":
+        raise ValueError(f"keep_float must be 'none', 'first_last' or 'sensitive'. "
+                         f"Got {rule!r} instead.")
+    levels = 2 ** cluster_bits if cluster_bits else scheme(scheme_name).levels
+    with torch.no_grad():
+        reference = [model(x).float() for x in inputs]
+        scores = []
+        for layer in called:
+            original = layer.weight.detach().clone()
+            layer.weight.copy_(_rounded(original, levels))
+            error = sum(_relative_error(model(x).float(), ref)
+                        for x, ref in zip(inputs, reference, strict=True))
+            layer.weight.copy_(original)
+            scores.append(error)
+    count = max(1, math.ceil(len(called) / 4))
+    ranked = sorted(range(len(called)), key=lambda i: -scores[i])[:count]
+    return sorted(names[called[i]] for i in ranked)
+
+
+def _rounded(weight: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """``weight`` rounded as the target precision would (a cheap sensitivity proxy):
+    ``levels`` uniform levels per output channel, bf16 for 0, unchanged for None."""
+    if levels is None:
+        return weight
+    if levels == 0:
+        return weight.to(torch.bfloat16).float()
+    rows = weight.reshape(weight.shape[0], -1)
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / (levels / 2 - 0.5)
+    return (torch.round(rows / scale) * scale).reshape(weight.shape)

@@ -2,79 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._recipe import _SECTION_TYPES, QUANT_SCHEMES, Recipe
+from ._config import default_of
+from ._domains import Choice, Domain, Fixed, FloatRange
+from ._recipe import Recipe, moved_parameter
+from ._technique import technique, techniques
 
 
-@dataclass(frozen=True)
-class FloatRange:
-    """Floats from ``low`` to ``high`` inclusive, on a grid of ``step`` when given."""
-
-    low: float
-    high: float
-    step: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.low <= self.high:
-            raise ValueError(f"low must be <= high. Got low={self.low}, high={self.high}.")
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be > 0. Got {self.step}.")
-        if self.step is not None:
-            n = (self.high - self.low) / self.step
-            if not math.isclose(n, round(n), abs_tol=1e-9):
-                raise ValueError(
-                    f"(high - low) must be a multiple of step. Got low={self.low}, "
-                    f"high={self.high}, step={self.step}."
-                )
-
-    def candidates(self) -> list[float]:
-        """The extreme values (and grid points when stepped), for validation."""
-        return [self.low, self.high]
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One of a fixed list of values."""
-
-    values: tuple[Any, ...]
-
-    def __post_init__(self) -> None:
-        if not self.values:
-            raise ValueError("a choice needs at least one value.")
-
-    def candidates(self) -> list[Any]:
-        return list(self.values)
-
-
-@dataclass(frozen=True)
-class Fixed:
-    """A value that is not searched."""
-
-    value: Any
-
-    def candidates(self) -> list[Any]:
-        return [self.value]
-
-
-Domain = FloatRange | Choice | Fixed
-
-_SEARCHED_BY_DEFAULT: dict[str, Domain] = {
-    "student.width": FloatRange(0.5, 1.0, 0.125),
-    "pruning.ratio": FloatRange(0.0, 0.7, 0.05),
-    "quantization.scheme": Choice(QUANT_SCHEMES),
-}
-
-# Every recipe parameter has a domain; those not searched by default are fixed at the
-# configuration's default (the technique off, or its most common setting).
-DEFAULT_DOMAINS: dict[str, Domain] = {
-    f"{section}.{f.name}": _SEARCHED_BY_DEFAULT.get(f"{section}.{f.name}", Fixed(f.default))
-    for section, config_type in _SECTION_TYPES.items()
-    for f in fields(config_type)
-}
+def default_domains() -> dict[str, Domain]:
+    """Every recipe parameter's default domain: searched where its technique says so, else
+    fixed at the config's default (the technique off, or its most common setting)."""
+    domains: dict[str, Domain] = {}
+    for t in techniques():
+        for f in fields(t.config):
+            searched = t.searched.get(f.name)
+            domain = searched() if callable(searched) else searched
+            domains[f"{t.section}.{f.name}"] = domain or Fixed(default_of(f))
+    return domains
 
 
 @dataclass(frozen=True)
@@ -84,18 +31,18 @@ class SearchSpace:
     domains: Mapping[str, Domain]
 
     def __post_init__(self) -> None:
-        unknown = set(self.domains) - set(DEFAULT_DOMAINS)
+        valid = default_domains()
+        unknown = set(self.domains) - set(valid)
         if unknown:
             raise ValueError(
-                f"Unknown space parameter(s) {sorted(unknown)}; valid: {sorted(DEFAULT_DOMAINS)}."
-            )
+                f"Unknown space parameter(s) {sorted(unknown)}; valid: {sorted(valid)}.")
         for name, domain in self.domains.items():
             for value in domain.candidates():
                 _check_value(name, value)
 
     @classmethod
     def default(cls) -> SearchSpace:
-        return cls(dict(DEFAULT_DOMAINS))
+        return cls(default_domains())
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> SearchSpace:
@@ -105,16 +52,17 @@ class SearchSpace:
         ``{low, high, step}`` (a float range). Raises KeyError naming an unknown key,
         ValueError or TypeError naming a bad value.
         """
-        domains = dict(DEFAULT_DOMAINS)
+        domains = default_domains()
+        sections = {t.section for t in techniques()}
         for section, entries in table.items():
-            if section not in _SECTION_TYPES:
+            if section not in sections:
                 raise KeyError(f"space.{section}")
             if not isinstance(entries, Mapping):
                 raise TypeError(f"space.{section} must be a table. Got {entries!r}.")
             for key, raw in entries.items():
-                name = f"{section}.{key}"
-                if name not in DEFAULT_DOMAINS:
-                    raise KeyError(f"space.{name}")
+                name = moved_parameter(f"{section}.{key}")
+                if name not in domains:
+                    raise KeyError(f"space.{section}.{key}")
                 domains[name] = _parse_domain(name, raw)
         return cls(domains)
 
@@ -152,7 +100,7 @@ def _parse_domain(name: str, raw: Any) -> Domain:
 
 def _check_value(name: str, value: Any) -> None:
     section, key = name.split(".")
-    config_type = _SECTION_TYPES[section]
+    config_type = technique(section).config
     valid = {f.name for f in fields(config_type)}
     if key not in valid:
         raise KeyError(f"space.{name}")

@@ -4,12 +4,37 @@ at once or on a polynomial (AGP) schedule during the recovery fine-tune."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ._recipe import SparsityConfig
-from ._structure import Loss
+from ._config import Config, param
+from ._sparse import SPARSE_MODULES, sparsify
+from ._structure import Loss, output_layers
+from ._technique import Context, Technique, register
+
+SparseCriterion = Literal["magnitude", "taylor", "random"]
+SparseScope = Literal["global", "layer"]
+SparseSchedule = Literal["one_shot", "gradual"]
+
+
+@dataclass(frozen=True)
+class SparsityConfig(Config):
+    """Unstructured pruning: ``ratio`` of the Linear / Conv weights set to zero.
+
+    Ranked by ``criterion`` (magnitude, first-order Taylor |w * grad|, random) across the
+    network or per layer (``scope``), at once before the fine-tune or ``gradual``ly during
+    it (polynomial schedule); ``block > 1`` removes square blocks (stored BSR).
+    """
+
+    ratio: float = param(0.0, low=0.0, high=0.99, off=True, note="unstructured")
+    criterion: SparseCriterion = param("magnitude", choices=("magnitude", "taylor", "random"))
+    scope: SparseScope = param("global", choices=("global", "layer"))
+    schedule: SparseSchedule = param("one_shot", choices=("one_shot", "gradual"),
+                                     note="gradual: polynomial, during the fine-tune")
+    block: int = param(1, low=1, high=64, integer=True, note="square blocks, stored BSR")
 
 
 def _matrix(t: torch.Tensor) -> torch.Tensor:
@@ -129,3 +154,47 @@ class Sparsifier:
                 offset += count
         self.current = sparsity
         self.apply(model)
+
+
+@register
+class Sparsity(Technique):
+    """Masks set before the fine-tune (or raised on schedule during it) and kept through
+    it; after quantization, layers whose CSR / BSR storage is smaller are stored sparse."""
+
+    section, config, order, stage = "sparsity", SparsityConfig, 40, "sparsify"
+
+    def apply(self, model: nn.Module, config: SparsityConfig, ctx: Context) -> nn.Module:
+        if config.ratio == 0:
+            return model
+        sparsifier = Sparsifier(model, config, steps=ctx.finetune_steps,
+                                exclude=output_layers(model, ctx.example_input), seed=ctx.seed)
+        sparsifier.start(model, ctx.loss)
+        ctx.changed = True
+        ctx.step_hooks.append(sparsifier.step)
+        ctx.model_hooks.append(sparsifier.apply)
+
+        def final_masks(trained: nn.Module, _ctx: Context) -> nn.Module:
+            ctx.model_hooks.remove(sparsifier.apply)  # quantized graphs have other weights
+            sparsifier.apply(trained)
+            ctx.facts["sparsity"] = round(sparsifier.sparsity(), 6)
+            return trained
+
+        def storage(compressed: nn.Module, _ctx: Context) -> nn.Module:
+            ctx.facts["sparse_layers"] = len(sparsify(compressed, blocksize=config.block))
+            layouts = {m.layout for m in compressed.modules() if isinstance(m, SPARSE_MODULES)}
+            ctx.facts["sparse_layout"] = ",".join(sorted(layouts)) or "dense"
+            return compressed
+
+        ctx.later(61, "sparsify", final_masks)
+        ctx.later(95, "sparse storage", storage)
+        return model
+
+    def normalize(self, config: SparsityConfig, sections: dict[str, Any]) -> SparsityConfig:
+        return config if config.ratio > 0 else SparsityConfig()
+
+    def label(self, config: SparsityConfig) -> str:
+        if not config.ratio:
+            return ""
+        block = f",b{config.block}" if config.block > 1 else ""
+        return (f"sparse={config.ratio:g}({config.criterion},{config.scope},"
+                f"{config.schedule}{block})")

@@ -2,6 +2,7 @@
 small transformer encoder: what it promises, checked."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from paretoslim.spaces import (
     Sparsifier,
     SparsityConfig,
     UnfusedAttention,
+    WeightSharingConfig,
     cluster_weights,
     compress,
     densify,
@@ -502,11 +504,12 @@ FULL_SPACE = {
                  "block": [1, 4]},
     "distillation": {"temperature": [2.0, 4.0], "alpha": [0.5, 0.9],
                      "feature_weight": [0.0, 1.0]},
-    "quantization": {"scheme": ["fp32", "bf16", "int8_dynamic", "int8_static"],
+    "quantization": {"scheme": ["fp32", "bf16", "int8_dynamic", "int8_static",
+                                "int8_weight_only"],
                      "granularity": ["per_channel", "per_tensor"],
                      "calibration_batches": [2, 8], "qat": [False, True],
-                     "keep_float": ["none", "first_last", "sensitive"],
-                     "cluster_bits": [0, 3, 5]},
+                     "keep_float": ["none", "first_last", "sensitive"]},
+    "weight_sharing": {"bits": [0, 3, 5]},
 }
 CLEAR_FAILURES = ("repeated", "BatchNorm", "feature distillation cannot run with QAT",
                   "needs multi-head attention")
@@ -557,7 +560,8 @@ def test_a_rich_recipe_is_deterministic(tasks, kind):
         "pruning": {"ratio": 0.25, "criterion": "taylor", "allocation": "sensitivity"},
         "sparsity": {"ratio": 0.5, "criterion": "random", "schedule": "gradual"},
         "distillation": {"feature_weight": 0.5},
-        "quantization": {"scheme": "bf16", "cluster_bits": 4, "keep_float": "sensitive"},
+        "quantization": {"scheme": "bf16", "keep_float": "sensitive"},
+        "weight_sharing": {"bits": 4},
     })
     task = tasks[kind]
     a, facts_a = _run(task, recipe, steps=8, seed=5)
@@ -579,11 +583,18 @@ def test_old_recipes_load_and_irrelevant_settings_normalize():
            "quantization": {"scheme": "int8_static"}}
     recipe = Recipe.from_dict(old)
     assert recipe.sparsity == SparsityConfig() and recipe.quantization.granularity == "per_channel"
-    fp32_qat = Recipe(quantization=QuantizationConfig("fp32", qat=True, cluster_bits=4,
-                                                      granularity="per_tensor"))
-    assert fp32_qat.quantization == QuantizationConfig("fp32", cluster_bits=4)
-    int8_kmeans = Recipe(quantization=QuantizationConfig("int8_dynamic", cluster_bits=4))
-    assert int8_kmeans.quantization.cluster_bits == 0
+    fp32_qat = Recipe(QuantizationConfig("fp32", qat=True, granularity="per_tensor",
+                                         keep_float="sensitive"), WeightSharingConfig(4))
+    assert fp32_qat.quantization == QuantizationConfig("fp32", keep_float="sensitive")
+    int8_kmeans = Recipe(QuantizationConfig("int8_dynamic"), WeightSharingConfig(4))
+    assert int8_kmeans.weight_sharing.bits == 0
+    for scheme in ("int8_static", "int8_weight_only"):
+        assert Recipe(QuantizationConfig(scheme), WeightSharingConfig(4)).weight_sharing.bits == 0
+    stored = {"quantization": {"scheme": "bf16", "cluster_bits": 4, "keep_float": "sensitive"}}
+    assert Recipe.from_dict(stored) == Recipe(QuantizationConfig("bf16", keep_float="sensitive"),
+                                              WeightSharingConfig(4))
+    assert Recipe.from_dict(json.loads(Recipe.from_dict(stored).to_json())) == Recipe.from_dict(
+        stored)
     assert Recipe(sparsity=SparsityConfig(0.0, "random")) == Recipe()
 
 

@@ -1,0 +1,142 @@
+"""The technique protocol and its registry: a recipe section, its stage, how it is applied."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ._training import Deadline, cycle, distillation_loss
+
+LOSS_BATCHES = 4  # training batches behind Taylor gradients and sensitivity measurements
+
+Step = Callable[[nn.Module, "Context"], nn.Module]
+
+
+class Technique:
+    """One compression technique; a subclass is registered with ``register``.
+
+    ``section`` names its part of the Recipe and ``config`` its frozen dataclass (fields
+    declared with ``param``, all defaulted); ``order`` places ``apply`` in the pipeline
+    (student 10, pruning 20, low rank 30, sparsity 40, quantization set-up 50, fine-tune
+    60, weight sharing 70; follow-up steps scheduled with ``Context.later`` up to 100);
+    ``stage`` names it in progress displays; ``searched`` maps the fields searched by
+    default to their domain (or to a callable giving it, read when the space is built).
+
+    ``apply(model, config, ctx)`` returns the model (in place or new) and may record facts
+    (numbers, strings, booleans) in ``ctx.facts``; it raises ValueError saying why a
+    combination cannot be applied. ``normalize(config, sections)`` returns the config
+    with settings that cannot act under the rest of the recipe at their defaults
+    (``sections`` holds the sections normalized before this one and the raw rest).
+    ``label(config)`` is the short text of the front ("" when the technique is off).
+    """
+
+    section: ClassVar[str]
+    config: ClassVar[type]
+    order: ClassVar[float]
+    stage: ClassVar[str]
+    searched: ClassVar[Mapping[str, Any]] = {}
+
+    def apply(self, model: nn.Module, config: Any, ctx: Context) -> nn.Module:
+        raise NotImplementedError
+
+    def normalize(self, config: Any, sections: Mapping[str, Any]) -> Any:
+        return config
+
+    def label(self, config: Any) -> str:
+        return ""
+
+
+_REGISTRY: dict[str, Technique] = {}
+
+
+def register(technique: type[Technique]) -> type[Technique]:
+    """Class decorator: add a technique to the registry (one per section)."""
+    if technique.section in _REGISTRY:
+        raise ValueError(f"a technique for recipe section {technique.section!r} is registered")
+    _REGISTRY[technique.section] = technique()
+    return technique
+
+
+def techniques() -> list[Technique]:
+    """The registered techniques in pipeline order."""
+    return sorted(_REGISTRY.values(), key=lambda t: t.order)
+
+
+def technique(section: str) -> Technique:
+    if section not in _REGISTRY:
+        raise ValueError(f"Unknown recipe section {section!r}; expected {sorted(_REGISTRY)}.")
+    return _REGISTRY[section]
+
+
+@dataclass
+class Context:
+    """What techniques share while one recipe is applied to a copy of the teacher.
+
+    ``changed`` (a structural change) or ``needs_training`` (QAT) makes the fine-tune run;
+    ``step_hooks`` run after each optimizer step as ``hook(model, step)``; ``model_hooks``
+    run whenever a step returns a new model object (e.g. masks re-applied to an exported
+    copy); ``float_layers`` are the layer names kept at float precision.
+    """
+
+    recipe: Any
+    teacher: nn.Module
+    example_input: torch.Tensor
+    train: Iterable
+    calibration: Iterable | None
+    finetune_steps: int
+    learning_rate: float
+    seed: int
+    student_factory: Callable[[float, float], nn.Module] | None = None
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))
+    on_stage: Callable[[str], None] = lambda _name: None
+    facts: dict[str, Any] = field(default_factory=dict)
+    changed: bool = False
+    needs_training: bool = False
+    float_layers: list[str] = field(default_factory=list)
+    step_hooks: list[Callable[[nn.Module, int], None]] = field(default_factory=list)
+    model_hooks: list[Callable[[nn.Module], None]] = field(default_factory=list)
+    _queue: list = field(default_factory=list)
+    _ticket: Any = field(default_factory=itertools.count)
+    _loss_cache: list = field(default_factory=list)
+
+    def later(self, order: float, name: str, step: Step) -> None:
+        """Run ``step(model, ctx)`` at ``order`` of the pipeline, named ``name`` in progress
+        and budget messages."""
+        heapq.heappush(self._queue, (order, next(self._ticket), name, step))
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        """The distillation loss of ``model`` on the first training batches."""
+        if not self._loss_cache:
+            for inputs, targets in islice(cycle(self.train), LOSS_BATCHES):
+                with torch.no_grad():
+                    self._loss_cache.append((inputs, targets, self.teacher(inputs)))
+        config = self.recipe.distillation
+        total = sum(distillation_loss(model(x), t, y, config) for x, y, t in self._loss_cache)
+        return total / len(self._loss_cache)
+
+    def calibration_inputs(self, count: int) -> list[torch.Tensor]:
+        """The inputs of the first ``count`` calibration batches, topped up from ``train``."""
+        batches = list(islice(self.calibration, count)) if self.calibration is not None else []
+        if len(batches) < count:
+            batches += list(islice(cycle(self.train), count - len(batches)))
+        return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+
+    def run(self, model: nn.Module) -> nn.Module:
+        """Pop and run the scheduled steps in order; return the final model."""
+        while self._queue:
+            _order, _ticket, name, step = heapq.heappop(self._queue)
+            self.on_stage(name)
+            result = step(model, self)
+            if result is not model:
+                for hook in self.model_hooks:
+                    hook(result)
+            model = result
+            self.deadline.check(name)
+        return model

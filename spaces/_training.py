@@ -1,0 +1,57 @@
+"""What fine-tuning shares: the distillation loss, endless batches and the time budget."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class BudgetExceeded(RuntimeError):
+    """A trial ran past its time budget."""
+
+
+class Deadline:
+    """A wall-clock budget; ``check`` raises BudgetExceeded once it has passed."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def check(self, stage: str) -> None:
+        if self.seconds is not None and time.monotonic() - self.start > self.seconds:
+            raise BudgetExceeded(
+                f"time budget of {self.seconds:g} s exceeded during {stage}"
+            )
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      targets: torch.Tensor | None, config: Any) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * cross-entropy."""
+    t = config.temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1),
+                    F.log_softmax(teacher_logits / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    if targets is None or config.alpha == 1.0:
+        return soft
+    hard = F.cross_entropy(student_logits, targets)
+    return config.alpha * soft + (1.0 - config.alpha) * hard
+
+
+def cycle(batches: Iterable) -> Iterator:
+    """Endless batches; collections with ``set_epoch`` restart at epoch 0 so a fine-tune
+    sees the same data order whatever ran before it (DataLoaders follow the seeded RNG)."""
+    epoch = 0
+    while True:
+        empty = True
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
+        epoch += 1
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training data yielded no batches")
