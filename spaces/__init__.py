@@ -14,7 +14,7 @@ from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
 from ._apply import compress, count_parameters
 from ._attention import UnfusedAttention, prune_heads
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
-from ._config import param
+from ._config import Config, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
@@ -60,6 +60,7 @@ __all__ = [
     "Bf16Model",
     "BudgetExceeded",
     "Choice",
+    "Config",
     "ClusteredConv2d",
     "ClusteredLinear",
     "Context",

@@ -12,12 +12,11 @@ import torch_pruning as tp
 from torch import nn
 
 from ._attention import UnfusedAttention
+from ._training import Loss
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ROOTS = [nn.modules.conv._ConvNd, nn.Linear]
 
-Loss = Callable[[nn.Module], torch.Tensor]
-"""A scalar loss of a model on fixed data (for gradients and sensitivity measurements)."""
 
 
 def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callable,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+Loss = Callable[[nn.Module], torch.Tensor]
+"""A scalar loss of a model on fixed data (for gradients and sensitivity measurements)."""
 
 
 class BudgetExceeded(RuntimeError):

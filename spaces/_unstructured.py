@@ -12,8 +12,9 @@ from torch import nn
 
 from ._config import Config, param
 from ._sparse import SPARSE_MODULES, sparsify
-from ._structure import Loss, output_layers
+from ._structure import output_layers
 from ._technique import Context, Technique, register
+from ._training import Loss
 
 SparseCriterion = Literal["magnitude", "taylor", "random"]
 SparseScope = Literal["global", "layer"]

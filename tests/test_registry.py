@@ -1,0 +1,162 @@
+"""The technique registry: Recipe, space, labels, compress and the README come from it."""
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from paretoslim.evaluators import size_mb
+from paretoslim.kernels import lower
+from paretoslim.spaces import (
+    Choice,
+    Config,
+    Fixed,
+    QuantizationConfig,
+    Recipe,
+    SearchSpace,
+    Technique,
+    compress,
+    param,
+    parameter_table,
+    quantize,
+    register,
+    scheme_names,
+    techniques,
+)
+from paretoslim.spaces import _technique as registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ScaleConfig(Config):
+    factor: float = param(1.0, low=0.0, high=4.0, low_open=True, off=True)
+
+
+class Scale(Technique):
+    """A toy technique: the output layer's weights scaled; the fine-tune is asked for."""
+
+    section, config, order, stage = "scale", ScaleConfig, 35, "scale"
+
+    def apply(self, model, config, ctx):
+        if config.factor != 1.0:
+            last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+            with torch.no_grad():
+                last.weight.mul_(config.factor)
+            ctx.facts["scaled"] = config.factor
+            ctx.changed = True
+        return model
+
+    def label(self, config):
+        return f"scale={config.factor:g}" if config.factor != 1.0 else ""
+
+
+@pytest.fixture
+def scale_registered(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register(Scale)
+    yield
+
+
+def test_a_registered_technique_joins_recipe_space_labels_and_compress(scale_registered,
+                                                                         mlp_task):
+    assert [t.section for t in techniques()].index("scale") == 3  # by its order, 35
+    recipe = Recipe.from_dict({"scale": {"factor": 2.0}})
+    assert recipe.scale == ScaleConfig(2.0) and Recipe.from_json(recipe.to_json()) == recipe
+    assert recipe.short() == "scale=2 fp32"
+    space = SearchSpace.from_table({"scale": {"factor": [1.0, 2.0]}})
+    assert space.searched()["scale.factor"] == Choice((1.0, 2.0))
+    assert "`space.scale.factor` | 1.0 (off) | (0, 4]" in parameter_table()
+    with pytest.raises(ValueError, match="'factor' parameter of ScaleConfig"):
+        Recipe.from_dict({"scale": {"factor": 5.0}})
+    _, facts = compress(mlp_task.model, recipe, example_input=mlp_task.example_input,
+                        train=mlp_task.train, calibration=None, finetune_steps=2,
+                        learning_rate=1e-3, seed=0)
+    assert facts["scaled"] == 2.0 and facts["finetune_steps"] == 2
+    _, untouched = compress(mlp_task.model, Recipe(), example_input=mlp_task.example_input,
+                            train=mlp_task.train, calibration=None, finetune_steps=2,
+                            learning_rate=1e-3, seed=0)
+    assert "scaled" not in untouched and untouched["finetune_steps"] == 0
+
+
+def test_a_section_registers_once():
+    with pytest.raises(ValueError, match="registered"):
+        register(type("Again", (Technique,), {"section": "pruning", "config": ScaleConfig,
+                                              "order": 1, "stage": "x"}))
+
+
+def test_recipe_sections_are_placed_by_type_and_checked():
+    assert Recipe(QuantizationConfig("bf16")).quantization.scheme == "bf16"
+    with pytest.raises(TypeError, match="must be a QuantizationConfig"):
+        Recipe(quantization=ScaleConfig())
+    with pytest.raises(TypeError, match="not a recipe section"):
+        Recipe(ScaleConfig())
+
+
+def test_the_readme_parameter_table_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert parameter_table() in readme, "README's parameter table differs from the registry"
+
+
+def test_int8_weight_only_is_a_scheme_of_the_default_space():
+    assert "int8_weight_only" in scheme_names()
+    assert "int8_weight_only" in SearchSpace.default().domains["quantization.scheme"].values
+    assert SearchSpace.from_table({"quantization": {"scheme": "int8_weight_only"}}).domains[
+        "quantization.scheme"] == Fixed("int8_weight_only")
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_int8_weight_only_stores_int8_weights_and_lowers(granularity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    x = torch.randn(16, 128)
+    expected = model(x)
+    dense = size_mb(model)
+    quantized = quantize(model, "int8_weight_only", x, granularity=granularity,
+                         keep_float=["2"])
+    assert type(quantized[2].weight) is torch.nn.Parameter  # kept in float
+    assert type(quantized[0].weight.data).__name__ != "Tensor"
+    assert size_mb(quantized) < 0.5 * dense
+    out = quantized(x)
+    assert ((out - expected).abs().max() / expected.abs().max()) < 0.05
+    lowered = lower(quantized, x, "int8_weight_only", "aoti")
+    assert lowered.max_relative_error < 0.05
+    torch.testing.assert_close(lowered.fn(x), out, rtol=1e-3, atol=1e-3)
+
+
+def test_compress_with_int8_weight_only_keeps_quality(mlp_task):
+    recipe = Recipe(QuantizationConfig("int8_weight_only"))
+    model, facts = compress(mlp_task.model, recipe, example_input=mlp_task.example_input,
+                            train=mlp_task.train, calibration=None, finetune_steps=0,
+                            learning_rate=1e-3, seed=0)
+    assert 0 < facts["quantization_error"] < 0.05
+    assert recipe.short() == "int8_weight_only"
+    assert size_mb(model) < 0.5 * size_mb(mlp_task.model)
+
+
+def _long_functions(folder: str, limit: int = 60) -> list[str]:
+    found = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{path.name}:{node.name} ({length} lines)")
+    return found
+
+
+@pytest.mark.parametrize("folder", ["spaces", "search"])
+def test_every_function_fits_on_a_screen(folder):
+    assert _long_functions(folder) == []
+
+
+def test_compress_names_no_technique():
+    source = (ROOT / "spaces" / "_apply.py").read_text()
+    body = source[source.index("def compress("):]
+    sections = [t.section for t in techniques()]
+    named = [s for s in sections if re.search(rf"\b{s}\b", body.split('"""')[2])]
+    assert named == []
