@@ -47,7 +47,7 @@ from ._structure import (
     sensitivity_ratios,
 )
 from ._technique import Context, Technique, register, technique, techniques
-from ._training import BudgetExceeded, Deadline, distillation_loss
+from ._training import BudgetExceeded, Deadline, Stopped, distillation_loss
 
 DEFAULT_DOMAINS = default_domains()  # the registry's defaults once every technique is in
 QUANT_SCHEMES = scheme_names()
@@ -79,6 +79,7 @@ __all__ = [
     "SparseLinear",
     "Sparsifier",
     "SparsityConfig",
+    "Stopped",
     "StoredWeight",
     "StudentConfig",
     "Technique",

@@ -23,7 +23,9 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
              learning_rate: float, seed: int,
              student_factory: Callable[[float, float], nn.Module] | None = None,
              deadline: Deadline | None = None,
-             on_stage: Callable[[str], None] | None = None) -> tuple[nn.Module, dict]:
+             on_stage: Callable[[str], None] | None = None, rungs: tuple[float, ...] = (),
+             on_rung: Callable[[int, int, nn.Module], None] | None = None
+             ) -> tuple[nn.Module, dict]:
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
     Each registered technique's ``apply`` runs in the techniques' order with its section
@@ -31,14 +33,16 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
     The distillation fine-tune is skipped when nothing changed the model. The teacher is
     not modified. The same recipe, seed and data give the same model. A combination that
     cannot be applied raises ValueError saying why; past the ``deadline``, BudgetExceeded.
-    The facts are numbers, strings and booleans.
+    The facts are numbers, strings and booleans. ``on_rung`` sees the model at step 0 and
+    at the ``rungs`` (fractions) of the fine-tune and may raise ``Stopped``.
     """
     torch.manual_seed(seed)
     teacher.eval()
     ctx = Context(recipe=recipe, teacher=teacher, example_input=example_input, train=train,
                   calibration=calibration, finetune_steps=finetune_steps,
                   learning_rate=learning_rate, seed=seed, student_factory=student_factory,
-                  deadline=deadline or Deadline(None), on_stage=on_stage or (lambda _n: None))
+                  deadline=deadline or Deadline(None), on_stage=on_stage or (lambda _n: None),
+                  rungs=rungs, on_rung=on_rung)
     for t in techniques():
         ctx.later(t.order, t.stage, partial(_apply, t, getattr(recipe, t.section)))
     model = ctx.run(copy.deepcopy(teacher))

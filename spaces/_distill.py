@@ -129,10 +129,16 @@ class FineTune(Technique):
 
     def apply(self, model: nn.Module, config: DistillationConfig, ctx: Context) -> nn.Module:
         steps = ctx.finetune_steps if ctx.changed or ctx.needs_training else 0
+        rungs = sorted({max(1, round(f * steps)) for f in ctx.rungs if 0 < f < 1})
+        if steps and ctx.on_rung is not None:
+            ctx.on_rung(0, steps, model.eval())
         if steps:
             def on_step(step: int, _loss: float) -> None:
                 for hook in ctx.step_hooks:
                     hook(model, step)
+                if ctx.on_rung is not None and step + 1 in rungs:
+                    ctx.on_rung(step + 1, steps, model.eval())
+                    model.train()
 
             distill(model, ctx.teacher, ctx.train, steps=steps, config=config,
                     learning_rate=ctx.learning_rate, seed=ctx.seed, deadline=ctx.deadline,

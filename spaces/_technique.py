@@ -82,7 +82,10 @@ class Context:
     ``changed`` (a structural change) or ``needs_training`` (QAT) makes the fine-tune run;
     ``step_hooks`` run after each optimizer step as ``hook(model, step)``; ``model_hooks``
     run whenever a step returns a new model object (e.g. masks re-applied to an exported
-    copy); ``float_layers`` are the layer names kept at float precision.
+    copy); ``float_layers`` are the layer names kept at float precision. ``on_rung(step,
+    steps, model)`` runs before the fine-tune (step 0) and after each step listed in
+    ``rungs`` (fractions of the fine-tune), the model in eval mode; it may raise
+    ``Stopped`` to end the trial there.
     """
 
     recipe: Any
@@ -102,6 +105,8 @@ class Context:
     float_layers: list[str] = field(default_factory=list)
     step_hooks: list[Callable[[nn.Module, int], None]] = field(default_factory=list)
     model_hooks: list[Callable[[nn.Module], None]] = field(default_factory=list)
+    rungs: tuple[float, ...] = ()
+    on_rung: Callable[[int, int, nn.Module], None] | None = None
     _queue: list = field(default_factory=list)
     _ticket: Any = field(default_factory=itertools.count)
     _loss_cache: list = field(default_factory=list)

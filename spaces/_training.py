@@ -18,6 +18,16 @@ class BudgetExceeded(RuntimeError):
     """A trial ran past its time budget."""
 
 
+class Stopped(RuntimeError):
+    """A trial stopped on purpose before its end (e.g. at a fidelity rung), with the
+    figures measured so far."""
+
+    def __init__(self, reason: str, figures: dict[str, Any] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.figures = dict(figures or {})
+
+
 class Deadline:
     """A wall-clock budget; ``check`` raises BudgetExceeded once it has passed."""
 

@@ -15,9 +15,11 @@ from paretoslim.spaces import (
     Choice,
     Config,
     Fixed,
+    PruningConfig,
     QuantizationConfig,
     Recipe,
     SearchSpace,
+    Stopped,
     Technique,
     compress,
     param,
@@ -160,3 +162,29 @@ def test_compress_names_no_technique():
     sections = [t.section for t in techniques()]
     named = [s for s in sections if re.search(rf"\b{s}\b", body.split('"""')[2])]
     assert named == []
+
+
+def test_the_fine_tune_shows_its_rungs_and_can_be_stopped_there(mlp_task):
+    seen = []
+
+    def on_rung(step, steps, model):
+        assert not model.training
+        seen.append((step, steps))
+        if step == 5:
+            raise Stopped("hopeless", {"rung_quality": 0.1})
+
+    recipe = Recipe(PruningConfig(0.5))
+    kwargs = dict(example_input=mlp_task.example_input, train=mlp_task.train,
+                  calibration=None, learning_rate=1e-3, seed=0)
+    compress(mlp_task.model, recipe, finetune_steps=20, rungs=(0.1, 0.5), on_rung=lambda *a:
+             seen.append(a[:2]), **kwargs)
+    assert seen == [(0, 20), (2, 20), (10, 20)]
+    seen.clear()
+    with pytest.raises(Stopped, match="hopeless") as stop:
+        compress(mlp_task.model, recipe, finetune_steps=10, rungs=(0.5,), on_rung=on_rung,
+                 **kwargs)
+    assert seen == [(0, 10), (5, 10)] and stop.value.figures == {"rung_quality": 0.1}
+    seen.clear()
+    compress(mlp_task.model, Recipe(), finetune_steps=10, rungs=(0.5,), on_rung=on_rung,
+             **kwargs)
+    assert seen == []  # nothing changed: no fine-tune, no rung
