@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import IO, Any
 
-from paretoslim.search import TrialSettings
+from paretoslim.search import FinetuneSpec, LatencySpec, TrialSettings
 
 
 def trial_settings(steps: int, min_calls: int) -> TrialSettings:
     """Trials as the benchmarks run them: batch 64 timed on one thread, no time budget."""
-    return TrialSettings(finetune_steps=steps, latency_batch_size=64, threads=1,
-                         min_calls=min_calls, timeout_s=None)
+    return TrialSettings(FinetuneSpec(steps=steps, trial_timeout_s=None),
+                         LatencySpec(batch_size=64, threads=1, min_calls=min_calls))
 
 
 def record(log: IO[str], name: str, recipe: dict | None, failure: str | None,

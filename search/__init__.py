@@ -2,11 +2,13 @@
 
 from ._errors import ParetoslimError
 from ._export import export_trial
-from ._front import FrontPoint, pareto_front, render_front, write_front
+from ._front import render_front, write_front
+from ._pareto import FrontPoint, pareto_front
 from ._pick import Pick, PickRule, pick
 from ._report import write_report
-from ._spec import OBJECTIVES, StudySpec, load_spec, parse_spec
-from ._study import open_study, resolve_study, run_study, run_worker
+from ._run import run_study, run_worker
+from ._spec import OBJECTIVES, FinetuneSpec, LatencySpec, StudySpec, load_spec, parse_spec
+from ._store import open_study, resolve_study
 from ._task import Task, load_task
 from ._trial import Baseline, TrialResult, TrialSettings, measure_baseline, run_trial
 from ._verify import verify_artifact
@@ -14,7 +16,9 @@ from ._verify import verify_artifact
 __all__ = [
     "OBJECTIVES",
     "Baseline",
+    "FinetuneSpec",
     "FrontPoint",
+    "LatencySpec",
     "ParetoslimError",
     "Pick",
     "PickRule",

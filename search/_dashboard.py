@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._errors import ParetoslimError
-from ._study import make_storage, resolve_study, storage_of
+from ._store import make_storage, resolve_study, storage_of
 
 HOST = "127.0.0.1"
 

@@ -23,7 +23,7 @@ from ..spaces import (
 )
 from ._errors import ParetoslimError
 from ._spec import StudySpec
-from ._study import METRICS_ATTR, RECIPE_ATTR
+from ._store import METRICS_ATTR, RECIPE_ATTR
 from ._task import load_task
 from ._trial import TrialSettings, calibration_batches, quality_of
 
@@ -43,6 +43,56 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     ``card.md``. Raises ParetoslimError if the trial is not a completed one or the spec
     needed to rebuild the task is not available.
     """
+    trial = _completed_trial(study, spec, number)
+    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
+    recorded = dict(trial.user_attrs.get(METRICS_ATTR, {}))
+
+    task = load_task(spec.task, spec.base_dir, spec.task_options)
+    settings = TrialSettings.from_spec(spec)
+    finetune = settings.finetune
+    model, _ = compress(
+        task.model, recipe, example_input=task.example_input, train=task.train,
+        calibration=calibration_batches(task), finetune_steps=finetune.steps,
+        learning_rate=finetune.learning_rate, seed=settings.seed, student_factory=task.student,
+    )
+    quality = quality_of(task, model)
+    model, execution = _as_measured(model, recorded)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dynamic = _save_program(model, task.example_input, out / MODEL_FILE)
+    onnx = _save_onnx(model, task.example_input, out / ONNX_FILE, dynamic)
+    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    latency = settings.latency
+    exported = {
+        "study": study.study_name,
+        "trial": number,
+        "recorded": recorded,
+        "export_quality": quality,
+        "dynamic_batch": dynamic,
+        "onnx": onnx,
+        "sparse_execution": execution,
+        "model_file_mb": (out / MODEL_FILE).stat().st_size / 1e6,
+        "scheme": recipe.quantization.scheme,
+        "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
+                 "options": spec.task_options},
+        "latency": {"batch_size": latency.batch_size, "threads": latency.threads,
+                    "min_calls": latency.min_calls, "min_seconds": latency.min_seconds,
+                    "max_spread": latency.max_spread, "lowering": latency.lowering},
+        "environment": _environment(),
+    }
+    (out / METRICS_FILE).write_text(json.dumps(exported, indent=2) + "\n")
+    onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
+                 else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
+    (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
+                                       dynamic, tuple(task.example_input.shape), execution)
+                                 + onnx_line)
+    return out
+
+
+def _completed_trial(study: optuna.Study, spec: StudySpec | None,
+                     number: int) -> optuna.trial.FrozenTrial:
+    """Trial ``number``, checked to be completed and rebuildable (``spec`` known)."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     trial = trials.get(number)
     if trial is None:
@@ -56,48 +106,7 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         raise ParetoslimError(
             f"study {study.study_name!r}: its spec file is not readable any more; pass the "
             "spec path instead of the study name")
-    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
-    recorded = dict(trial.user_attrs.get(METRICS_ATTR, {}))
-
-    task = load_task(spec.task, spec.base_dir, spec.task_options)
-    settings = TrialSettings.from_spec(spec)
-    model, _ = compress(
-        task.model, recipe, example_input=task.example_input, train=task.train,
-        calibration=calibration_batches(task), finetune_steps=settings.finetune_steps,
-        learning_rate=settings.learning_rate, seed=settings.seed, student_factory=task.student,
-    )
-    quality = quality_of(task, model)
-    model, execution = _as_measured(model, recorded)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dynamic = _save_program(model, task.example_input, out / MODEL_FILE)
-    onnx = _save_onnx(model, task.example_input, out / ONNX_FILE, dynamic)
-    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    exported = {
-        "study": study.study_name,
-        "trial": number,
-        "recorded": recorded,
-        "export_quality": quality,
-        "dynamic_batch": dynamic,
-        "onnx": onnx,
-        "sparse_execution": execution,
-        "model_file_mb": (out / MODEL_FILE).stat().st_size / 1e6,
-        "scheme": recipe.quantization.scheme,
-        "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
-                 "options": spec.task_options},
-        "latency": {"batch_size": settings.latency_batch_size, "threads": settings.threads,
-                    "min_calls": settings.min_calls, "min_seconds": settings.min_seconds,
-                    "max_spread": settings.max_spread, "lowering": settings.lowering},
-        "environment": _environment(),
-    }
-    (out / METRICS_FILE).write_text(json.dumps(exported, indent=2) + "\n")
-    onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
-                 else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
-    (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
-                                       dynamic, tuple(task.example_input.shape), execution)
-                                 + onnx_line)
-    return out
+    return trial
 
 
 def _as_measured(model: torch.nn.Module, recorded: dict[str, Any]

@@ -1,55 +1,21 @@
-"""The Pareto front of a study: its points, as a table, CSV or JSON."""
+"""The Pareto front (or every trial) of a study as a table, CSV, JSON or parquet."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
-from ..spaces import Recipe
 from ._errors import ParetoslimError
-from ._study import DUPLICATE_ATTR, FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR
+from ._figures import fmt, short_recipe
+from ._pareto import FrontPoint, pareto_front
+from ._store import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR, completed_count
 
 FORMATS = ("table", "csv", "json", "parquet")
 _COLUMNS = ("quality", "quality_drop", "latency_ms", "speedup", "size_mb", "compression")
-
-
-@dataclass(frozen=True)
-class FrontPoint:
-    """One Pareto-optimal trial: its objective values, recipe and all recorded metrics."""
-
-    number: int
-    values: dict[str, float]
-    recipe: dict[str, Any]
-    metrics: dict[str, Any]
-
-
-def objective_names(study: optuna.Study) -> list[str]:
-    return list(study.user_attrs.get("spec", {}).get("objectives") or
-                ["quality", "latency_ms", "size_mb"][: len(study.directions)])
-
-
-def pareto_front(study: optuna.Study) -> list[FrontPoint]:
-    """Feasible Pareto-optimal completed trials, by trial number; a trial that repeated an
-    earlier recipe (and reused its figures) is listed once, under the earlier number."""
-    names = objective_names(study)
-    points = [
-        FrontPoint(t.number, dict(zip(names, t.values, strict=True)),
-                   t.user_attrs.get(RECIPE_ATTR, {}), t.user_attrs.get(METRICS_ATTR, {}))
-        for t in study.best_trials if DUPLICATE_ATTR not in t.user_attrs
-    ]
-    return sorted(points, key=lambda p: p.number)
-
-
-def _short(recipe: dict[str, Any]) -> str:
-    try:
-        return Recipe.from_dict(recipe).short()
-    except (TypeError, ValueError):
-        return json.dumps(recipe)
 
 
 def front_frame(points: list[FrontPoint], sort: str | None = None) -> pd.DataFrame:
@@ -59,7 +25,7 @@ def front_frame(points: list[FrontPoint], sort: str | None = None) -> pd.DataFra
         row: dict[str, Any] = {"trial": p.number}
         for column in _COLUMNS:
             row[column] = p.metrics.get(column, p.values.get(column))
-        row["recipe"] = _short(p.recipe)
+        row["recipe"] = short_recipe(p.recipe)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["trial", *_COLUMNS, "recipe"])
     if sort:
@@ -79,7 +45,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         for column in _COLUMNS:
             row[column] = metrics.get(column)
-        row["recipe"] = _short(t.user_attrs.get(RECIPE_ATTR, {}))
+        row["recipe"] = short_recipe(t.user_attrs.get(RECIPE_ATTR, {}))
         row["failure"] = t.user_attrs.get(FAILURE_ATTR, "")
         rows.append(row)
     return pd.DataFrame(rows, columns=["trial", "state", *_COLUMNS, "recipe", "failure"])
@@ -99,9 +65,8 @@ def render_front(study: optuna.Study, fmt: str = "table", sort: str | None = Non
     if fmt == "csv":
         return frame.to_csv(index=False)
     if frame.empty:
-        completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         return (f"study {study.study_name!r}: no feasible Pareto-optimal trial yet "
-                f"({completed} completed); see --all")
+                f"({completed_count(study)} completed); see --all")
     return _table(frame)
 
 
@@ -122,11 +87,8 @@ def write_front(study: optuna.Study, path: str, fmt: str = "table", sort: str | 
 
 
 def _table(frame: pd.DataFrame) -> str:
-    formats = {"quality": "{:.4f}", "quality_drop": "{:+.4f}", "latency_ms": "{:.3f}",
-               "speedup": "{:.2f}x", "size_mb": "{:.3f}", "compression": "{:.1f}x"}
     shown = frame.copy()
-    for column, pattern in formats.items():
+    for column in _COLUMNS:
         if column in shown:
-            shown[column] = [pattern.format(v) if isinstance(v, (int, float)) and v == v
-                             else "" for v in shown[column]]
+            shown[column] = [fmt(column, v) for v in shown[column]]
     return shown.to_string(index=False)

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from ._errors import ParetoslimError
-from ._front import FrontPoint, objective_names
+from ._figures import FIGURE_FORMATS
+from ._pareto import FrontPoint, completed_points, knee
 from ._spec import OBJECTIVES
-from ._study import METRICS_ATTR, RECIPE_ATTR, SPEC_ATTR
-
-_MAXIMIZED = {"quality", "speedup", "compression"}
+from ._store import SPEC_ATTR, objective_names
 
 
 @dataclass(frozen=True)
@@ -54,13 +52,6 @@ class Pick:
     reason: str
 
 
-def _points(study: optuna.Study) -> list[FrontPoint]:
-    names = objective_names(study)
-    return [FrontPoint(t.number, dict(zip(names, t.values, strict=True)),
-                       t.user_attrs.get(RECIPE_ATTR, {}), t.user_attrs.get(METRICS_ATTR, {}))
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-
-
 def _limits(study: optuna.Study, rule: PickRule) -> dict[str, float]:
     drop = rule.max_quality_drop
     if drop is None:
@@ -82,9 +73,9 @@ def _violation(point: FrontPoint, limits: dict[str, float]) -> float:
 
 
 def _describe(point: FrontPoint) -> str:
-    m = point.metrics
-    return (f"trial {point.number} (quality drop {m.get('quality_drop', math.nan):+.4f}, "
-            f"{m.get('latency_ms', math.nan):.3f} ms, {m.get('size_mb', math.nan):.3f} MB)")
+    drop, latency, size = (FIGURE_FORMATS[k].format(point.metrics.get(k, math.nan))
+                           for k in ("quality_drop", "latency_ms", "size_mb"))
+    return f"trial {point.number} (quality drop {drop}, {latency} ms, {size} MB)"
 
 
 def pick(study: optuna.Study, rule: PickRule) -> Pick:
@@ -92,7 +83,7 @@ def pick(study: optuna.Study, rule: PickRule) -> Pick:
 
     Raises ParetoslimError when no trial meets the constraints, naming the closest ones.
     """
-    points = _points(study)
+    points = completed_points(study)
     if not points:
         raise ParetoslimError(f"study {study.study_name!r} has no completed trial to pick from")
     limits = _limits(study, rule)
@@ -124,20 +115,4 @@ def _check_metric(key: str, metrics: dict[str, Any]) -> None:
 
 def _knee(study: optuna.Study, points: list[FrontPoint]) -> FrontPoint:
     names = [n for n in objective_names(study) if n in OBJECTIVES]
-    signed = {p.number: [(-1.0 if OBJECTIVES[n] == "maximize" else 1.0) * p.values[n]
-                         for n in names] for p in points}
-    front = [p for p in points
-             if not any(_dominates(signed[q.number], signed[p.number]) for q in points)]
-    lows = [min(signed[p.number][i] for p in front) for i in range(len(names))]
-    highs = [max(signed[p.number][i] for p in front) for i in range(len(names))]
-
-    def distance(p: FrontPoint) -> float:
-        scaled = [(v - lo) / (hi - lo) if hi > lo else 0.0
-                  for v, lo, hi in zip(signed[p.number], lows, highs, strict=True)]
-        return math.sqrt(sum(s * s for s in scaled))
-
-    return min(front, key=lambda p: (distance(p), p.number))
-
-
-def _dominates(a: list[float], b: list[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+    return knee(points, names, [OBJECTIVES[n] == "maximize" for n in names])

@@ -6,6 +6,8 @@ import sys
 
 from tqdm.auto import tqdm
 
+from ._figures import FIGURE_FORMATS
+
 
 class StudyProgress:
     """Shows trials completed out of the target, the running trial's stage, and results."""
@@ -39,11 +41,14 @@ class StudyProgress:
         flag = "" if feasible else "  (quality drop above the limit)"
         if m.get("latency_noisy"):
             flag += f"  (latency noisy: speedup spread {m['speedup_spread']:.0%})"
+        quality, gain, latency, speedup, size, compression = (
+            FIGURE_FORMATS[key].format(value) for key, value in (
+                ("quality", m["quality"]), ("quality_drop", -m["quality_drop"]),
+                ("latency_ms", m["latency_ms"]), ("speedup", m["speedup"]),
+                ("size_mb", m["size_mb"]), ("compression", m["compression"])))
         self._write(
-            f"trial {number:>3}  quality {m['quality']:.4f} ({-m['quality_drop']:+.4f})  "
-            f"latency {m['latency_ms']:.3f} ms ({m['speedup']:.2f}x)  "
-            f"size {m['size_mb']:.3f} MB ({m['compression']:.1f}x)  "
-            f"[{result.recipe.short()}]{where}{flag}"
+            f"trial {number:>3}  quality {quality} ({gain})  latency {latency} ms ({speedup})  "
+            f"size {size} MB ({compression})  [{result.recipe.short()}]{where}{flag}"
         )
 
     def trial_failed(self, number: int, reason: str, where: str = "") -> None:

@@ -24,26 +24,26 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ._errors import ParetoslimError
+from ._private import is_finished, trial_by_number
 from ._progress import StudyProgress
+from ._sampling import make_sampler, suggest_recipe
 from ._spec import StudySpec
-from ._study import (
+from ._store import (
     DUPLICATE_ATTR,
-    FAILURE_ATTR,
     RECIPE_ATTR,
-    _json_safe,
+    TARGET_ATTR,
     completed_count,
+    fail_running,
     is_feasible,
-    make_sampler,
+    json_safe,
     mark_interrupted,
     open_study,
     record_result,
     reuse_earlier,
     storage_of,
-    suggest_recipe,
 )
 from ._trial import TrialResult, TrialSettings, measure_baseline, run_trial
 
-TARGET_ATTR = "target_trials"
 RESULT_KEY = "paretoslim"
 FINISHED_MARK = ".paretoslim-finished"
 _driver: dict[str, Any] = {}  # the driver's progress display, read by the searcher
@@ -57,7 +57,6 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
     spec's ``ray.results`` path: completed trials are kept, unfinished ones run again.
     """
     spec = _absolute(spec)
-    location = storage_of(spec, storage)
     study = open_study(spec, storage)
     study.set_user_attr(TARGET_ATTR, target)
     done = completed_count(study)
@@ -66,44 +65,14 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
             print(f"study {spec.name!r} already has {done} completed trials")
         return study
 
-    address = spec.ray.address if address is None else address
-    _connect(address)
-    results = spec.ray_results_path()
-    experiment = results / spec.name
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, spec=spec),
-        {"cpu": spec.ray.cpu, "gpu": spec.ray.gpu})
+    _connect(spec.ray.address if address is None else address)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # state saved within a second
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables stay quiet
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
     _driver["progress"] = reporter
-    finished = experiment / FINISHED_MARK
+    finished = results_dir(spec) / FINISHED_MARK
     try:
-        if tune.Tuner.can_restore(str(experiment)) and not finished.exists():
-            if progress:
-                reporter.note(f"resuming the Ray Tune experiment in {experiment}")
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
-        else:
-            finished.unlink(missing_ok=True)
-            interrupted = mark_interrupted(study)
-            if interrupted and progress:
-                reporter.note(f"{interrupted} trial(s) left running by an earlier process "
-                              "were recorded as failed")
-            searcher = StudySearch(spec, location, max_failures=max(5, target))
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher, num_samples=-1, reuse_actors=True,
-                    max_concurrent_trials=spec.ray.max_concurrent_trials,
-                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(results), verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=1),
-                    callbacks=[FollowExperiment()]),
-            )
-        tuner.fit()
+        _tuner(spec, study, storage_of(spec, storage), target, reporter, progress).fit()
     finally:
         reporter.close()
         _driver.clear()
@@ -115,6 +84,39 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
         reporter.note(f"stopped after {max(5, target)} failed trials in a row; see "
                       f"`paretoslim front {spec.name} --all` for their reasons")
     return study
+
+
+def _tuner(spec: StudySpec, study: optuna.Study, location: str, target: int,
+           reporter: StudyProgress, progress: bool) -> tune.Tuner:
+    """The experiment to run: the unfinished one restored, else a new one."""
+    experiment = results_dir(spec)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec=spec),
+        {"cpu": spec.ray.cpu, "gpu": spec.ray.gpu})
+    finished = experiment / FINISHED_MARK
+    if tune.Tuner.can_restore(str(experiment)) and not finished.exists():
+        if progress:
+            reporter.note(f"resuming the Ray Tune experiment in {experiment}")
+        return tune.Tuner.restore(str(experiment), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    finished.unlink(missing_ok=True)
+    interrupted = mark_interrupted(study)
+    if interrupted and progress:
+        reporter.note(f"{interrupted} trial(s) left running by an earlier process "
+                      "were recorded as failed")
+    searcher = StudySearch(spec, location, max_failures=max(5, target))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=-1, reuse_actors=True,
+            max_concurrent_trials=spec.ray.max_concurrent_trials,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(spec.ray_results_path()), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[FollowExperiment()]),
+    )
 
 
 def _trial_name(trial) -> str:
@@ -154,7 +156,55 @@ def _sample(spec: StudySpec, trial) -> None:
     suggest_recipe(trial, spec)
 
 
-class StudySearch(OptunaSearch):
+class _OptunaSearchOnStudy(OptunaSearch):
+    """``OptunaSearch`` on a study that a subclass opens (``open_on``) and takes up
+    (``attached``), with the rest of its internals behind four methods.
+
+    The only code touching ``OptunaSearch``'s private members (``_setup_study``,
+    ``_ot_study``, ``_ot_trials``, ``_sampler``, ``_mode``, ``_storage``), checked against
+    ray 2.60.0.
+    """
+
+    def open_on(self, sampler: optuna.samplers.BaseSampler | None) -> optuna.Study:
+        raise NotImplementedError
+
+    def attached(self, study: optuna.Study) -> None:
+        """Called with the study each time it is (re)opened."""
+
+    def _setup_study(self, mode) -> None:  # where OptunaSearch creates its study
+        self._ot_study = self.open_on(self._sampler)
+        self.attached(self._ot_study)
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._ot_study is None:
+            self._setup_study(self._mode)
+        return self._ot_study
+
+    def reopen(self) -> None:
+        """Open the study again if it is open (e.g. after what it holds changed)."""
+        if self._ot_study is not None:
+            self._setup_study(self._mode)
+
+    def ask(self, trial_id: str) -> tuple[dict, optuna.Trial]:
+        """Tune trial ``trial_id``'s parameters, sampled by a new Optuna trial, and that."""
+        params = OptunaSearch.suggest(self, trial_id)
+        return params, self._ot_trials[trial_id]
+
+    def adopt(self, trial_id: str, trial: optuna.Trial) -> None:
+        """Tie Tune trial ``trial_id`` to ``trial``."""
+        self._ot_trials[trial_id] = trial
+
+    def forget(self, trial_id: str) -> None:
+        self._ot_trials.pop(trial_id, None)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_ot_study=None, _ot_trials={}, _storage=None)
+        return state
+
+
+class StudySearch(_OptunaSearchOnStudy):
     """``OptunaSearch`` on the study's storage, with its sampler and objectives, that
     records each trial's recipe, metrics, failure reason and quality constraint, reuses
     the figures of a repeated recipe, and finishes at the study's target of completed
@@ -173,26 +223,22 @@ class StudySearch(OptunaSearch):
             mode=["max" if d == "maximize" else "min" for d in spec.directions],
             sampler=make_sampler(spec), study_name=spec.name)
 
-    def _setup_study(self, mode) -> None:
-        self._ot_study = open_study(self._spec, self._location, sampler=self._sampler)
-        self._target = int(self._ot_study.user_attrs.get(TARGET_ATTR, self._spec.trials))
-        self._done = completed_count(self._ot_study)
-        storage, study_id = self._ot_study._storage, self._ot_study._study_id
+    def open_on(self, sampler: optuna.samplers.BaseSampler | None) -> optuna.Study:
+        return open_study(self._spec, self._location, sampler=sampler)
+
+    def attached(self, study: optuna.Study) -> None:
+        self._target = int(study.user_attrs.get(TARGET_ATTR, self._spec.trials))
+        self._done = completed_count(study)
         self._running = {}
         for trial_id, number in self._numbers.items():  # restored from a checkpoint
-            frozen_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            self._running[trial_id] = optuna.Trial(self._ot_study, frozen_id)
-            self._ot_trials[trial_id] = self._running[trial_id]
+            self._running[trial_id] = trial_by_number(study, number)
+            self.adopt(trial_id, self._running[trial_id])
         # an Optuna trial the restored experiment does not know of will never finish
         known = set(self._numbers.values())
-        for trial in self._ot_study.get_trials(deepcopy=False,
-                                               states=(TrialState.RUNNING,)):
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:
-                storage.set_trial_user_attr(
-                    trial._trial_id, FAILURE_ATTR,
-                    "interrupted: the Ray driver ended before its experiment state held "
-                    "this trial")
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                fail_running(study, trial, "interrupted: the Ray driver ended before its "
+                                           "experiment state held this trial")
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Limit the running trials here, where a restore can correct the count."""
@@ -208,16 +254,10 @@ class StudySearch(OptunaSearch):
         self._numbers = {tid: config["number"] for tid, config in unfinished.items()}
         self._recipes = {tid: self._spec.space.recipe(config["params"])
                          for tid, config in unfinished.items()}
-        if self._ot_study is not None:
-            self._setup_study(self._mode)
-
-    def _study(self) -> optuna.Study:
-        if self._ot_study is None:
-            self._setup_study(self._mode)
-        return self._ot_study
+        self.reopen()
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        study = self._study()
+        study = self.study
         progress = _driver.get("progress")
         while True:
             if self._done >= self._target or self._failures >= self._max_failures:
@@ -225,8 +265,7 @@ class StudySearch(OptunaSearch):
             if (self._done + len(self._running) >= self._target
                     or len(self._running) >= self._max_concurrent):
                 return None  # enough running: wait for them
-            params = super().suggest(trial_id)
-            trial = self._ot_trials[trial_id]
+            params, trial = self.ask(trial_id)
             recipe = self._spec.space.recipe(params)
             trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
             earlier = reuse_earlier(trial, self._spec)
@@ -239,7 +278,7 @@ class StudySearch(OptunaSearch):
                     progress.stage(f"({len(self._running)} running)")
                 return {"params": params, "number": trial.number}
             study.tell(trial, earlier)
-            del self._ot_trials[trial_id]
+            self.forget(trial_id)
             self._done += 1
             if progress is not None:
                 progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
@@ -249,47 +288,46 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        study = self._study()
+        study = self.study
         trial = self._running.pop(trial_id, None)
-        self._ot_trials.pop(trial_id, None)
+        self.forget(trial_id)
         self._numbers.pop(trial_id, None)
         recipe = self._recipes.pop(trial_id, None)
-        if trial is None:
+        if trial is None or is_finished(trial):  # finished: re-run after a restore
             return
-        frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state.is_finished():  # re-run after a restore: recorded already
-            return
-        payload = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result \
-            else None
-        if payload is None:
-            failure = ("the Ray trial errored or was stopped; its log is in "
-                       f"{self._spec.ray_results_path() / self._spec.name}")
-            outcome = TrialResult(recipe, failure=failure)
-        else:
-            values = {k: v for k, v in payload["values"].items()
-                      if v is not None and math.isfinite(v)}
-            outcome = TrialResult(recipe, values, payload["metrics"], payload["failure"])
+        outcome = self._outcome(recipe, result)
         values = record_result(trial, self._spec, outcome)
-        progress = _driver.get("progress")
-        where = _where(outcome.metrics)
         if values is None:
             study.tell(trial, state=TrialState.FAIL)
             self._failures += 1
-            if progress is not None:
-                progress.trial_failed(trial.number, outcome.failure, where)
         else:
             study.tell(trial, values)
             self._done += 1
             self._failures = 0
-            if progress is not None:
-                progress.trial_done(trial.number, outcome, is_feasible(self._spec, outcome),
-                                    where)
-        if progress is not None:
-            progress.stage(f"({len(self._running)} running)")
+        progress = _driver.get("progress")
+        if progress is None:
+            return
+        where = _where(outcome.metrics)
+        if values is None:
+            progress.trial_failed(trial.number, outcome.failure, where)
+        else:
+            progress.trial_done(trial.number, outcome, is_feasible(self._spec, outcome), where)
+        progress.stage(f"({len(self._running)} running)")
+
+    def _outcome(self, recipe: Any, result: dict | None) -> TrialResult:
+        """The trial's result as its trainable reported it, or why there is none."""
+        payload = json.loads(result[RESULT_KEY]) if result and RESULT_KEY in result else None
+        if payload is None:
+            failure = ("the Ray trial errored or was stopped; its log is in "
+                       f"{results_dir(self._spec)}")
+            return TrialResult(recipe, failure=failure)
+        values = {k: v for k, v in payload["values"].items()
+                  if v is not None and math.isfinite(v)}
+        return TrialResult(recipe, values, payload["metrics"], payload["failure"])
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.update(_ot_study=None, _ot_trials={}, _running={}, _storage=None)
+        state = super().__getstate__()
+        state.update(_running={})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -351,7 +389,7 @@ def _trainable(config: dict, spec: StudySpec) -> None:
         metrics["measured_on_node"] = measure.node if measure and measure.node else node
         metrics["measured_on_target"] = bool(measure and measure.node)
     values = {name: result.values.get(name, math.nan) for name in spec.objectives}
-    payload = {"values": _json_safe(values), "metrics": _json_safe(metrics),
+    payload = {"values": json_safe(values), "metrics": json_safe(metrics),
                "failure": result.failure}
     tune.report({**values, RESULT_KEY: json.dumps(payload)})
 
@@ -365,7 +403,7 @@ class TargetMeasure:
 
     def __init__(self, spec: StudySpec, settings: TrialSettings):
         self.resource = f"target:{spec.latency.target}"
-        self.timeout_s = settings.timeout_s
+        self.timeout_s = settings.finetune.trial_timeout_s
         self.node: str | None = None
 
     def resource_available(self) -> bool:

@@ -1,285 +1,23 @@
 """A study as one offline HTML page: Pareto fronts, hypervolume, parameter importance, table.
 
-Computed as plain data first (``report_data``), rendered with plotly second (``write_report``)."""
+The page renders with plotly what ``report_data`` computed (see ``_report_data``)."""
 
 from __future__ import annotations
 
 import html
-import statistics
-import warnings
-from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
-from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
 
 from ._errors import ParetoslimError
-from ._front import FrontPoint, _short, front_frame, objective_names, pareto_front
-from ._study import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR
+from ._figures import fmt
+from ._front import front_frame
+from ._pareto import FrontPoint
+from ._report_data import Importance, ReportData, TrialPoint, report_data
 
 INSTALL_HINT = "install with: pip install 'paretoslim[plot]'"
-MIN_TRIALS_FOR_IMPORTANCE = 10
-_TEACHER_KEYS = ("quality", "latency_ms", "size_mb")
 _LABELS = {"quality": "quality", "latency_ms": "latency (ms)", "size_mb": "size (MB)"}
-_FORMATS = {"quality": "{:.4f}", "quality_drop": "{:+.4f}", "latency_ms": "{:.3f}",
-            "speedup": "{:.2f}x", "size_mb": "{:.3f}", "compression": "{:.1f}x"}
-
-
-@dataclass(frozen=True)
-class TrialPoint:
-    """A completed trial as plotted; ``values`` follow ``ReportData.objectives``."""
-
-    number: int
-    values: tuple[float, ...]
-    feasible: bool
-    pareto: bool
-    hover: str
-
-
-@dataclass(frozen=True)
-class HypervolumeHistory:
-    """Hypervolume of the feasible completed trials after each completed trial.
-
-    ``reference`` is the worst corner, in objective order and original directions.
-    """
-
-    reference: tuple[float, ...]
-    trial_numbers: tuple[int, ...]
-    values: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class Importance:
-    """Parameter importances for one objective, largest first; empty with a ``note`` why."""
-
-    objective: str
-    values: tuple[tuple[str, float], ...]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class ReportData:
-    """Everything the report shows, computed from a study without any plotting library."""
-
-    study_name: str
-    objectives: tuple[str, ...]
-    maximize: tuple[bool, ...]
-    completed: int
-    failed: int
-    teacher: dict[str, float]
-    teacher_measurements: int
-    max_quality_drop: float | None
-    points: tuple[TrialPoint, ...]
-    front: tuple[FrontPoint, ...]
-    hypervolume: HypervolumeHistory
-    importances: tuple[Importance, ...]
-    failures: tuple[tuple[int, str], ...]
-
-    @property
-    def baseline(self) -> tuple[float | None, ...]:
-        """The teacher's value of each objective (None when not recorded)."""
-        return tuple(self.teacher.get(name) for name in self.objectives)
-
-    def pairs(self) -> list[tuple[int, int]]:
-        """Index pairs of objectives plotted against each other."""
-        return list(combinations(range(len(self.objectives)), 2))
-
-    def pair_front(self, i: int, j: int) -> list[TrialPoint]:
-        """Feasible points non-dominated on objectives ``i`` and ``j`` alone, by value of i."""
-        feasible = [p for p in self.points if p.feasible]
-        keys = np.array([[self._loss(p, i), self._loss(p, j)] for p in feasible]).reshape(-1, 2)
-        front = [p for p, key in zip(feasible, keys, strict=True) if not _dominated(key, keys)]
-        return sorted(front, key=lambda p: (p.values[i], p.number))
-
-    def _loss(self, point: TrialPoint, i: int) -> float:
-        return -point.values[i] if self.maximize[i] else point.values[i]
-
-
-def report_data(study: optuna.Study) -> ReportData:
-    """Compute what the report of ``study`` shows."""
-    names = tuple(objective_names(study))
-    maximize = tuple(d == StudyDirection.MAXIMIZE for d in study.directions)
-    trials = study.get_trials(deepcopy=False)
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    front = tuple(pareto_front(study)) if completed else ()
-    on_front = {p.number for p in front}
-    teacher, measurements = _teacher(completed)
-    drop_limit = _max_quality_drop(completed)
-    points = []
-    for t in completed:
-        feasible, pareto = _feasible(t), t.number in on_front
-        points.append(TrialPoint(t.number, tuple(t.values), feasible, pareto,
-                                 _hover(t, names, feasible, pareto)))
-    points = tuple(points)
-    failures = tuple((t.number, str(t.user_attrs.get(FAILURE_ATTR, "") or "no reason recorded"))
-                     for t in trials if t.state == TrialState.FAIL)
-    return ReportData(
-        study_name=study.study_name, objectives=names, maximize=maximize,
-        completed=len(completed), failed=len(failures), teacher=teacher,
-        teacher_measurements=measurements, max_quality_drop=drop_limit, points=points,
-        front=front, hypervolume=hypervolume_history(points, maximize, teacher, names),
-        importances=parameter_importances(study, names, maximize), failures=failures,
-    )
-
-
-def _feasible(trial: FrozenTrial) -> bool:
-    return all(value <= 0.0 for value in trial.constraints.values())
-
-
-def _teacher(completed: list[FrozenTrial]) -> tuple[dict[str, float], int]:
-    """Median of the teacher figures recorded with each trial, and how many there were."""
-    teacher, count = {}, 0
-    for name in _TEACHER_KEYS:
-        seen = [t.user_attrs.get(METRICS_ATTR, {}).get(f"baseline_{name}") for t in completed]
-        seen = [float(v) for v in seen if isinstance(v, (int, float))]
-        if seen:
-            teacher[name] = statistics.median(seen)
-            count = max(count, len(seen))
-    return teacher, count
-
-
-def _max_quality_drop(completed: list[FrozenTrial]) -> float | None:
-    """The feasibility limit, recovered from a trial's drop and its constraint value."""
-    for t in completed:
-        drop = t.user_attrs.get(METRICS_ATTR, {}).get("quality_drop")
-        excess = t.constraints.get("max_quality_drop")
-        if isinstance(drop, (int, float)) and excess is not None:
-            return round(drop - excess, 9)
-    return None
-
-
-def _fmt(name: str, value: Any) -> str:
-    if not isinstance(value, (int, float)) or value != value:
-        return ""
-    return _FORMATS.get(name, "{:.4g}").format(value)
-
-
-def _hover(trial: FrozenTrial, names: tuple[str, ...], feasible: bool, pareto: bool) -> str:
-    metrics = {**dict(zip(names, trial.values, strict=True)),
-               **trial.user_attrs.get(METRICS_ATTR, {})}
-    status = "Pareto-optimal" if pareto else "feasible" if feasible else "infeasible"
-    if not feasible:
-        excess = ", ".join(f"{k} exceeded by {v:.4g}" for k, v in trial.constraints.items()
-                           if v > 0)
-        status += f" ({excess})"
-    lines = [f"<b>trial {trial.number}</b>: {status}"]
-    if "quality" in metrics:
-        lines.append(f"quality {_fmt('quality', metrics['quality'])}"
-                     + (f" (drop {_fmt('quality_drop', metrics['quality_drop'])})"
-                        if "quality_drop" in metrics else ""))
-    if "latency_ms" in metrics:
-        lines.append(f"latency {_fmt('latency_ms', metrics['latency_ms'])} ms"
-                     + (f" (speedup {_fmt('speedup', metrics['speedup'])})"
-                        if "speedup" in metrics else ""))
-    if "size_mb" in metrics:
-        lines.append(f"size {_fmt('size_mb', metrics['size_mb'])} MB"
-                     + (f" (compression {_fmt('compression', metrics['compression'])})"
-                        if "compression" in metrics else ""))
-    lines += [f"{name} {_fmt(name, v)}" for name, v in zip(names, trial.values, strict=True)
-              if name not in _TEACHER_KEYS]
-    lines.append(html.escape(_short(trial.user_attrs.get(RECIPE_ATTR, {}))))
-    return "<br>".join(lines)
-
-
-def _dominated(key: np.ndarray, keys: np.ndarray) -> bool:
-    """Whether some row of ``keys`` (minimized) dominates ``key``."""
-    return bool(((keys <= key).all(axis=1) & (keys < key).any(axis=1)).any())
-
-
-def hypervolume(points: Any, reference: Any) -> float:
-    """Volume dominated by ``points`` (rows, all objectives minimized) and bounded by
-    ``reference``; points not strictly better than it in every objective add nothing.
-
-    Computed by Optuna's exact WFG implementation, the one its hypervolume plot uses.
-    """
-    from optuna._hypervolume import compute_hypervolume
-
-    ref = np.asarray(reference, dtype=float)
-    pts = np.asarray(points, dtype=float).reshape(-1, len(ref))
-    pts = pts[(pts < ref).all(axis=1)]
-    return float(compute_hypervolume(pts, ref)) if len(pts) else 0.0
-
-
-def reference_point(values: list[tuple[float, ...]], maximize: tuple[bool, ...],
-                    baseline: tuple[float | None, ...]) -> tuple[float, ...]:
-    """The worst corner: per objective, the worst value seen (teacher included) moved 10% of
-    the range of values seen further in the worse direction."""
-    reference = []
-    for i, up in enumerate(maximize):
-        seen = [v[i] for v in values] + ([baseline[i]] if baseline[i] is not None else [])
-        if not seen:
-            reference.append(0.0)
-            continue
-        margin = 0.1 * ((max(seen) - min(seen)) or abs(seen[0]) or 1.0)
-        reference.append(min(seen) - margin if up else max(seen) + margin)
-    return tuple(reference)
-
-
-def hypervolume_history(points: tuple[TrialPoint, ...], maximize: tuple[bool, ...],
-                        teacher: dict[str, float], names: tuple[str, ...]) -> HypervolumeHistory:
-    """Hypervolume after each completed trial, over the feasible ones so far."""
-    reference = reference_point([p.values for p in points], maximize,
-                                tuple(teacher.get(n) for n in names))
-    signs = np.array([-1.0 if up else 1.0 for up in maximize])
-    ref = signs * np.array(reference)
-    front = np.empty((0, len(maximize)))
-    volume, numbers, volumes = 0.0, [], []
-    for p in sorted(points, key=lambda p: p.number):
-        loss = signs * np.array(p.values)
-        if p.feasible and (loss < ref).all() and not _dominated(loss, front):
-            front = np.vstack([front[[not _dominated(f, loss[None]) for f in front]], loss])
-            volume = float(hypervolume(front, ref))
-        numbers.append(p.number)
-        volumes.append(volume)
-    return HypervolumeHistory(reference, tuple(numbers), tuple(volumes))
-
-
-def parameter_importances(study: optuna.Study, names: tuple[str, ...],
-                          maximize: tuple[bool, ...]) -> tuple[Importance, ...]:
-    """PED-ANOVA importance (Optuna's default) of each varying parameter for each objective.
-
-    An objective gets a note instead when there are fewer than ``MIN_TRIALS_FOR_IMPORTANCE``
-    completed trials, no parameter varied, its values are all equal, or Optuna cannot tell.
-    """
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
-        note = (f"needs at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
-                f"this study has {len(trials)}")
-        return tuple(Importance(name, (), note) for name in names)
-    params = sorted({name for t in trials for name in t.params})
-    varying = [n for n in params if len({repr(t.params.get(n)) for t in trials}) > 1]
-    if not varying:
-        note = "no searched parameter took more than one value"
-        return tuple(Importance(name, (), note) for name in names)
-    quantile = min(0.5, max(0.1, 5 / len(trials)))
-    evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
-    result = []
-    for i, name in enumerate(names):
-        if len({t.values[i] for t in trials}) == 1:
-            result.append(Importance(name, (), f"{name} is the same in every trial"))
-            continue
-        sign = -1.0 if maximize[i] else 1.0
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                values = optuna.importance.get_param_importances(
-                    study, evaluator=evaluator, params=varying,
-                    target=lambda t, i=i, sign=sign: sign * t.values[i])
-        except Exception as exc:  # one objective Optuna cannot rank must not sink the page
-            result.append(Importance(name, (), f"Optuna could not rank the parameters: {exc}"))
-            continue
-        if any("same set of trials" in str(w.message) for w in caught):
-            result.append(Importance(name, (), f"too many ties in {name} to rank parameters"))
-            continue
-        result.append(Importance(name, tuple((k, float(v)) for k, v in values.items())))
-    return tuple(result)
-
-
-# Rendering
 
 
 def _plotly() -> tuple[Any, str]:
@@ -335,7 +73,7 @@ def _write_png(figure: Any, path: Path, page: Path) -> Path:
 
 
 def _teacher_hover(data: ReportData) -> str:
-    figures = "<br>".join(f"{name} {_fmt(name, value)}" for name, value in data.teacher.items())
+    figures = "<br>".join(f"{name} {fmt(name, value)}" for name, value in data.teacher.items())
     return f"<b>teacher (baseline)</b><br>{figures}<extra></extra>"
 
 
@@ -588,11 +326,11 @@ def _summary(data: ReportData) -> str:
     if teacher:
         figures = []
         if "quality" in teacher:
-            figures.append(f"quality {_fmt('quality', teacher['quality'])}")
+            figures.append(f"quality {fmt('quality', teacher['quality'])}")
         if "latency_ms" in teacher:
-            figures.append(f"latency {_fmt('latency_ms', teacher['latency_ms'])} ms")
+            figures.append(f"latency {fmt('latency_ms', teacher['latency_ms'])} ms")
         if "size_mb" in teacher:
-            figures.append(f"size {_fmt('size_mb', teacher['size_mb'])} MB")
+            figures.append(f"size {fmt('size_mb', teacher['size_mb'])} MB")
         text += (f"<br>Teacher (baseline): {', '.join(figures)} (median of the "
                  f"{data.teacher_measurements} measurements taken alongside the trials).")
     return text
@@ -622,7 +360,7 @@ def _front_table(front: tuple[FrontPoint, ...], completed: int) -> str:
     rows = []
     for _, row in frame.iterrows():
         cells = [f"<td>{int(row['trial'])}</td>"]
-        cells += [f"<td>{_fmt(key, row[key])}</td>" for key, _ in columns[1:-1]]
+        cells += [f"<td>{fmt(key, row[key])}</td>" for key, _ in columns[1:-1]]
         cells.append(f'<td class="text">{html.escape(str(row["recipe"]))}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f'<table id="front-table"><tr>{head}</tr>{"".join(rows)}</table>'

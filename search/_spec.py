@@ -39,18 +39,21 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class FinetuneSpec:
-    """The recovery fine-tune (distillation) after structural changes, and the trial budget."""
+    """The recovery fine-tune (distillation) after structural changes, and the trial budget
+    (``trial_timeout_s``; None, from Python, sets none); ``threads`` 0 uses torch's count."""
 
     steps: int = 300
     learning_rate: float = 5e-4
-    trial_timeout_s: float = 900.0
+    trial_timeout_s: float | None = 900.0
     threads: int = 0
 
     def __post_init__(self) -> None:
         _at_least("steps", self.steps, 0)
         _at_least("threads", self.threads, 0)
         _in_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        _in_range("trial_timeout_s", self.trial_timeout_s, 0.0, float("inf"), low_open=True)
+        if self.trial_timeout_s is not None:
+            _in_range("trial_timeout_s", self.trial_timeout_s, 0.0, float("inf"),
+                      low_open=True)
 
 
 @dataclass(frozen=True)

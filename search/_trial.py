@@ -30,7 +30,7 @@ from ..spaces import (
     compress,
     count_parameters,
 )
-from ._spec import StudySpec
+from ._spec import FinetuneSpec, LatencySpec, StudySpec
 from ._task import Task
 
 CALIBRATION_BATCHES = 8
@@ -38,37 +38,16 @@ CALIBRATION_BATCHES = 8
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """Everything about a trial that is not the recipe."""
+    """Everything about a trial that is not the recipe: the spec's fine-tune and latency
+    sections and its seed."""
 
-    finetune_steps: int = 300
-    learning_rate: float = 5e-4
-    timeout_s: float | None = 900.0
-    finetune_threads: int = 0
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    latency: LatencySpec = field(default_factory=LatencySpec)
     seed: int = 0
-    target: str = "cpu-x86"
-    latency_batch_size: int = 0
-    threads: int = 1
-    min_calls: int = 300
-    min_seconds: float = 1.0
-    max_spread: float = 0.05
-    lowering: str = "aoti"
 
     @classmethod
     def from_spec(cls, spec: StudySpec) -> TrialSettings:
-        return cls(
-            finetune_steps=spec.finetune.steps,
-            learning_rate=spec.finetune.learning_rate,
-            timeout_s=spec.finetune.trial_timeout_s,
-            finetune_threads=spec.finetune.threads,
-            seed=spec.seed,
-            target=spec.latency.target,
-            latency_batch_size=spec.latency.batch_size,
-            threads=spec.latency.threads,
-            min_calls=spec.latency.min_calls,
-            min_seconds=spec.latency.min_seconds,
-            max_spread=spec.latency.max_spread,
-            lowering=spec.latency.lowering,
-        )
+        return cls(spec.finetune, spec.latency, spec.seed)
 
 
 @dataclass
@@ -147,14 +126,15 @@ def measure_baseline(task: Task) -> Baseline:
 def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettings,
                 baseline: Baseline) -> LatencyJob:
     """The job timing ``model`` against the teacher at the settings' batch size."""
-    x = latency_input(task, settings.latency_batch_size)
+    latency = settings.latency
+    x = latency_input(task, latency.batch_size)
     sparse = sparse_execution(model)
     return LatencyJob(
         program=program_bytes(dense_execution(model), x),
         reference=baseline.reference_program(task.model, x),
-        example=x, scheme=scheme, lowering=settings.lowering, threads=settings.threads,
-        min_calls=settings.min_calls, min_seconds=settings.min_seconds,
-        max_spread=settings.max_spread,
+        example=x, scheme=scheme, lowering=latency.lowering, threads=latency.threads,
+        min_calls=latency.min_calls, min_seconds=latency.min_seconds,
+        max_spread=latency.max_spread,
         sparse_program=None if sparse is None else program_bytes(sparse, x))
 
 
@@ -179,57 +159,86 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
             on_stage(name)
 
     started = time.perf_counter()
-    deadline = Deadline(settings.timeout_s)
-    threads = settings.finetune_threads or torch.get_num_threads()
     try:
-        with torch_threads(threads):
-            compressed, facts = compress(
-                task.model, recipe,
-                example_input=task.example_input, train=task.train,
-                calibration=calibration_batches(task),
-                finetune_steps=settings.finetune_steps, learning_rate=settings.learning_rate,
-                seed=settings.seed, student_factory=task.student, deadline=deadline,
-                on_stage=stage,
-            )
-        compress_seconds = time.perf_counter() - started
-
-        stage("quality")
-        quality = quality_of(task, compressed)
-        if not math.isfinite(quality):
-            return TrialResult(recipe, failure=f"quality is {quality}")
-        size = size_mb(compressed)
-        deadline.check("evaluation")
-
-        stage("export")
-        job = latency_job(task, compressed, recipe.quantization.scheme, settings, baseline)
-        stage("latency")
-        report = (measure or run_isolated)(job)
-        deadline.check("latency measurement")
+        measured = _measure(task, recipe, settings, baseline, stage, measure or run_isolated)
     except Exception as exc:  # a failing recipe must never stop the study
         reason = f"{stage_name}: {type(exc).__name__}: {one_line(str(exc))}"
         return TrialResult(recipe, failure=reason, metrics={
             "traceback": traceback.format_exc(limit=6)[-2000:],
         })
+    if isinstance(measured, TrialResult):
+        return measured
+    return _result(recipe, settings, baseline, measured, started)
 
-    latency = report.metrics()
-    if job.sparse_program is None and any(isinstance(m, SPARSE_MODULES)
-                                          for m in compressed.modules()):
+
+@dataclass
+class _Measured:
+    """What a trial measured of its compressed model, before the figures are derived."""
+
+    model: nn.Module
+    facts: dict[str, Any]
+    quality: float
+    size: float
+    job: LatencyJob
+    report: LatencyReport
+    compress_seconds: float
+
+
+def _measure(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
+             stage: Callable[[str], None], measure: Measure) -> _Measured | TrialResult:
+    """Compress the teacher by ``recipe``, then measure quality, size and latency; a
+    TrialResult instead when the quality is not finite. Raises for a failing recipe."""
+    started = time.perf_counter()
+    finetune = settings.finetune
+    deadline = Deadline(finetune.trial_timeout_s)
+    with torch_threads(finetune.threads or torch.get_num_threads()):
+        compressed, facts = compress(
+            task.model, recipe,
+            example_input=task.example_input, train=task.train,
+            calibration=calibration_batches(task),
+            finetune_steps=finetune.steps, learning_rate=finetune.learning_rate,
+            seed=settings.seed, student_factory=task.student, deadline=deadline,
+            on_stage=stage,
+        )
+    compress_seconds = time.perf_counter() - started
+
+    stage("quality")
+    quality = quality_of(task, compressed)
+    if not math.isfinite(quality):
+        return TrialResult(recipe, failure=f"quality is {quality}")
+    size = size_mb(compressed)
+    deadline.check("evaluation")
+
+    stage("export")
+    job = latency_job(task, compressed, recipe.quantization.scheme, settings, baseline)
+    stage("latency")
+    report = measure(job)
+    deadline.check("latency measurement")
+    return _Measured(compressed, facts, quality, size, job, report, compress_seconds)
+
+
+def _result(recipe: Recipe, settings: TrialSettings, baseline: Baseline, m: _Measured,
+            started: float) -> TrialResult:
+    """The trial's values and metrics from what it measured."""
+    latency = m.report.metrics()
+    if m.job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
+                                            for module in m.model.modules()):
         latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
-    values = {"quality": quality, "latency_ms": latency["latency_ms"], "size_mb": size}
+    values = {"quality": m.quality, "latency_ms": latency["latency_ms"], "size_mb": m.size}
     metrics = {
-        **{k: v for k, v in facts.items() if isinstance(v, (bool, int, float, str))},
+        **{k: v for k, v in m.facts.items() if isinstance(v, (bool, int, float, str))},
         **values,
         **latency,
         "baseline_quality": baseline.quality,
         "baseline_size_mb": baseline.size_mb,
-        "quality_drop": baseline.quality - quality,
-        "compression": baseline.size_mb / size,
-        "latency_batch_size": int(job.example.shape[0]),
-        "threads": settings.threads,
+        "quality_drop": baseline.quality - m.quality,
+        "compression": baseline.size_mb / m.size,
+        "latency_batch_size": int(m.job.example.shape[0]),
+        "threads": settings.latency.threads,
         "baseline_parameters": baseline.parameters,
-        "compress_s": compress_seconds,
+        "compress_s": m.compress_seconds,
         "trial_s": time.perf_counter() - started,
-        "target": detect_target(settings.target).to_dict(),
+        "target": detect_target(settings.latency.target).to_dict(),
         "seed": settings.seed,
     }
     return TrialResult(recipe, values, metrics)

@@ -9,6 +9,7 @@ from typing import Any
 from ..evaluators import LatencyJob, program_bytes, run_isolated, size_mb
 from ._errors import ParetoslimError
 from ._export import METRICS_FILE, MODEL_FILE, load_program
+from ._figures import FIGURE_FORMATS
 from ._task import load_task
 from ._trial import latency_input, quality_of
 
@@ -76,10 +77,9 @@ def verify_artifact(directory: str | Path, *, tolerance: float = DEFAULT_TOLERAN
 def render_verification(result: dict[str, Any]) -> str:
     """A table of recorded vs re-measured figures and the verdict."""
     rec = result["recorded"]
-    rows = [("quality", "{:.4f}"), ("latency_ms", "{:.3f}"), ("speedup", "{:.2f}x"),
-            ("size_mb", "{:.3f}")]
     lines = [f"{'figure':<12}{'recorded':>12}{'now':>12}"]
-    for key, fmt in rows:
+    for key in ("quality", "latency_ms", "speedup", "size_mb"):
+        fmt = FIGURE_FORMATS[key]
         before = fmt.format(rec[key]) if rec.get(key) is not None else "-"
         lines.append(f"{key:<12}{before:>12}{fmt.format(result[key]):>12}")
     verdict = ("quality matches" if result["quality_ok"] else "QUALITY DIFFERS")

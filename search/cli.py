@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._errors import ParetoslimError
 from ._verify import DEFAULT_TOLERANCE
@@ -19,63 +19,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Search pruning, quantization, low-rank and distillation jointly for a "
                     "PyTorch model; inspect the Pareto front; export a configuration.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    run = verbs.add_parser("run", help="run or resume a study, then print its front")
-    run.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
-    run.add_argument("--trials", type=int, help="completed trials to reach (default: spec)")
-    run.add_argument("--storage", help="Optuna storage URL or journal file path")
-    run.add_argument("--backend", choices=("optuna", "ray"),
-                     help="optuna: trials in this process; ray: trials on a Ray cluster "
-                          "(default: the spec's)")
-    run.add_argument("--address", help="Ray cluster address: HOST:PORT or auto "
-                                       "(default: the spec's ray.address; empty: start Ray "
-                                       "on this machine)")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
-
-    worker = verbs.add_parser("worker", help="run trials of a study shared by many workers "
-                                             "through a database")
-    worker.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
-    worker.add_argument("--storage", help="database URL shared by the workers, e.g. "
-                                          "postgresql://USER:PASSWORD@HOST/DB "
-                                          "(default: the spec's)")
-    worker.add_argument("--trials", type=int, help="completed trials the study should reach "
-                                                   "(default: spec)")
-    worker.add_argument("--quiet", action="store_true", help="no progress display")
-
-    front = verbs.add_parser("front", help="print the Pareto front of a study")
-    _add_study(front)
-    front.add_argument("--format", default="table",
-                       choices=("table", "csv", "json", "parquet"))
-    front.add_argument("--sort", help="column to sort by (e.g. latency_ms, speedup)")
-    front.add_argument("--all", action="store_true", dest="all_trials",
-                       help="every trial, with the reason of failed ones")
-    front.add_argument("--out", help="write to this file instead of printing "
-                                     "(required for parquet)")
-
-    pick = verbs.add_parser("pick", help="choose one trial by a rule and say why")
-    _add_study(pick)
-    _add_pick_rule(pick)
-    pick.add_argument("--format", default="text", choices=("text", "json"))
-
-    export = verbs.add_parser("export", help="write a trial's compressed model, recipe, card")
-    _add_study(export)
-    which = export.add_mutually_exclusive_group(required=True)
-    which.add_argument("--trial", type=int, help="trial number")
-    which.add_argument("--pick", action="store_true",
-                       help="the trial chosen by the pick options below")
-    export.add_argument("--out", required=True, help="output directory")
-    _add_pick_rule(export)
-
-    verify = verbs.add_parser("verify", help="reload an export and re-measure it here")
-    verify.add_argument("directory", metavar="DIR", help="directory written by export")
-    verify.add_argument("--format", default="table", choices=("table", "json"))
-    verify.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"largest accepted quality difference (default {DEFAULT_TOLERANCE})")
-
-    report = verbs.add_parser("report", help="self-contained HTML report of a study")
-    _add_study(report)
-    report.add_argument("--out", required=True, help="HTML file to write")
-    report.add_argument("--no-png", action="store_true", help="skip the PNG of the front")
+    _add_search_verbs(verbs.add_parser)
+    _add_view_verbs(verbs.add_parser)
 
     bench = verbs.add_parser("bench", help="benchmarks of this machine")
     bench.add_argument("what", choices=("kernels",),
@@ -88,6 +33,67 @@ def _parser() -> argparse.ArgumentParser:
     _add_study(dashboard)
     dashboard.add_argument("--port", type=int, default=8080)
     return parser
+
+
+def _add_search_verbs(add: Callable[..., argparse.ArgumentParser]) -> None:
+    run = add("run", help="run or resume a study, then print its front")
+    run.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
+    run.add_argument("--trials", type=int, help="completed trials to reach (default: spec)")
+    run.add_argument("--storage", help="Optuna storage URL or journal file path")
+    run.add_argument("--backend", choices=("optuna", "ray"),
+                     help="optuna: trials in this process; ray: trials on a Ray cluster "
+                          "(default: the spec's)")
+    run.add_argument("--address", help="Ray cluster address: HOST:PORT or auto "
+                                       "(default: the spec's ray.address; empty: start Ray "
+                                       "on this machine)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    worker = add("worker", help="run trials of a study shared by many workers through a "
+                                "database")
+    worker.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
+    worker.add_argument("--storage", help="database URL shared by the workers, e.g. "
+                                          "postgresql://USER:PASSWORD@HOST/DB "
+                                          "(default: the spec's)")
+    worker.add_argument("--trials", type=int, help="completed trials the study should reach "
+                                                   "(default: spec)")
+    worker.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _add_view_verbs(add: Callable[..., argparse.ArgumentParser]) -> None:
+    front = add("front", help="print the Pareto front of a study")
+    _add_study(front)
+    front.add_argument("--format", default="table",
+                       choices=("table", "csv", "json", "parquet"))
+    front.add_argument("--sort", help="column to sort by (e.g. latency_ms, speedup)")
+    front.add_argument("--all", action="store_true", dest="all_trials",
+                       help="every trial, with the reason of failed ones")
+    front.add_argument("--out", help="write to this file instead of printing "
+                                     "(required for parquet)")
+
+    pick = add("pick", help="choose one trial by a rule and say why")
+    _add_study(pick)
+    _add_pick_rule(pick)
+    pick.add_argument("--format", default="text", choices=("text", "json"))
+
+    export = add("export", help="write a trial's compressed model, recipe, card")
+    _add_study(export)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument("--pick", action="store_true",
+                       help="the trial chosen by the pick options below")
+    export.add_argument("--out", required=True, help="output directory")
+    _add_pick_rule(export)
+
+    verify = add("verify", help="reload an export and re-measure it here")
+    verify.add_argument("directory", metavar="DIR", help="directory written by export")
+    verify.add_argument("--format", default="table", choices=("table", "json"))
+    verify.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"largest accepted quality difference (default {DEFAULT_TOLERANCE})")
+
+    report = add("report", help="self-contained HTML report of a study")
+    _add_study(report)
+    report.add_argument("--out", required=True, help="HTML file to write")
+    report.add_argument("--no-png", action="store_true", help="skip the PNG of the front")
 
 
 def _add_study(parser: argparse.ArgumentParser) -> None:
@@ -147,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ._front import render_front
+    from ._run import run_study
     from ._spec import load_spec
-    from ._study import run_study, storage_of
+    from ._store import storage_of
 
     spec = load_spec(args.spec)
     study = run_study(spec, trials=args.trials, storage=args.storage, progress=not args.quiet,
@@ -159,8 +166,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from ._run import run_worker
     from ._spec import load_spec
-    from ._study import completed_count, run_worker
+    from ._store import completed_count
 
     spec = load_spec(args.spec)
     study = run_worker(spec, args.storage, trials=args.trials, progress=not args.quiet)
@@ -170,7 +178,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _front(args: argparse.Namespace) -> int:
     from ._front import render_front, write_front
-    from ._study import resolve_study
+    from ._store import resolve_study
 
     study, _ = resolve_study(args.study, args.storage)
     if args.out:
@@ -188,7 +196,7 @@ def _pick(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ._pick import pick
-    from ._study import resolve_study
+    from ._store import resolve_study
 
     study, _ = resolve_study(args.study, args.storage)
     chosen = pick(study, _rule(args))
@@ -201,7 +209,7 @@ def _pick(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ._export import export_trial
-    from ._study import resolve_study
+    from ._store import resolve_study
 
     study, spec = resolve_study(args.study, args.storage)
     number = args.trial
@@ -232,7 +240,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from ._report import write_report
-    from ._study import resolve_study
+    from ._store import resolve_study
 
     study, _ = resolve_study(args.study, args.storage)
     written = write_report(study, args.out, png=not args.no_png)

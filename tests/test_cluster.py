@@ -15,7 +15,7 @@ from _tiny import write_study
 from optuna.trial import TrialState
 
 from paretoslim.search import load_spec
-from paretoslim.search._study import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
+from paretoslim.search._store import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
 
 CLI = [sys.executable, "-m", "paretoslim.search.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -117,7 +117,7 @@ def test_first_workers_create_a_new_database_study_at_once_without_crashing(
         tmp_path, postgres_url):
     write_study(tmp_path, trials=1)
     code = ("import sys\nfrom paretoslim.search import load_spec\n"
-            "from paretoslim.search._study import open_study\n"
+            "from paretoslim.search._store import open_study\n"
             "open_study(load_spec(sys.argv[1]), sys.argv[2])\n")
     starters = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "study.toml"),
                                   postgres_url], stderr=subprocess.PIPE, text=True)

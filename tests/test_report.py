@@ -12,11 +12,11 @@ import pytest
 from optuna.trial import TrialState
 
 from paretoslim.search import ParetoslimError
-from paretoslim.search._report import (
+from paretoslim.search._report import write_report
+from paretoslim.search._report_data import (
     MIN_TRIALS_FOR_IMPORTANCE,
     hypervolume,
     report_data,
-    write_report,
 )
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

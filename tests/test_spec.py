@@ -63,7 +63,7 @@ scheme = ["fp32", "int8_static"]
     assert spec.base_dir == tmp_path
     from paretoslim.search import TrialSettings
 
-    assert TrialSettings.from_spec(spec).finetune_threads == 1
+    assert TrialSettings.from_spec(spec).finetune.threads == 1
 
 
 @pytest.mark.parametrize("text, message", [

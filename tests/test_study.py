@@ -11,14 +11,14 @@ from optuna.trial import TrialState
 
 from paretoslim.search import (
     ParetoslimError,
-    _study,
+    _store,
     load_spec,
     pareto_front,
     render_front,
     resolve_study,
     run_study,
 )
-from paretoslim.search._study import (
+from paretoslim.search._store import (
     FAILURE_ATTR,
     HEARTBEAT_ATTR,
     make_storage,
@@ -233,7 +233,7 @@ def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
     write_study(in_tmp, trials=1)
     url = f"sqlite:///{in_tmp / 'shared.db'}"
     code = ("import sys\nfrom paretoslim.search import load_spec\n"
-            "from paretoslim.search._study import open_study\n"
+            "from paretoslim.search._store import open_study\n"
             "open_study(load_spec(sys.argv[1]), sys.argv[2])\n")
     starters = [subprocess.Popen([sys.executable, "-c", code, "study.toml", url], cwd=in_tmp,
                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -243,7 +243,7 @@ def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
 
 
 def test_a_journal_lock_left_by_a_killed_writer_is_taken_over(in_tmp, monkeypatch):
-    monkeypatch.setattr(_study, "JOURNAL_LOCK_GRACE_S", 3)
+    monkeypatch.setattr(_store, "JOURNAL_LOCK_GRACE_S", 3)
     spec = load_spec(write_study(in_tmp, trials=1))  # journal at relative runs/tiny/
     open_study(spec)
     make_storage(storage_of(spec))._backend._lock.acquire()  # its writer killed: never released

@@ -1,0 +1,119 @@
+"""The local Optuna backend: trials run in this process, one after the other."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from ._progress import StudyProgress
+from ._sampling import suggest_recipe
+from ._spec import StudySpec
+from ._store import (
+    DUPLICATE_ATTR,
+    RECIPE_ATTR,
+    WORKER_ATTR,
+    completed_count,
+    is_feasible,
+    mark_interrupted,
+    open_study,
+    record_result,
+    reuse_earlier,
+)
+from ._task import Task, load_task
+from ._trial import TrialSettings, measure_baseline, run_trial
+
+Room = Callable[[optuna.Study, StudyProgress], bool]
+
+
+class TrialFailed(Exception):
+    """Raised inside the objective so Optuna records the trial as failed."""
+
+
+@dataclass
+class Objective:
+    """The Optuna objective: sample a recipe, reuse a repeated one's figures or run it."""
+
+    spec: StudySpec
+    task: Task
+    settings: TrialSettings
+    progress: StudyProgress
+
+    def __post_init__(self) -> None:
+        self.progress.stage("measuring the teacher")
+        self.baseline = measure_baseline(self.task)
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        return self.run(trial)
+
+    def run(self, trial: optuna.Trial) -> tuple[float, ...]:
+        recipe = suggest_recipe(trial, self.spec)
+        trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
+        earlier = reuse_earlier(trial, self.spec)
+        if earlier is not None:
+            self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
+            return earlier
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        self.progress.start_trial(trial.number, recipe)
+        result = run_trial(self.task, recipe, self.settings, self.baseline,
+                           on_stage=self.progress.stage)
+        values = record_result(trial, self.spec, result)
+        if values is None:
+            self.progress.trial_failed(trial.number, result.failure)
+            raise TrialFailed(result.failure)
+        self.progress.trial_done(trial.number, result, is_feasible(self.spec, result))
+        return values
+
+
+def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
+              address: str | None = None) -> optuna.Study:
+    """Run the study in this process until it holds ``target`` completed trials; trials a
+    killed earlier process left running are recorded as failed first."""
+    study = open_study(spec, storage)
+    interrupted = mark_interrupted(study)
+    if interrupted and progress:
+        print(f"{interrupted} trial(s) left running by an earlier process were recorded "
+              "as failed")
+    optimize_until(study, spec, target, progress=progress)
+    return study
+
+
+def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progress: bool,
+                   objective: type[Objective] = Objective, room: Room | None = None) -> None:
+    """Run trials of ``study`` in this process until it holds ``target`` completed trials.
+
+    ``room(study, progress)``, called before the first trial and after each one, says
+    whether to start another (False ends the run), e.g. while other workers' trials run.
+    """
+    done = completed_count(study)
+    if done >= target:
+        if progress:
+            print(f"study {spec.name!r} already has {done} completed trials")
+        return
+    task = load_task(spec.task, spec.base_dir, spec.task_options)
+    reporter = StudyProgress(target=target, completed=done, enabled=progress)
+    run = objective(spec, task, TrialSettings.from_spec(spec), reporter)
+    failures, max_failures = 0, max(5, target)
+
+    def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal failures
+        failures = failures + 1 if trial.state == TrialState.FAIL else 0
+        if failures >= max_failures or (room is not None and not room(study, reporter)):
+            study.stop()
+        elif completed_count(study) >= target:
+            study.stop()
+
+    try:
+        if room is not None and not room(study, reporter):
+            return
+        study.optimize(run, n_trials=None, catch=(TrialFailed,),
+                       callbacks=[stop_when_enough], gc_after_trial=True)
+    finally:
+        reporter.close()
+    if failures >= max_failures:
+        reporter.note(f"stopped after {failures} failed trials in a row; see `paretoslim "
+                      f"front {spec.name} --all` for their reasons")

@@ -1,0 +1,76 @@
+"""Pareto-optimal points of a study: the point record, dominance and the knee."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ._store import DUPLICATE_ATTR, METRICS_ATTR, RECIPE_ATTR, objective_names
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One Pareto-optimal trial: its objective values, recipe and all recorded metrics."""
+
+    number: int
+    values: dict[str, float]
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def front_point(trial: FrozenTrial, names: Sequence[str]) -> FrontPoint:
+    """A completed trial as a point, its values named by the study's objectives."""
+    attrs = trial.user_attrs
+    return FrontPoint(trial.number, dict(zip(names, trial.values, strict=True)),
+                      attrs.get(RECIPE_ATTR, {}), attrs.get(METRICS_ATTR, {}))
+
+
+def pareto_front(study: optuna.Study) -> list[FrontPoint]:
+    """Feasible Pareto-optimal completed trials, by trial number; a trial that repeated an
+    earlier recipe (and reused its figures) is listed once, under the earlier number."""
+    names = objective_names(study)
+    points = [front_point(t, names) for t in study.best_trials
+              if DUPLICATE_ATTR not in t.user_attrs]
+    return sorted(points, key=lambda p: p.number)
+
+
+def completed_points(study: optuna.Study) -> list[FrontPoint]:
+    """Every completed trial of ``study`` as a point, by trial number."""
+    names = objective_names(study)
+    return [front_point(t, names)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def dominated(loss: Any, losses: Any) -> bool:
+    """Whether some row of ``losses`` (a 2-D array or a list of rows) dominates ``loss``, every
+    objective minimized: no worse in any objective and better in one."""
+    key, keys = np.asarray(loss, dtype=float), np.asarray(losses, dtype=float)
+    if keys.size == 0:
+        return False
+    return bool(((keys <= key).all(axis=1) & (keys < key).any(axis=1)).any())
+
+
+def knee(points: Sequence[FrontPoint], names: Sequence[str],
+         maximize: Sequence[bool]) -> FrontPoint:
+    """The point of the Pareto front of ``points`` (on objectives ``names``) closest to the
+    ideal point once each objective is scaled to [0, 1] over that front; ties go to the
+    lower trial number."""
+    losses = {p.number: [(-1.0 if up else 1.0) * p.values[n]
+                         for n, up in zip(names, maximize, strict=True)] for p in points}
+    every = list(losses.values())
+    front = [p for p in points if not dominated(losses[p.number], every)]
+    lows = [min(losses[p.number][i] for p in front) for i in range(len(names))]
+    highs = [max(losses[p.number][i] for p in front) for i in range(len(names))]
+
+    def distance(p: FrontPoint) -> float:
+        scaled = [(v - lo) / (hi - lo) if hi > lo else 0.0
+                  for v, lo, hi in zip(losses[p.number], lows, highs, strict=True)]
+        return math.sqrt(sum(s * s for s in scaled))
+
+    return min(front, key=lambda p: (distance(p), p.number))

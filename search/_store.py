@@ -1,0 +1,274 @@
+"""The study records every backend writes and every view reads: storages, opening and finding a
+study, the attributes of a trial (recipe, metrics, failure), reuse of a repeated recipe."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..spaces import Recipe
+from ._errors import ParetoslimError
+from ._private import fail_trial
+from ._sampling import make_sampler
+from ._spec import StudySpec, WorkerSpec, load_spec
+from ._trial import TrialResult
+
+# user attributes of a trial
+RECIPE_ATTR = "recipe"
+METRICS_ATTR = "metrics"
+FAILURE_ATTR = "fail_reason"
+DUPLICATE_ATTR = "duplicate_of"
+WORKER_ATTR = "worker"
+HEARTBEAT_ATTR = "sends_heartbeats"
+# user attributes of a study
+SPEC_ATTR = "spec"
+TARGET_ATTR = "target_trials"
+
+JOURNAL_LOCK_GRACE_S = 30  # a journal lock kept this long (its writer was killed) is taken over
+_URL_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
+_CREATION_LOCK_KEY = 0x70617265746F  # "pareto": the advisory lock serializing creation
+
+
+def is_rdb_url(location: str) -> bool:
+    """Whether ``location`` is an SQLAlchemy database URL (else a journal file path)."""
+    return location.startswith(_URL_SCHEMES)
+
+
+def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
+    """An Optuna storage: an RDB URL as is, anything else a journal file path.
+
+    With ``workers``, an RDB storage whose running trials send heartbeats; a trial silent
+    for the grace period is failed and retried by the next worker that starts a trial.
+    """
+    if is_rdb_url(url_or_path):
+        if workers is None:
+            return url_or_path
+        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=workers.max_retries)
+        return RDBStorage(url_or_path, heartbeat_interval=workers.heartbeat_s,
+                          grace_period=workers.grace_s, heartbeat_stale_trial_callback=retry,
+                          engine_kwargs={"pool_pre_ping": True})
+    # absolute: the lock is a symbolic link to the journal, and a relative link would
+    # dangle, so a lock left by a killed writer would never be released
+    path = Path(url_or_path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
+    return JournalStorage(JournalFileBackend(str(path), lock))
+
+
+def storage_of(spec: StudySpec, override: str | None = None) -> str:
+    """The storage a spec's study lives in: ``override``, the spec's, or runs/NAME/journal.log."""
+    return override or spec.storage or str(spec.default_storage_path())
+
+
+def _spec_record(spec: StudySpec) -> dict[str, Any]:
+    path = str(spec.path.resolve()) if spec.path is not None else None
+    return {"path": path, "name": spec.name, "objectives": list(spec.objectives),
+            "max_quality_drop": spec.constraints.max_quality_drop}
+
+
+def open_study(spec: StudySpec, storage: str | None = None, *,
+               workers: WorkerSpec | None = None,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Create the spec's study or load it if it exists (same name, same objectives).
+
+    Safe when several processes open a new database study at the same moment: creation is
+    serialized (a PostgreSQL advisory lock, else retries), so none crashes on the schema.
+    """
+    location = storage_of(spec, storage)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by paretoslim
+    try:
+        study = _create_once(location, lambda: optuna.create_study(
+            study_name=spec.name, storage=make_storage(location, workers),
+            directions=spec.directions, sampler=sampler or make_sampler(spec), load_if_exists=True,
+        ))
+    except ValueError as exc:
+        raise ParetoslimError(
+            f"study {spec.name!r} in {location}: {exc} (the objectives changed? use a new "
+            "study name or storage)"
+        ) from None
+    if study.directions and [d.name.lower() for d in study.directions] != spec.directions:
+        raise ParetoslimError(
+            f"study {spec.name!r} in {location} was created with other objectives; use a new "
+            "study name or storage"
+        )
+    if SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, _spec_record(spec))
+    return study
+
+
+def _create_once(location: str, create: Any) -> optuna.Study:
+    """Run ``create`` so that concurrent first workers do not race on schema creation."""
+    if not is_rdb_url(location):
+        return create()  # journal files append under a file lock: no race
+    if location.startswith("postgresql"):
+        return _create_locked(location, create)
+    import random
+    import time
+
+    import sqlalchemy
+
+    for attempt in range(6):  # other databases: back off and retry a lost creation race
+        try:
+            return create()
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == 5:
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _create_locked(location: str, create: Any) -> optuna.Study:
+    """Run ``create`` holding a PostgreSQL advisory lock."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(location, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                               {"key": _CREATION_LOCK_KEY})
+            try:
+                return create()
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                   {"key": _CREATION_LOCK_KEY})
+    except sqlalchemy.exc.OperationalError as exc:
+        raise ParetoslimError(f"cannot reach the storage {_redacted(location)}: "
+                              f"{str(exc.orig).strip().splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password."""
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def resolve_study(ref: str, storage: str | None = None) -> tuple[optuna.Study, StudySpec | None]:
+    """Find a stored study by spec path (``*.toml``) or by name under ``runs/``.
+
+    Returns the study and its spec when the spec file can still be read.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec: StudySpec | None = None
+    if ref.endswith(".toml"):
+        spec = load_spec(ref)
+        name, location = spec.name, storage_of(spec, storage)
+    else:
+        name = ref
+        location = storage or str(Path("runs") / name / "journal.log")
+    if not is_rdb_url(location) and not Path(location).is_file():
+        raise ParetoslimError(
+            f"no study {name!r}: {location} does not exist (run `paretoslim run SPEC` first, "
+            "or pass --storage)"
+        )
+    try:
+        study = optuna.load_study(study_name=name, storage=make_storage(location))
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(make_storage(location))]
+        raise ParetoslimError(
+            f"no study named {name!r} in {location}; studies there: {names or 'none'}"
+        ) from None
+    if spec is None:
+        path = study.user_attrs.get(SPEC_ATTR, {}).get("path")
+        if path and os.path.isfile(path):
+            spec = load_spec(path)
+    return study, spec
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's objectives, in order, as its spec named them."""
+    return list(study.user_attrs.get(SPEC_ATTR, {}).get("objectives") or
+                ["quality", "latency_ms", "size_mb"][: len(study.directions)])
+
+
+def completed_count(study: optuna.Study) -> int:
+    """How many trials of ``study`` completed."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Record a trial its process left running as failed, saying why."""
+    fail_trial(study, trial, FAILURE_ATTR, reason)
+
+
+def mark_interrupted(study: optuna.Study) -> int:
+    """Record trials left running by a killed process as failed; return how many.
+
+    Trials of ``worker`` processes are left alone: they may still be running, and a
+    worker's trial that stops sending heartbeats is failed and retried by the workers.
+    """
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(HEARTBEAT_ATTR):
+            continue
+        fail_running(study, trial,
+                     "interrupted: the process running this trial ended before it finished")
+        count += 1
+    return count
+
+
+def _stored_recipe(data: Any) -> Recipe | None:
+    """The Recipe a trial stored (keys added since then take their defaults), or None."""
+    try:
+        return Recipe.from_dict(data)
+    except (TypeError, ValueError):
+        return None
+
+
+def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | None:
+    """If a completed trial had this trial's recipe, copy its figures here and return its
+    values (the pipeline is deterministic); else None. The recipe attribute must be set."""
+    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (DUPLICATE_ATTR not in other.user_attrs
+                and _stored_recipe(other.user_attrs.get(RECIPE_ATTR)) == recipe):
+            trial.set_user_attr(METRICS_ATTR, other.user_attrs[METRICS_ATTR])
+            trial.set_user_attr(DUPLICATE_ATTR, other.number)
+            for name, value in other.constraints.items():
+                trial.set_constraint(name, value)
+            return tuple(other.values)
+    return None
+
+
+def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
+                  ) -> tuple[float, ...] | None:
+    """Store a trial's metrics on the Optuna trial, with its failure reason or its quality
+    constraint; return the objective values, or None when the trial failed."""
+    trial.set_user_attr(METRICS_ATTR, json_safe(result.metrics))
+    if not result.ok:
+        trial.set_user_attr(FAILURE_ATTR, result.failure)
+        return None
+    drop = result.metrics["quality_drop"]
+    trial.set_constraint("max_quality_drop", drop - spec.constraints.max_quality_drop)
+    return tuple(result.values[name] for name in spec.objectives)
+
+
+def is_feasible(spec: StudySpec, result: TrialResult) -> bool:
+    """Whether ``result`` meets the spec's quality constraint."""
+    return result.metrics["quality_drop"] <= spec.constraints.max_quality_drop
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with string keys, lists for tuples and None for non-finite floats."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
