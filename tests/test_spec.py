@@ -96,3 +96,18 @@ def test_spec_errors_name_file_and_key(tmp_path, text, message):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(ParetoslimError, match="study spec not found"):
         load_spec(tmp_path / "nope.toml")
+
+
+def test_trial_settings_hold_the_specs_sections():
+    from paretoslim.search import FinetuneSpec, LatencySpec, TrialSettings
+
+    spec = parse_spec({"task": "t.py:f", "seed": 4, "finetune": {"steps": 7},
+                       "latency": {"batch_size": 2}})
+    settings = TrialSettings.from_spec(spec)
+    assert (settings.finetune, settings.latency, settings.seed) == (spec.finetune,
+                                                                   spec.latency, 4)
+    assert TrialSettings() == TrialSettings(FinetuneSpec(), LatencySpec(), 0)
+    # no time budget, from Python only (TOML has no null)
+    assert TrialSettings(FinetuneSpec(trial_timeout_s=None)).finetune.trial_timeout_s is None
+    with pytest.raises(ValueError, match="trial_timeout_s must be in"):
+        FinetuneSpec(trial_timeout_s=0.0)

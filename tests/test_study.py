@@ -223,6 +223,24 @@ def test_bad_cluster_settings_are_named(in_tmp, extra, message):
     assert message in str(error.value)
 
 
+def test_backends_are_chosen_by_name(in_tmp, monkeypatch):
+    from paretoslim.search._run import BACKEND_IMPORT, get_backend
+    from paretoslim.search._worker import run_shared
+
+    assert get_backend("worker") is run_shared
+    with pytest.raises(ParetoslimError) as error:
+        get_backend("dask")
+    assert str(error.value) == f"--backend must be one of {list(BACKEND_IMPORT)}. Got 'dask'."
+    spec = load_spec(write_study(in_tmp))
+    with pytest.raises(ParetoslimError, match=r"must be one of \['optuna', 'ray'\]. Got 'worker'"):
+        run_study(spec, backend="worker", progress=False)
+    # an optional backend whose library is missing says which extra installs it
+    monkeypatch.delitem(sys.modules, "paretoslim.search._ray", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ParetoslimError, match=r"pip install 'paretoslim\[ray\]'"):
+        run_study(spec, backend="ray", progress=False)
+
+
 def test_a_worker_needs_a_database_storage(in_tmp, capsys):
     spec_path = write_study(in_tmp)
     assert main(["worker", str(spec_path), "--storage", "runs/x/journal.log"]) == 2
