@@ -15,8 +15,7 @@ from _rows import record, trial_settings
 from torch import nn
 from tqdm.auto import tqdm
 
-from paretoslim.evaluators import run_isolated
-from paretoslim.evaluators._job import cache_dir
+from paretoslim.evaluators import cache_dir, run_isolated
 from paretoslim.search import Task, measure_baseline, run_trial
 from paretoslim.search._trial import latency_job, quality_of
 from paretoslim.spaces import Recipe, prune_heads

@@ -1,9 +1,12 @@
 """How good a compressed model is: quality, size and latency measured on the real artifact."""
 
+from ._bench import BenchRow, render_bench, run_kernel_bench
 from ._job import (
+    CACHE_ENV,
     LatencyJob,
     LatencyReport,
     MeasurementError,
+    cache_dir,
     program_bytes,
     run_isolated,
     run_latency_job,
@@ -20,17 +23,22 @@ from ._quality import accuracy
 from ._size import deployed_tensors, graph_reads, serialized_size_bytes, size_mb
 
 __all__ = [
+    "BenchRow",
+    "CACHE_ENV",
     "LatencyJob",
     "LatencyReport",
     "LatencyStats",
     "MeasurementError",
     "SpeedupMeasurement",
     "accuracy",
+    "cache_dir",
     "deployed_tensors",
     "graph_reads",
     "measure_speedup",
     "measurement_lock",
     "program_bytes",
+    "render_bench",
+    "run_kernel_bench",
     "run_isolated",
     "run_latency_job",
     "serialized_size_bytes",

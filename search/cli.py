@@ -249,7 +249,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..kernels._bench import render_bench, run_kernel_bench
+    from ..evaluators import render_bench, run_kernel_bench
 
     if args.threads < 1:
         raise ParetoslimError(f"--threads must be >= 1. Got {args.threads}.")

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from paretoslim.evaluators import CACHE_ENV
 from paretoslim.evaluators import accuracy as top1_accuracy
-from paretoslim.evaluators._job import CACHE_ENV
-from paretoslim.evaluators._job import cache_dir as shared_cache_dir
+from paretoslim.evaluators import cache_dir as shared_cache_dir
 from paretoslim.search import ParetoslimError, Task
 from paretoslim.studies._data import TensorBatches, find_idx_split, read_idx
 

@@ -10,9 +10,11 @@ def test_bench_kernels_json_has_the_documented_fields(capsys):
     assert any("int8" in n for n in names) and any("sparse" in n for n in names)
     for row in rows:
         assert {"name", "threads", "gops", "peak_gops", "fraction_of_peak",
-                "speedup_vs_fp32"} <= set(row)
+                "speedup_vs_fp32", "peak_source", "executed_gops"} <= set(row)
         assert row["threads"] == 1 and row["gops"] > 0
-        assert abs(row["fraction_of_peak"] - row["gops"] / row["peak_gops"]) < 1e-6
+        assert abs(row["fraction_of_peak"] - row["executed_gops"] / row["peak_gops"]) < 1e-6
+        assert row["fraction_of_peak"] <= 1.05
+        assert row["peak_source"] == "measured" or row["peak_source"].startswith("table:")
 
 
 def test_bench_rejects_bad_threads(capsys):
