@@ -12,7 +12,7 @@ from torch import nn
 
 from ._config import Config, param
 from ._structure import output_layers
-from ._technique import Context, Technique, register
+from ._technique import Context, Technique, register, techniques
 from ._training import Deadline, cycle, distillation_loss
 
 
@@ -129,7 +129,8 @@ class FineTune(Technique):
 
     def apply(self, model: nn.Module, config: DistillationConfig, ctx: Context) -> nn.Module:
         steps = ctx.finetune_steps if ctx.changed or ctx.needs_training else 0
-        rungs = sorted({max(1, round(f * steps)) for f in ctx.rungs if 0 < f < 1})
+        settled = max(t.settled(getattr(ctx.recipe, t.section)) for t in techniques())
+        rungs = sorted({max(1, round(f * steps)) for f in ctx.rungs if settled <= f < 1})
         if steps and ctx.on_rung is not None:
             ctx.on_rung(0, steps, model.eval())
         if steps:

@@ -35,6 +35,8 @@ class Technique:
     with settings that cannot act under the rest of the recipe at their defaults
     (``sections`` holds the sections normalized before this one and the raw rest).
     ``label(config)`` is the short text of the front ("" when the technique is off).
+    ``settled(config)`` is the fraction of the fine-tune after which the technique no longer
+    changes the model (a gradual schedule), so quality measured before it says little.
     """
 
     section: ClassVar[str]
@@ -51,6 +53,9 @@ class Technique:
 
     def label(self, config: Any) -> str:
         return ""
+
+    def settled(self, config: Any) -> float:
+        return 0.0
 
 
 _REGISTRY: dict[str, Technique] = {}

@@ -16,6 +16,7 @@ from ._structure import output_layers
 from ._technique import Context, Technique, register
 from ._training import Loss
 
+GRADUAL_END = 0.75  # share of the fine-tune over which gradual sparsity reaches its ratio
 SparseCriterion = Literal["magnitude", "taylor", "random"]
 SparseScope = Literal["global", "layer"]
 SparseSchedule = Literal["one_shot", "gradual"]
@@ -65,7 +66,7 @@ class Sparsifier:
         self.noise = ({n: torch.rand(params[n].shape, generator=generator) for n in self.names}
                       if config.criterion == "random" else None)
         gradual = config.schedule == "gradual" and steps > 0
-        self.end = max(1, int(0.75 * steps)) if gradual else 0
+        self.end = max(1, int(GRADUAL_END * steps)) if gradual else 0
         self.every = max(1, self.end // 10) if gradual else 1
         self.current = 0.0
 
@@ -192,6 +193,9 @@ class Sparsity(Technique):
 
     def normalize(self, config: SparsityConfig, sections: dict[str, Any]) -> SparsityConfig:
         return config if config.ratio > 0 else SparsityConfig()
+
+    def settled(self, config: SparsityConfig) -> float:
+        return GRADUAL_END if config.ratio > 0 and config.schedule == "gradual" else 0.0
 
     def label(self, config: SparsityConfig) -> str:
         if not config.ratio:

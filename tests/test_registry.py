@@ -188,3 +188,12 @@ def test_the_fine_tune_shows_its_rungs_and_can_be_stopped_there(mlp_task):
     compress(mlp_task.model, Recipe(), finetune_steps=10, rungs=(0.5,), on_rung=on_rung,
              **kwargs)
     assert seen == []  # nothing changed: no fine-tune, no rung
+
+
+def test_rungs_wait_until_gradual_sparsity_has_settled(mlp_task):
+    seen = []
+    recipe = Recipe.from_dict({"sparsity": {"ratio": 0.5, "schedule": "gradual"}})
+    compress(mlp_task.model, recipe, example_input=mlp_task.example_input,
+             train=mlp_task.train, calibration=None, learning_rate=1e-3, seed=0,
+             finetune_steps=20, rungs=(0.25, 0.5, 0.8), on_rung=lambda *a: seen.append(a[0]))
+    assert seen == [0, 16]

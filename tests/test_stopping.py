@@ -1,0 +1,40 @@
+"""The stopping rule: a hopeless curve is stopped, a promising one is not."""
+
+from paretoslim.search._stopping import Rung, projected_quality, stop_reason
+
+LIMIT = 0.924  # teacher 0.934 on the slice, at most 1 point lower
+
+
+def curve(*points, steps=400):
+    return [Rung(step, steps, q) for step, q in points]
+
+
+def test_a_first_rung_never_stops():
+    assert stop_reason(curve((0, 0.10)), LIMIT, 0.005) is None
+    assert stop_reason(curve((0, 0.10), (100, 0.60)), LIMIT, 0.005) is None  # steep rise
+
+
+def test_a_flat_curve_far_below_the_limit_is_stopped():
+    hopeless = curve((0, 0.30), (100, 0.880), (200, 0.885))
+    assert abs(projected_quality(hopeless) - 0.895) < 1e-9
+    reason = stop_reason(hopeless, LIMIT, 0.005)
+    assert reason is not None and "step 200/400" in reason and "0.8850" in reason
+
+
+def test_a_curve_still_rising_enough_is_not_stopped():
+    rising = curve((0, 0.30), (100, 0.880), (200, 0.905))  # +0.025 per 100 steps
+    assert projected_quality(rising) >= 0.95
+    assert stop_reason(rising, LIMIT, 0.005) is None
+
+
+def test_the_slack_keeps_a_near_miss_running():
+    near = curve((0, 0.5), (100, 0.915), (200, 0.918))  # projects 0.924
+    assert stop_reason(near, LIMIT + 0.004, 0.005) is None
+    assert stop_reason(near, LIMIT + 0.004, 0.0) is not None
+
+
+def test_a_falling_curve_projects_its_last_quality():
+    falling = curve((0, 0.5), (100, 0.90), (200, 0.89))
+    assert projected_quality(falling) == 0.89
+    assert stop_reason(falling, LIMIT, 0.005) is not None
+    assert stop_reason(falling, 0.89, 0.0) is None
