@@ -158,7 +158,7 @@ def _sample(spec: StudySpec, trial) -> None:
 
 class _OptunaSearchOnStudy(OptunaSearch):
     """``OptunaSearch`` on a study that a subclass opens (``open_on``) and takes up
-    (``attached``), with the rest of its internals behind four methods.
+    (``attached``), the trials it ties to Tune's behind ``ask``, ``adopt`` and ``forget``.
 
     The only code touching ``OptunaSearch``'s private members (``_setup_study``,
     ``_ot_study``, ``_ot_trials``, ``_sampler``, ``_mode``, ``_storage``), checked against
@@ -182,7 +182,7 @@ class _OptunaSearchOnStudy(OptunaSearch):
         return self._ot_study
 
     def reopen(self) -> None:
-        """Open the study again if it is open (e.g. after what it holds changed)."""
+        """Open the study again if it is open, so that ``attached`` runs again."""
         if self._ot_study is not None:
             self._setup_study(self._mode)
 
@@ -210,7 +210,7 @@ class StudySearch(_OptunaSearchOnStudy):
     the figures of a repeated recipe, and finishes at the study's target of completed
     trials (or after ``max_failures`` failures in a row)."""
 
-    _max_concurrent: float = math.inf  # set by Tune's ConcurrencyLimiter
+    _max_concurrent: float = math.inf  # Tune's max_concurrent_trials, once it is set
 
     def __init__(self, spec: StudySpec, location: str, max_failures: int):
         self._spec, self._location, self._max_failures = spec, location, max_failures
