@@ -59,7 +59,8 @@ def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], example: 
     while keeping each callable's own cache state. Stops once every callable has at least
     ``min_calls`` calls and ``min_seconds`` of total time, or after ``max_seconds``.
     Runs under ``torch.no_grad`` with ``threads`` threads, holding the machine's
-    measurement lock. ``block_medians``, when given, receives each block's median per name.
+    measurement lock. ``block_medians``, when given, receives each block's median per name,
+    in seconds.
     """
     with measurement_lock():
         return _time_interleaved(fns, example, threads, warmup, block, min_calls,
