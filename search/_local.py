@@ -11,13 +11,15 @@ import optuna
 from optuna.trial import TrialState
 
 from ._progress import StudyProgress
-from ._sampling import suggest_recipe
+from ._sampling import enqueue_seeds, suggest_recipe
 from ._spec import StudySpec
 from ._store import (
     DUPLICATE_ATTR,
     RECIPE_ATTR,
     WORKER_ATTR,
     completed_count,
+    guide_data,
+    guide_for,
     is_feasible,
     mark_interrupted,
     open_study,
@@ -60,8 +62,12 @@ class Objective:
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,
-                           on_stage=self.progress.stage)
+                           on_stage=self.progress.stage,
+                           guide=guide_for(self.spec, guide_data(trial.study, self.spec)))
         values = record_result(trial, self.spec, result)
+        if result.stopped is not None:
+            self.progress.trial_stopped(trial.number, result.stopped)
+            raise optuna.TrialPruned(result.stopped)
         if values is None:
             self.progress.trial_failed(trial.number, result.failure)
             raise TrialFailed(result.failure)
@@ -74,6 +80,7 @@ def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bo
     """Run the study in this process until it holds ``target`` completed trials; trials a
     killed earlier process left running are recorded as failed first."""
     study = open_study(spec, storage)
+    enqueue_seeds(study, spec)
     interrupted = mark_interrupted(study)
     if interrupted and progress:
         print(f"{interrupted} trial(s) left running by an earlier process were recorded "

@@ -54,6 +54,9 @@ class StudyProgress:
     def trial_failed(self, number: int, reason: str, where: str = "") -> None:
         self._write(f"trial {number:>3}  failed: {reason}{where}")
 
+    def trial_stopped(self, number: int, reason: str, where: str = "") -> None:
+        self._write(f"trial {number:>3}  {reason}{where}")
+
     def trial_reused(self, number: int, earlier: int) -> None:
         self._write(f"trial {number:>3}  same recipe as trial {earlier}, its figures reused")
         self.bar.update(1)

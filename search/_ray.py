@@ -26,7 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ._errors import ParetoslimError
 from ._private import is_finished, trial_by_number
 from ._progress import StudyProgress
-from ._sampling import make_sampler, suggest_recipe
+from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
 from ._spec import StudySpec
 from ._store import (
     DUPLICATE_ATTR,
@@ -34,6 +34,8 @@ from ._store import (
     TARGET_ATTR,
     completed_count,
     fail_running,
+    guide_data,
+    guide_for,
     is_feasible,
     json_safe,
     mark_interrupted,
@@ -58,6 +60,7 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
     """
     spec = _absolute(spec)
     study = open_study(spec, storage)
+    enqueue_seeds(study, spec)
     study.set_user_attr(TARGET_ATTR, target)
     done = completed_count(study)
     if done >= target:
@@ -276,7 +279,8 @@ class StudySearch(_OptunaSearchOnStudy):
                 if progress is not None:
                     progress.start_trial(trial.number, recipe)
                     progress.stage(f"({len(self._running)} running)")
-                return {"params": params, "number": trial.number}
+                return {"params": params, "number": trial.number,
+                        "guide": guide_data(study, self._spec)}
             study.tell(trial, earlier)
             self.forget(trial_id)
             self._done += 1
@@ -297,7 +301,9 @@ class StudySearch(_OptunaSearchOnStudy):
             return
         outcome = self._outcome(recipe, result)
         values = record_result(trial, self._spec, outcome)
-        if values is None:
+        if outcome.stopped is not None:
+            study.tell(trial, state=TrialState.PRUNED)
+        elif values is None:
             study.tell(trial, state=TrialState.FAIL)
             self._failures += 1
         else:
@@ -308,7 +314,9 @@ class StudySearch(_OptunaSearchOnStudy):
         if progress is None:
             return
         where = _where(outcome.metrics)
-        if values is None:
+        if outcome.stopped is not None:
+            progress.trial_stopped(trial.number, outcome.stopped, where)
+        elif values is None:
             progress.trial_failed(trial.number, outcome.failure, where)
         else:
             progress.trial_done(trial.number, outcome, is_feasible(self._spec, outcome), where)
@@ -323,7 +331,8 @@ class StudySearch(_OptunaSearchOnStudy):
             return TrialResult(recipe, failure=failure)
         values = {k: v for k, v in payload["values"].items()
                   if v is not None and math.isfinite(v)}
-        return TrialResult(recipe, values, payload["metrics"], payload["failure"])
+        return TrialResult(recipe, values, payload["metrics"], payload["failure"],
+                           payload.get("stopped"))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -380,7 +389,8 @@ def _trainable(config: dict, spec: StudySpec) -> None:
     measure = TargetMeasure(spec, settings) if spec.ray.time_on_target else None
     if measure is not None and not measure.resource_available():
         measure = None  # no node of the target: measure where the trial runs
-    result = run_trial(task, recipe, settings, baseline, measure=measure)
+    result = run_trial(task, recipe, settings, baseline, measure=measure,
+                       guide=guide_for(spec, config.get("guide")))
     node = ray.util.get_node_ip_address()
     metrics = dict(result.metrics)
     metrics["trained_on_node"] = node
@@ -390,7 +400,7 @@ def _trainable(config: dict, spec: StudySpec) -> None:
         metrics["measured_on_target"] = bool(measure and measure.node)
     values = {name: result.values.get(name, math.nan) for name in spec.objectives}
     payload = {"values": json_safe(values), "metrics": json_safe(metrics),
-               "failure": result.failure}
+               "failure": result.failure, "stopped": result.stopped}
     tune.report({**values, RESULT_KEY: json.dumps(payload)})
 
 

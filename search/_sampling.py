@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
 
-from ..spaces import Choice, FloatRange, Recipe
+from ..spaces import Choice, FloatRange, Recipe, technique
 from ._spec import StudySpec
 
 
@@ -30,3 +31,68 @@ def suggest_recipe(trial: optuna.Trial, spec: StudySpec) -> Recipe:
         elif isinstance(domain, Choice):
             params[name] = trial.suggest_categorical(name, list(domain.values))
     return spec.space.recipe(params)
+
+
+# Parameters that shrink the model's structure, in the order seeds combine them.
+_STRUCTURAL = ("student.width", "pruning.ratio", "pruning.heads", "low_rank.energy",
+               "low_rank.rank_fraction", "sparsity.ratio", "student.depth")
+_SCHEME = "quantization.scheme"
+_PREFERRED_SCHEMES = ("int8_static", "int8_dynamic", "int8_weight_only", "bf16")
+
+
+def enqueue_seeds(study: optuna.Study, spec: StudySpec) -> int:
+    """Enqueue the spec's seed recipes (``seeds``: ``"auto"`` or its own list) as the first
+    trials of a study that has none; return how many."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    seeds = auto_seeds(spec) if spec.seeds == "auto" else list(spec.seeds)
+    for params in seeds:
+        study.enqueue_trial(params, skip_if_exists=True)
+    return len(seeds)
+
+
+def auto_seeds(spec: StudySpec) -> list[dict[str, Any]]:
+    """Informative first recipes, at most a generation (``sampler.population_size``): the
+    best-kept numeric scheme alone; each structural technique at half its range with it;
+    then width and pruning together, and each at the far end of its range. Parameters a
+    seed does not set take their default (the technique off) where the domain allows."""
+    searched = spec.space.searched()
+    base = {name: _strength(name, domain, 0.0) for name, domain in searched.items()}
+    scheme = base.get(_SCHEME)
+    if _SCHEME in searched:
+        scheme = next((s for s in _PREFERRED_SCHEMES if s in searched[_SCHEME].values),
+                      scheme)
+    structural = [n for n in _STRUCTURAL if n in searched]
+    plans: list[dict[str, float]] = [{}]
+    plans += [{name: 0.5} for name in structural]
+    plans += [{name: 0.5 for name in structural[:2]}] if len(structural) >= 2 else []
+    plans += [{name: 1.0} for name in structural[:2]]
+    seeds: list[dict[str, Any]] = []
+    for plan in plans:
+        params = dict(base) | ({_SCHEME: scheme} if scheme is not None else {})
+        params |= {n: _strength(n, searched[n], t) for n, t in plan.items()}
+        if params not in seeds:
+            seeds.append(params)
+    return seeds[: spec.sampler.population_size]
+
+
+def _strength(name: str, domain: Any, strength: float) -> Any:
+    """The domain's value at ``strength`` from the parameter's default (0: the default, or
+    the nearest value to it; 1: the value farthest from it)."""
+    section, key = name.split(".")
+    default = getattr(technique(section).config(), key)
+    if isinstance(domain, FloatRange):
+        far = domain.high if abs(domain.high - default) >= abs(domain.low - default) \
+            else domain.low
+        near = min(max(default, domain.low), domain.high)
+        value = near + strength * (far - near)
+        if domain.step is not None:
+            steps = math.floor((value - domain.low) / domain.step + 0.5 + 1e-9)
+            value = domain.low + steps * domain.step
+        return round(value, 10)
+    values = list(domain.values)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        ordered = sorted(values, key=lambda v: abs(v - default))
+    else:
+        ordered = sorted(values, key=lambda v: v != default)
+    return ordered[math.floor(strength * (len(ordered) - 1) + 0.5)]

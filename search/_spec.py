@@ -92,6 +92,34 @@ class ConstraintsSpec:
 
 
 @dataclass(frozen=True)
+class StoppingSpec:
+    """Constraint-aware stopping. The fine-tune is checked at ``rungs`` (fractions of its
+    steps) on the first ``slice_samples`` of the validation data; a trial whose projected
+    quality stays below the feasible region by more than ``slack`` is stopped (the rule:
+    README, "Stopping early"). A trial whose figures are known before its fine-tune (an
+    identical structure timed earlier) and are dominated by a feasible trial of at least
+    the teacher's quality skips it (``skip_dominated``); one that ends above the quality
+    limit is not compiled and timed (``time_infeasible`` false)."""
+
+    enabled: bool = True
+    rungs: list = field(default_factory=lambda: [0.25, 0.5])
+    slack: float = 0.005
+    slice_samples: int = 2000
+    skip_dominated: bool = True
+    time_infeasible: bool = False
+
+    def __post_init__(self) -> None:
+        rungs = tuple(self.rungs)
+        for value in rungs:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"rungs must be numbers in (0, 1). Got {value!r}.")
+            _in_range("rungs", value, 0.0, 1.0, low_open=True)
+        object.__setattr__(self, "rungs", tuple(sorted(rungs)))
+        _in_range("slack", self.slack, 0.0, 1.0)
+        _at_least("slice_samples", self.slice_samples, 1)
+
+
+@dataclass(frozen=True)
 class RaySpec:
     """The Ray Tune backend: cluster address, resources of one trial, concurrency, results.
 
@@ -151,10 +179,17 @@ class StudySpec:
     latency: LatencySpec = field(default_factory=LatencySpec)
     ray: RaySpec = field(default_factory=RaySpec)
     workers: WorkerSpec = field(default_factory=WorkerSpec)
+    stopping: StoppingSpec = field(default_factory=StoppingSpec)
     space: SearchSpace = field(default_factory=SearchSpace.default)
+    seeds: tuple | str = "auto"
 
     def __post_init__(self) -> None:
         _at_least("trials", self.trials, 1)
+        if isinstance(self.seeds, str):
+            _one_of("seeds", self.seeds, ("auto",))
+        else:
+            object.__setattr__(self, "seeds", tuple(_seed_params(self.space, s)
+                                                    for s in self.seeds))
         _one_of("backend", self.backend, BACKENDS)
         if not self.objectives:
             raise ValueError("needs at least one objective")
@@ -187,9 +222,10 @@ _SECTIONS = {
     "latency": LatencySpec,
     "ray": RaySpec,
     "workers": WorkerSpec,
+    "stopping": StoppingSpec,
 }
 _TOP_LEVEL = {"task", "name", "trials", "seed", "storage", "backend", "objectives",
-              "task_options", "space", *_SECTIONS}
+              "task_options", "space", "seeds", *_SECTIONS}
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -236,6 +272,13 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> StudySpec:
             kwargs[section] = _section(where, section, data[section], spec_type)
     if "space" in data:
         kwargs["space"] = _space(where, data["space"])
+    if "seeds" in data:
+        seeds = data["seeds"]
+        if not (seeds == "auto" or isinstance(seeds, list)
+                and all(isinstance(s, dict) for s in seeds)):
+            raise ParetoslimError(f"{where}: key 'seeds' must be \"auto\" or a list of recipe "
+                                  f"tables ([[seeds]]). Got {seeds!r}.")
+        kwargs["seeds"] = seeds if isinstance(seeds, str) else tuple(seeds)
     try:
         return StudySpec(**kwargs)
     except ValueError as exc:
@@ -245,7 +288,8 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> StudySpec:
 def _section(where: str, section: str, table: Any, spec_type: type) -> Any:
     if not isinstance(table, dict):
         raise ParetoslimError(f"{where}: [{section}] must be a table. Got {table!r}.")
-    names = {f.name for f in fields(spec_type) if f.default is not MISSING}
+    names = {f.name for f in fields(spec_type)
+             if f.default is not MISSING or f.default_factory is not MISSING}
     _reject_unknown(where, section, table, names)
     hints = get_type_hints(spec_type)
     kwargs = {key: _typed(where, f"{section}.{key}", value, hints[key])
@@ -324,3 +368,27 @@ def _in_range(name: str, value: float, low: float, high: float, low_open: bool =
         raise ValueError(
             f"{name} must be in {'(' if low_open else '['}{low}, {high}]. Got {value!r}."
         )
+
+
+def _seed_params(space: SearchSpace, seed: Any) -> dict[str, Any]:
+    """A seed recipe (sections of recipe keys, as in a recipe's JSON) as the dotted
+    parameters of the searched space; a searched parameter it leaves out takes its config
+    default. Raises ValueError when a value is outside the parameter's domain."""
+    from ..spaces import Recipe
+
+    if isinstance(seed, dict) and all("." in k for k in seed):
+        return dict(seed)  # already dotted (a spec built in Python)
+    recipe = Recipe.from_dict(seed)
+    params = {}
+    for name, domain in space.searched().items():
+        section, key = name.split(".")
+        value = getattr(getattr(recipe, section), key)
+        if value not in domain.candidates() and not _in_domain(domain, value):
+            raise ValueError(f"seeds: {name} = {value!r} is outside its domain {domain}")
+        params[name] = value
+    return params
+
+
+def _in_domain(domain: Any, value: Any) -> bool:
+    low, high = getattr(domain, "low", None), getattr(domain, "high", None)
+    return low is not None and isinstance(value, (int, float)) and low <= value <= high

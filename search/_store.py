@@ -16,12 +16,13 @@ from ._errors import ParetoslimError
 from ._private import fail_trial
 from ._sampling import make_sampler
 from ._spec import StudySpec, WorkerSpec, load_spec
-from ._trial import TrialResult
+from ._trial import LATENCY_FIGURES, Guide, TrialResult
 
 # user attributes of a trial
 RECIPE_ATTR = "recipe"
 METRICS_ATTR = "metrics"
 FAILURE_ATTR = "fail_reason"
+STOPPED_ATTR = "stopped"  # why a trial was stopped early (it is PRUNED)
 DUPLICATE_ATTR = "duplicate_of"
 WORKER_ATTR = "worker"
 HEARTBEAT_ATTR = "sends_heartbeats"
@@ -247,15 +248,53 @@ def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | N
 
 def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
                   ) -> tuple[float, ...] | None:
-    """Store a trial's metrics on the Optuna trial, with its failure reason or its quality
-    constraint; return the objective values, or None when the trial failed."""
+    """Store a trial's metrics on the Optuna trial, with its failure reason, the reason it
+    was stopped, or its quality constraint; return the objective values, or None when the
+    trial failed or was stopped (the backend then records it FAIL or PRUNED)."""
     trial.set_user_attr(METRICS_ATTR, json_safe(result.metrics))
+    if result.stopped is not None:
+        trial.set_user_attr(STOPPED_ATTR, result.stopped)
+        return None
     if not result.ok:
         trial.set_user_attr(FAILURE_ATTR, result.failure)
         return None
     drop = result.metrics["quality_drop"]
     trial.set_constraint("max_quality_drop", drop - spec.constraints.max_quality_drop)
     return tuple(result.values[name] for name in spec.objectives)
+
+
+def guide_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+    """What the study's completed trials can save the next trial, as plain data (it
+    travels to Ray workers): latency figures per structure fingerprint, and the figures of
+    the feasible trials at the teacher's quality or better (they may dominate a candidate)."""
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if DUPLICATE_ATTR not in t.user_attrs and METRICS_ATTR in t.user_attrs]
+    timed: dict[str, dict[str, Any]] = {}
+    best = []
+    for t in completed:
+        metrics = t.user_attrs[METRICS_ATTR]
+        if metrics.get("structure") and metrics["structure"] not in timed:
+            figures = {k: metrics[k] for k in LATENCY_FIGURES if k in metrics}
+            figures["latency_cached_from"] = metrics.get("latency_cached_from", t.number)
+            timed[metrics["structure"]] = figures
+        if metrics.get("quality_drop", math.inf) <= min(0.0, spec.constraints.max_quality_drop):
+            best.append([t.number, metrics["latency_ms"], metrics["size_mb"]])
+    return {"timed": timed, "best": best}
+
+
+def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
+    """The trial guide of ``guide_data`` (None: the stopping rule alone)."""
+    data = data or {"timed": {}, "best": []}
+    best = data["best"]
+
+    def dominated(latency_ms: float, size: float) -> str | None:
+        for number, latency, size_mb in best:
+            if latency <= latency_ms and size_mb <= size:
+                return f"trial {number}"
+        return None
+
+    return Guide(stopping=spec.stopping, max_quality_drop=spec.constraints.max_quality_drop,
+                 known_latency=data["timed"].get, dominated=dominated if best else None)
 
 
 def is_feasible(spec: StudySpec, result: TrialResult) -> bool:

@@ -27,13 +27,21 @@ from ..spaces import (
     SPARSE_MODULES,
     Deadline,
     Recipe,
+    Stopped,
     compress,
     count_parameters,
 )
-from ._spec import FinetuneSpec, LatencySpec, StudySpec
+from ._fingerprint import structure_fingerprint
+from ._spec import FinetuneSpec, LatencySpec, StoppingSpec, StudySpec
+from ._stopping import Rung, stop_reason
 from ._task import Task
 
 CALIBRATION_BATCHES = 8
+# the metrics of a latency measurement, reused for an identical structure
+LATENCY_FIGURES = ("latency_ms", "baseline_latency_ms", "speedup", "speedup_spread",
+                   "latency_noisy", "latency_attempts", "latency_iqr_ms", "latency_cov",
+                   "baseline_latency_iqr_ms", "latency_calls", "lowering", "lowering_error",
+                   "compile_s", "measured_on", "sparse_execution", "sparse_speedup")
 
 
 @dataclass(frozen=True)
@@ -52,16 +60,35 @@ class TrialSettings:
 
 @dataclass
 class TrialResult:
-    """What a trial reports: objective values and metrics, or the reason it failed."""
+    """What a trial reports: objective values and metrics, the reason it failed, or the
+    reason it was stopped early (``stopped``; its metrics hold the figures measured so far)."""
 
     recipe: Recipe
     values: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     failure: str | None = None
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.failure is None
+        return self.failure is None and self.stopped is None
+
+
+@dataclass(frozen=True)
+class Guide:
+    """What the study knows that can save a trial work; every part optional.
+
+    ``stopping`` (None: never stop early) and ``max_quality_drop`` drive the rungs and the
+    quality gate; ``known_latency(fingerprint)`` gives the latency metrics of an identical
+    structure timed earlier (with ``latency_cached_from``), or None; ``dominated``, when
+    the study holds a candidate, maps ``(latency_ms, size_mb)`` to a feasible trial of at
+    least the teacher's quality whose latency and size are both at least as good, or None.
+    """
+
+    stopping: StoppingSpec | None = None
+    max_quality_drop: float = float("inf")
+    known_latency: Callable[[str], dict[str, Any] | None] = lambda _fingerprint: None
+    dominated: Callable[[float, float], str | None] | None = None
 
 
 Measure = Callable[[LatencyJob], LatencyReport]
@@ -78,6 +105,13 @@ class Baseline:
     size_mb: float
     parameters: int
     programs: dict = field(default_factory=dict, compare=False, repr=False)
+    slices: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def slice_quality(self, task: Task, samples: int) -> float:
+        """The teacher's quality on the held-out slice of ``samples`` (see ``val_slice``)."""
+        if samples not in self.slices:
+            self.slices[samples] = quality_of(task, task.model, val_slice(task, samples))
+        return self.slices[samples]
 
     def reference_program(self, teacher: nn.Module, x: torch.Tensor) -> bytes:
         """The teacher exported for ``x``'s shape (see ``program_bytes``)."""
@@ -93,11 +127,23 @@ def one_line(message: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def quality_of(task: Task, model: nn.Module) -> float:
-    """The task's metric (default: accuracy) on its validation data."""
+def quality_of(task: Task, model: nn.Module, val: Iterable | None = None) -> float:
+    """The task's metric (default: accuracy) on its validation data (or on ``val``)."""
     metric = task.metric or accuracy
     with torch.no_grad():
-        return float(metric(model, task.val))
+        return float(metric(model, task.val if val is None else val))
+
+
+def val_slice(task: Task, samples: int) -> list:
+    """The first validation batches holding at least ``samples`` inputs (all, if fewer):
+    a fixed held-out slice for the fine-tune's rungs."""
+    batches, count = [], 0
+    for batch in task.val:
+        batches.append(batch)
+        count += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+        if count >= samples:
+            break
+    return batches
 
 
 def calibration_batches(task: Task) -> Iterable:
@@ -140,15 +186,18 @@ def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettin
 
 def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
               on_stage: Callable[[str], None] | None = None,
-              measure: Measure | None = None) -> TrialResult:
+              measure: Measure | None = None, guide: Guide | None = None) -> TrialResult:
     """Compress, lower and measure one recipe; never raises for a failing recipe.
 
     The result's ``values`` hold ``quality``, ``latency_ms`` and ``size_mb``; ``metrics``
     add the baseline figures (teacher through the same fp32 lowering, timed interleaved
-    with the candidate), ``speedup``, ``compression``, spreads, timings and the facts of
-    compression. ``measure`` runs the latency job: by default in a fresh local process
-    (``run_isolated``), or e.g. on a node of the target. A failure (exception, NaN, budget
-    exceeded, wrong lowered outputs) sets ``failure`` to the reason.
+    with the candidate), ``speedup``, ``compression``, spreads, timings, the structure
+    fingerprint and the facts of compression. ``measure`` runs the latency job: by default
+    in a fresh local process (``run_isolated``), or e.g. on a node of the target; an
+    identical structure's figures from ``guide.known_latency`` are reused instead. A
+    failure (exception, NaN, budget exceeded, wrong lowered outputs) sets ``failure``;
+    a stop by the ``guide`` (a hopeless rung, quality above the limit, dominated before
+    its fine-tune) sets ``stopped`` and keeps the partial figures in ``metrics``.
     """
     stage_name = "start"
 
@@ -159,8 +208,13 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
             on_stage(name)
 
     started = time.perf_counter()
+    trial = _Trial(task, recipe, settings, baseline, guide or Guide(), stage)
     try:
-        measured = _measure(task, recipe, settings, baseline, stage, measure or run_isolated)
+        measured = trial.run(measure or run_isolated)
+    except Stopped as stop:
+        return TrialResult(recipe, metrics={**trial.partial, **stop.figures,
+                                            "trial_s": time.perf_counter() - started},
+                           stopped=stop.reason)
     except Exception as exc:  # a failing recipe must never stop the study
         reason = f"{stage_name}: {type(exc).__name__}: {one_line(str(exc))}"
         return TrialResult(recipe, failure=reason, metrics={
@@ -179,61 +233,146 @@ class _Measured:
     facts: dict[str, Any]
     quality: float
     size: float
-    job: LatencyJob
-    report: LatencyReport
+    latency: dict[str, Any]
+    batch_size: int
     compress_seconds: float
 
 
-def _measure(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
-             stage: Callable[[str], None], measure: Measure) -> _Measured | TrialResult:
-    """Compress the teacher by ``recipe``, then measure quality, size and latency; a
-    TrialResult instead when the quality is not finite. Raises for a failing recipe."""
-    started = time.perf_counter()
-    finetune = settings.finetune
-    deadline = Deadline(finetune.trial_timeout_s)
-    with torch_threads(finetune.threads or torch.get_num_threads()):
-        compressed, facts = compress(
-            task.model, recipe,
-            example_input=task.example_input, train=task.train,
-            calibration=calibration_batches(task),
-            finetune_steps=finetune.steps, learning_rate=finetune.learning_rate,
-            seed=settings.seed, student_factory=task.student, deadline=deadline,
-            on_stage=stage,
-        )
-    compress_seconds = time.perf_counter() - started
+@dataclass
+class _Trial:
+    """One trial's pipeline; ``partial`` collects figures a stop keeps."""
 
-    stage("quality")
-    quality = quality_of(task, compressed)
-    if not math.isfinite(quality):
-        return TrialResult(recipe, failure=f"quality is {quality}")
-    size = size_mb(compressed)
-    deadline.check("evaluation")
+    task: Task
+    recipe: Recipe
+    settings: TrialSettings
+    baseline: Baseline
+    guide: Guide
+    stage: Callable[[str], None]
+    partial: dict[str, Any] = field(default_factory=dict)
+    curve: list = field(default_factory=list)
 
-    stage("export")
-    job = latency_job(task, compressed, recipe.quantization.scheme, settings, baseline)
-    stage("latency")
-    report = measure(job)
-    deadline.check("latency measurement")
-    return _Measured(compressed, facts, quality, size, job, report, compress_seconds)
+    def run(self, measure: Measure) -> _Measured | TrialResult:
+        """Compress (stopping at hopeless rungs), gate on quality, then time the model
+        unless an identical structure was timed before. Raises for a failing recipe."""
+        started = time.perf_counter()
+        deadline = Deadline(self.settings.finetune.trial_timeout_s)
+        untrained = self._skip_if_dominated(deadline)
+        compressed, facts = untrained or self._compress(deadline, self.settings.finetune.steps,
+                                                        rungs=True)
+        compress_seconds = time.perf_counter() - started
+        if "rungs" in self.partial:
+            facts = {**facts, "rungs": self.partial["rungs"]}
+        self.stage("quality")
+        quality = quality_of(self.task, compressed)
+        if not math.isfinite(quality):
+            return TrialResult(self.recipe, failure=f"quality is {quality}")
+        size = size_mb(compressed)
+        self.partial.update(quality=quality, size_mb=size,
+                            quality_drop=self.baseline.quality - quality,
+                            compress_s=compress_seconds, **_plain(facts))
+        self._gate(quality)
+        deadline.check("evaluation")
+        latency, batch = self._latency(compressed, measure)
+        deadline.check("latency measurement")
+        return _Measured(compressed, facts, quality, size, latency, batch, compress_seconds)
+
+    def _compress(self, deadline: Deadline, steps: int, rungs: bool) -> tuple[nn.Module, dict]:
+        finetune, stopping = self.settings.finetune, self.guide.stopping
+        watch = rungs and stopping is not None and stopping.enabled
+        with torch_threads(finetune.threads or torch.get_num_threads()):
+            return compress(
+                self.task.model, self.recipe, example_input=self.task.example_input,
+                train=self.task.train, calibration=calibration_batches(self.task),
+                finetune_steps=steps, learning_rate=finetune.learning_rate,
+                seed=self.settings.seed, student_factory=self.task.student,
+                deadline=deadline, on_stage=self.stage,
+                rungs=stopping.rungs if watch else (), on_rung=self._rung if watch else None)
+
+    def _rung(self, step: int, steps: int, model: nn.Module) -> None:
+        """Record the slice quality at a rung; stop when the curve cannot reach the limit."""
+        stopping = self.guide.stopping
+        quality = quality_of(self.task, model, val_slice(self.task, stopping.slice_samples))
+        self.curve.append(Rung(step, steps, quality))
+        self.partial["rungs"] = ",".join(f"{r.step}:{r.quality:.4f}" for r in self.curve)
+        limit = (self.baseline.slice_quality(self.task, stopping.slice_samples)
+                 - self.guide.max_quality_drop)
+        reason = stop_reason(self.curve, limit, stopping.slack)
+        if reason is not None:
+            raise Stopped(reason, {"stopped_at_step": step, "finetune_steps": steps})
+
+    def _gate(self, quality: float) -> None:
+        stopping = self.guide.stopping
+        if stopping is None or not stopping.enabled or stopping.time_infeasible:
+            return
+        drop = self.baseline.quality - quality
+        if drop > self.guide.max_quality_drop:
+            raise Stopped(f"quality drop {drop:.4f} above the limit "
+                          f"{self.guide.max_quality_drop:g}: not compiled and timed")
+
+    def _fingerprint(self, model: nn.Module) -> str:
+        latency = self.settings.latency
+        timing = {"target": latency.target, "lowering": latency.lowering,
+                  "threads": latency.threads,
+                  "batch": int(latency_input(self.task, latency.batch_size).shape[0])}
+        return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
+
+    def _skip_if_dominated(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
+        """With an identical structure timed before, skip a fine-tune that could not give a
+        point off the feasible front (its size and latency are known without it). Returns
+        the compressed model when the recipe needs no fine-tune (it is then final)."""
+        stopping, dominated = self.guide.stopping, self.guide.dominated
+        if (stopping is None or not stopping.enabled or not stopping.skip_dominated
+                or dominated is None or self.settings.finetune.steps == 0):
+            return None
+        self.stage("structure")
+        structure, facts = self._compress(deadline, 1, rungs=False)
+        if facts.get("finetune_steps", 0) == 0:
+            return structure, facts  # nothing to fine-tune: this is the trial's model
+        known = self.guide.known_latency(self._fingerprint(structure))
+        if known is None:
+            return None
+        size = size_mb(structure)
+        winner = dominated(known["latency_ms"], size)
+        if winner is not None:
+            self.partial.update(known, size_mb=size)
+            raise Stopped(f"dominated before its fine-tune by {winner}")
+        return None
+
+    def _latency(self, model: nn.Module, measure: Measure) -> tuple[dict[str, Any], int]:
+        fingerprint = self._fingerprint(model)
+        batch = int(latency_input(self.task, self.settings.latency.batch_size).shape[0])
+        known = self.guide.known_latency(fingerprint)
+        if known is not None:
+            return {**known, "structure": fingerprint}, batch
+        self.stage("export")
+        job = latency_job(self.task, model, self.recipe.quantization.scheme, self.settings,
+                          self.baseline)
+        self.stage("latency")
+        latency = measure(job).metrics()
+        if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
+                                              for module in model.modules()):
+            latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
+        return {**latency, "structure": fingerprint}, batch
+
+
+def _plain(facts: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in facts.items() if isinstance(v, (bool, int, float, str))}
 
 
 def _result(recipe: Recipe, settings: TrialSettings, baseline: Baseline, m: _Measured,
             started: float) -> TrialResult:
     """The trial's values and metrics from what it measured."""
-    latency = m.report.metrics()
-    if m.job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
-                                            for module in m.model.modules()):
-        latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
+    latency = m.latency
     values = {"quality": m.quality, "latency_ms": latency["latency_ms"], "size_mb": m.size}
     metrics = {
-        **{k: v for k, v in m.facts.items() if isinstance(v, (bool, int, float, str))},
+        **_plain(m.facts),
         **values,
         **latency,
         "baseline_quality": baseline.quality,
         "baseline_size_mb": baseline.size_mb,
         "quality_drop": baseline.quality - m.quality,
         "compression": baseline.size_mb / m.size,
-        "latency_batch_size": int(m.job.example.shape[0]),
+        "latency_batch_size": m.batch_size,
         "threads": settings.latency.threads,
         "baseline_parameters": baseline.parameters,
         "compress_s": m.compress_seconds,

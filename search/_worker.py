@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from ._local import Objective, optimize_until
 from ._progress import StudyProgress
+from ._sampling import enqueue_seeds
 from ._spec import StudySpec
 from ._store import FAILURE_ATTR, HEARTBEAT_ATTR, open_study
 
@@ -37,6 +38,7 @@ def run_shared(spec: StudySpec, *, target: int, storage: str | None, progress: b
     completed trials, counting those of the other workers."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = open_study(spec, storage, workers=spec.workers)
+    enqueue_seeds(study, spec)
     optimize_until(study, spec, target, progress=progress, objective=SharedObjective,
                    room=functools.partial(wait_for_room, target=target))
     return study

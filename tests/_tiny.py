@@ -168,6 +168,9 @@ task = "task.py:make_task"
 name = "tiny"
 trials = {trials}
 seed = 0
+seeds = []
+[stopping]
+enabled = false
 [sampler]
 name = "random"
 [finetune]

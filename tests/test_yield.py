@@ -1,0 +1,202 @@
+"""What saves a study work: stopping at rungs, the quality gate, the structure cache, seeds."""
+
+import pytest
+from _tiny import TASK_FILE, tiny_task
+from optuna.trial import TrialState
+
+from paretoslim.search import (
+    TrialSettings,
+    load_spec,
+    measure_baseline,
+    pareto_front,
+    parse_spec,
+    run_study,
+    run_trial,
+)
+from paretoslim.search._sampling import auto_seeds
+from paretoslim.search._spec import FinetuneSpec, LatencySpec, StoppingSpec
+from paretoslim.search._store import STOPPED_ATTR
+from paretoslim.search._trial import LATENCY_FIGURES, Guide
+from paretoslim.spaces import Recipe
+
+STOPPING = StoppingSpec(rungs=[0.25, 0.5], slice_samples=128)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    task = tiny_task("mlp")
+    return task, measure_baseline(task)
+
+
+def _settings(steps=40):
+    return TrialSettings(FinetuneSpec(steps=steps, trial_timeout_s=None),
+                         LatencySpec(min_calls=20, min_seconds=0.0))
+
+
+class FakeMeasure:
+    """Stands in for the latency measurement: counts calls, returns fixed figures."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, job):
+        self.calls += 1
+        figures = {k: 1.0 for k in LATENCY_FIGURES}
+        figures.update(latency_noisy=False, lowering="aoti", measured_on="here",
+                       sparse_execution="none")
+        return type("Report", (), {"metrics": lambda self: dict(figures)})()
+
+
+def test_a_hopeless_curve_is_stopped_at_a_rung_with_its_figures(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure,
+                       guide=Guide(stopping=STOPPING, max_quality_drop=-100.0))
+    assert result.stopped is not None and "stopped at fine-tune step 10/40" in result.stopped
+    assert not result.ok and result.failure is None and measure.calls == 0
+    assert result.metrics["stopped_at_step"] == 10
+    assert result.metrics["rungs"].startswith("0:") and ",10:" in result.metrics["rungs"]
+
+
+def test_a_promising_curve_runs_to_the_end(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure,
+                       guide=Guide(stopping=STOPPING, max_quality_drop=100.0))
+    assert result.ok and measure.calls == 1
+    assert result.metrics["rungs"].count(":") == 3  # step 0 and both rungs
+    assert result.metrics["finetune_steps"] == 40
+
+
+def test_a_trial_above_the_quality_limit_is_not_timed(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    result = run_trial(task, Recipe.from_dict({"sparsity": {"ratio": 0.97}}), _settings(1),
+                       baseline, measure=measure,
+                       guide=Guide(stopping=StoppingSpec(rungs=[0.5]), max_quality_drop=0.0))
+    assert result.stopped is not None and "not compiled and timed" in result.stopped
+    assert measure.calls == 0 and result.metrics["quality_drop"] > 0
+
+
+def test_latency_is_reused_for_an_identical_structure_only(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    first = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.25}}), _settings(4),
+                      baseline, measure=measure)
+    fingerprint = first.metrics["structure"]
+    cached = {fingerprint: {**{k: first.metrics[k] for k in LATENCY_FIGURES
+                               if k in first.metrics}, "latency_cached_from": 0}}
+    guide = Guide(known_latency=cached.get)
+    same = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.25},
+                                             "distillation": {"temperature": 2.0}}),
+                     _settings(4), baseline, measure=measure, guide=guide)
+    assert measure.calls == 1 and same.metrics["latency_cached_from"] == 0
+    assert same.metrics["structure"] == fingerprint
+    other = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(4),
+                      baseline, measure=measure, guide=guide)
+    assert measure.calls == 2 and "latency_cached_from" not in other.metrics
+    assert other.metrics["structure"] != fingerprint
+
+
+def test_a_dominated_candidate_skips_its_fine_tune(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    first = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.25}}), _settings(4),
+                      baseline, measure=measure)
+    cached = {first.metrics["structure"]: {"latency_ms": 1.0, "latency_cached_from": 0}}
+    guide = Guide(stopping=STOPPING, max_quality_drop=0.01, known_latency=cached.get,
+                  dominated=lambda latency, size: "trial 9" if latency >= 0.5 else None)
+    skipped = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.25},
+                                                "distillation": {"alpha": 0.5}}),
+                        _settings(4), baseline, measure=measure, guide=guide)
+    assert skipped.stopped == "dominated before its fine-tune by trial 9"
+    assert "rungs" not in skipped.metrics and measure.calls == 1
+
+
+SPEC = """
+task = "task.py:make_task"
+name = "gated"
+trials = 3
+seed = 0
+[[seeds]]
+pruning.ratio = 0.25
+[[seeds]]
+pruning.ratio = 0.25
+distillation.temperature = 2.0
+[[seeds]]
+sparsity.ratio = 0.97
+low_rank.rank_fraction = 0.1
+[constraints]
+max_quality_drop = 0.02
+[stopping]
+rungs = [0.5]
+skip_dominated = false
+[sampler]
+name = "random"
+[finetune]
+steps = 20
+[latency]
+min_calls = 20
+min_seconds = 0.0
+[space.student]
+width = [0.5, 1.0]
+[space.pruning]
+ratio = [0.0, 0.25]
+[space.distillation]
+temperature = [2.0, 4.0]
+[space.sparsity]
+ratio = [0.0, 0.97]
+[space.low_rank]
+rank_fraction = [0.1, 1.0]
+"""
+
+
+def test_a_study_runs_its_seeds_reuses_timings_and_keeps_stopped_trials(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(TASK_FILE)
+    (tmp_path / "study.toml").write_text(SPEC)
+    spec = load_spec(tmp_path / "study.toml")
+    study = run_study(spec, progress=False)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.params.get("pruning.ratio") for t in trials[:2]] == [0.25, 0.25]
+    first, second = (t.user_attrs["metrics"] for t in trials[:2])
+    assert second["structure"] == first["structure"]
+    assert second["latency_cached_from"] == trials[0].number
+    assert "latency_cached_from" not in first
+    stopped = [t for t in trials if t.state == TrialState.PRUNED]
+    assert stopped, "the third seed loses more than 2 points at 20 steps"
+    assert all(t.user_attrs[STOPPED_ATTR] for t in stopped)
+    front = {p.number for p in pareto_front(study)}
+    assert front and not front & {t.number for t in stopped}
+    again = run_study(spec, trials=4, progress=False)
+    kept = {t.number: t.state for t in again.get_trials(deepcopy=False)}
+    assert all(kept[t.number] == TrialState.PRUNED for t in stopped)
+
+
+def test_auto_seeds_start_with_informative_recipes_inside_the_space():
+    spec = parse_spec({"task": "t.py:f", "space": {
+        "student": {"width": {"low": 0.5, "high": 1.0, "step": 0.125}},
+        "pruning": {"ratio": {"low": 0.0, "high": 0.6, "step": 0.05}},
+        "quantization": {"scheme": ["fp32", "bf16", "int8_static"]}}})
+    seeds = auto_seeds(spec)
+    assert 3 <= len(seeds) <= spec.sampler.population_size
+    assert seeds[0] == {"student.width": 1.0, "pruning.ratio": 0.0,
+                        "quantization.scheme": "int8_static"}
+    assert {"student.width": 0.75, "pruning.ratio": 0.3,
+            "quantization.scheme": "int8_static"} in seeds
+    assert {"student.width": 0.5, "pruning.ratio": 0.0,
+            "quantization.scheme": "int8_static"} in seeds
+    for seed in seeds:
+        spec.space.recipe(seed)  # every seed is a valid point of the space
+
+
+def test_seeds_and_stopping_are_checked_in_the_spec():
+    with pytest.raises(Exception, match="outside its domain"):
+        parse_spec({"task": "t.py:f", "seeds": [{"pruning": {"ratio": 0.9}}]})
+    with pytest.raises(Exception, match="rungs"):
+        parse_spec({"task": "t.py:f", "stopping": {"rungs": [0.5, 2]}})
+    with pytest.raises(Exception, match="seeds"):
+        parse_spec({"task": "t.py:f", "seeds": "some"})
