@@ -33,24 +33,24 @@ RECIPES: dict[str, dict] = {
     "int8 static, first/last float": {"quantization": {"scheme": "int8_static",
                                                        "keep_float": "first_last"}},
     "int8 QAT": {"quantization": {"scheme": "int8_static", "qat": True}},
-    "k-means 4 bits": {"quantization": {"cluster_bits": 4}},
-    "k-means 3 bits": {"quantization": {"cluster_bits": 3}},
+    "k-means 4 bits": {"weight_sharing": {"bits": 4}},
+    "k-means 3 bits": {"weight_sharing": {"bits": 3}},
     # combinations
     "prune 0.3 + int8 static": {"pruning": {"ratio": 0.3},
                                 "quantization": {"scheme": "int8_static"}},
     "prune 0.3 + k-means 4 bits": {"pruning": {"ratio": 0.3},
-                                   "quantization": {"cluster_bits": 4}},
+                                   "weight_sharing": {"bits": 4}},
     "prune 0.3 + k-means 3 bits": {"pruning": {"ratio": 0.3},
-                                   "quantization": {"cluster_bits": 3}},
+                                   "weight_sharing": {"bits": 3}},
     "prune 0.4 + k-means 4 bits": {"pruning": {"ratio": 0.4},
-                                   "quantization": {"cluster_bits": 4}},
+                                   "weight_sharing": {"bits": 4}},
     "width 0.625 + k-means 4 bits": {"student": {"width": 0.625},
-                                     "quantization": {"cluster_bits": 4}},
+                                     "weight_sharing": {"bits": 4}},
     "sparsity 0.9 AGP + bf16, CSR": {"sparsity": {"ratio": 0.9, "schedule": "gradual"},
                                      "quantization": {"scheme": "bf16"}},
     "prune 0.3 + sparsity 0.8 AGP + k-means 4 bits": {
         "pruning": {"ratio": 0.3}, "sparsity": {"ratio": 0.8, "schedule": "gradual"},
-        "quantization": {"cluster_bits": 4}},
+        "weight_sharing": {"bits": 4}},
 }
 
 

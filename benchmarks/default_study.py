@@ -1,0 +1,102 @@
+"""The default study end to end, as the README's first command runs it, and what it found:
+wall time, trials by outcome, the best speedup and compression at <= 1 point, trials per
+hour, and how many stopped trials would have ended feasible (each re-run to the end)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from paretoslim.kernels import detect_target
+from paretoslim.search import load_spec, run_study
+from paretoslim.search._store import FAILURE_ATTR, METRICS_ATTR, STOPPED_ATTR
+from paretoslim.search._trial import calibration_batches, quality_of
+from paretoslim.spaces import Recipe, compress
+
+SPEC = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.toml"
+
+
+def summarize(study, spec, seconds: float) -> dict:
+    """Outcomes and the best feasible points of a finished study."""
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    limit = spec.constraints.max_quality_drop
+    done = [t.user_attrs[METRICS_ATTR] for t in trials if t.state == TrialState.COMPLETE]
+    feasible = [m for m in done if m["quality_drop"] <= limit]
+    rung_stops = [t for t in trials if t.state == TrialState.PRUNED
+                  and "fine-tune step" in t.user_attrs.get(STOPPED_ATTR, "")]
+    full_infeasible = len(done) - len(feasible) + sum(
+        t.state == TrialState.PRUNED and "above the limit" in t.user_attrs.get(STOPPED_ATTR, "")
+        for t in trials)
+    best = {key: max(feasible, key=lambda m, k=key: m[k], default=None)
+            for key in ("speedup", "compression")}
+    return {
+        "cpu": detect_target("cpu-x86").to_dict(), "wall_s": round(seconds, 1),
+        "states": {k: v for k, v in states.items() if v},
+        "trials_per_hour": round(3600 * len(trials) / seconds, 1),
+        "full_budget_infeasible": full_infeasible, "rung_stops": len(rung_stops),
+        "failures": [t.user_attrs.get(FAILURE_ATTR) for t in trials
+                     if t.state == TrialState.FAIL],
+        **{f"best_{key}": None if m is None else {
+            "speedup": m["speedup"], "compression": m["compression"],
+            "quality_drop": m["quality_drop"], "recipe": _short(study, m)}
+           for key, m in best.items()},
+    }
+
+
+def _short(study, metrics: dict) -> str:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get(METRICS_ATTR) is metrics or t.user_attrs.get(METRICS_ATTR) == metrics:
+            return Recipe.from_dict(t.user_attrs["recipe"]).short()
+    return ""
+
+
+def false_stops(study, spec) -> dict:
+    """Re-run every trial stopped at a rung to the end: how many would have been feasible."""
+    from paretoslim.search import load_task
+
+    task = load_task(spec.task, spec.base_dir, spec.task_options)
+    teacher = quality_of(task, task.model)
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if "fine-tune step" not in t.user_attrs.get(STOPPED_ATTR, ""):
+            continue
+        model, _ = compress(task.model, Recipe.from_dict(t.user_attrs["recipe"]),
+                            example_input=task.example_input, train=task.train,
+                            calibration=calibration_batches(task),
+                            finetune_steps=spec.finetune.steps,
+                            learning_rate=spec.finetune.learning_rate, seed=spec.seed,
+                            student_factory=task.student)
+        drop = teacher - quality_of(task, model)
+        rows.append({"number": t.number, "drop": drop,
+                     "feasible": drop <= spec.constraints.max_quality_drop})
+    return {"stopped_at_rungs": len(rows), "would_be_feasible": sum(r["feasible"] for r in rows),
+            "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", type=Path, default=SPEC)
+    parser.add_argument("--storage", default=None, help="default: a fresh journal in ./runs")
+    parser.add_argument("--false-stops", action="store_true",
+                        help="re-run each trial stopped at a rung to the end")
+    parser.add_argument("--out", type=Path, default=Path("default_study.json"))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    spec = load_spec(args.spec)
+    started = time.perf_counter()
+    study = run_study(spec, storage=args.storage)
+    summary = summarize(study, spec, time.perf_counter() - started)
+    if args.false_stops:
+        summary["false_stops"] = false_stops(study, spec)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
