@@ -308,14 +308,17 @@ def _fit(
         optimizer, max_lr=config.max_lr, total_steps=config.epochs * steps_per_epoch
     )
     generator = torch.Generator().manual_seed(config.seed + 1_000_003)
+    # a bar on a terminal; a line per epoch in a log file or a pipe
+    redraw = progress and sys.stderr.isatty()
     for epoch in range(config.epochs):
         model.train()
         train_batches.set_epoch(epoch)
+        started = time.perf_counter()
         bar = tqdm(
             train_batches,
             total=steps_per_epoch,
             desc=f"teacher epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
+            disable=not redraw,
             dynamic_ncols=True,
         )
         running = 0.0
@@ -332,6 +335,9 @@ def _fit(
             if step % 20 == 0 or step == steps_per_epoch:
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         bar.close()
+        if progress and not redraw:
+            _say(f"teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
+                 f"({time.perf_counter() - started:.0f} s)")
     model.eval()
 
 
