@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +25,11 @@ OBJECTIVES: dict[str, str] = {
 }
 SAMPLERS = ("nsga2", "tpe", "random")
 BACKENDS = ("optuna", "ray")
+MAX_THREADS = 1024
+MAX_BATCH = 1 << 16  # the largest batch an exported program accepts
+MAX_SEED = 2**32 - 1  # numpy's seed range, which the samplers use
+# a study name is a file name: its journal is runs/NAME/journal.log
+_SAFE_NAME = re.compile(r"[^\W][\w.+ -]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,8 @@ class SamplerSpec:
 @dataclass(frozen=True)
 class FinetuneSpec:
     """The recovery fine-tune (distillation) after structural changes, and the trial budget
-    (``trial_timeout_s``; None, from Python, sets none); ``threads`` 0 uses torch's count."""
+    (``trial_timeout_s``; ``inf`` in TOML, None from Python, sets none); ``threads`` 0 uses
+    torch's count."""
 
     steps: int = 300
     learning_rate: float = 5e-4
@@ -49,11 +57,13 @@ class FinetuneSpec:
 
     def __post_init__(self) -> None:
         _at_least("steps", self.steps, 0)
-        _at_least("threads", self.threads, 0)
+        _in_range("threads", self.threads, 0, MAX_THREADS)
         _in_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         if self.trial_timeout_s is not None:
-            _in_range("trial_timeout_s", self.trial_timeout_s, 0.0, float("inf"),
-                      low_open=True)
+            _in_range("trial_timeout_s", self.trial_timeout_s, 0.0, math.inf, low_open=True,
+                      infinite=True)
+            if math.isinf(self.trial_timeout_s):  # no budget
+                object.__setattr__(self, "trial_timeout_s", None)
 
 
 @dataclass(frozen=True)
@@ -74,9 +84,9 @@ class LatencySpec:
 
         _one_of("target", self.target, TARGETS)
         _one_of("lowering", self.lowering, BACKENDS)
-        _at_least("batch_size", self.batch_size, 0)
-        _at_least("threads", self.threads, 1)
-        _at_least("min_calls", self.min_calls, 10)
+        _in_range("batch_size", self.batch_size, 0, MAX_BATCH)
+        _in_range("threads", self.threads, 1, MAX_THREADS)
+        _in_range("min_calls", self.min_calls, 10, 10**7)
         _in_range("min_seconds", self.min_seconds, 0.0, 600.0)
         _in_range("max_spread", self.max_spread, 0.0, 10.0, low_open=True)
 
@@ -185,6 +195,8 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         _at_least("trials", self.trials, 1)
+        _in_range("seed", self.seed, 0, MAX_SEED)
+        check_study_name(self.name)
         if isinstance(self.seeds, str):
             _one_of("seeds", self.seeds, ("auto",))
         else:
@@ -269,7 +281,7 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> StudySpec:
         kwargs["task_options"] = dict(data["task_options"])
     for section, spec_type in _SECTIONS.items():
         if section in data:
-            kwargs[section] = _section(where, section, data[section], spec_type)
+            kwargs[section] = parse_section(where, section, data[section], spec_type)
     if "space" in data:
         kwargs["space"] = _space(where, data["space"])
     if "seeds" in data:
@@ -281,11 +293,17 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> StudySpec:
         kwargs["seeds"] = seeds if isinstance(seeds, str) else tuple(seeds)
     try:
         return StudySpec(**kwargs)
-    except ValueError as exc:
-        raise ParetoslimError(f"{where}: {exc}") from None
+    except (ValueError, TypeError, KeyError) as exc:  # seeds are checked as recipes
+        raise ParetoslimError(f"{where}: {_message(exc)}") from None
 
 
-def _section(where: str, section: str, table: Any, spec_type: type) -> Any:
+def _message(exc: Exception) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(text).split())
+
+
+def parse_section(where: str, section: str, table: Any, spec_type: type) -> Any:
+    """The table ``[section]`` as ``spec_type``; ParetoslimError naming ``where`` and the key."""
     if not isinstance(table, dict):
         raise ParetoslimError(f"{where}: [{section}] must be a table. Got {table!r}.")
     names = {f.name for f in fields(spec_type)
@@ -296,15 +314,17 @@ def _section(where: str, section: str, table: Any, spec_type: type) -> Any:
               for key, value in table.items()}
     try:
         return spec_type(**kwargs)
-    except ValueError as exc:
-        raise ParetoslimError(f"{where}: {section}.{exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise ParetoslimError(f"{where}: {section}.{_message(exc)}") from None
 
 
 def _space(where: str, table: Any) -> SearchSpace:
     if not isinstance(table, dict):
         raise ParetoslimError(f"{where}: [space] must be a table")
     try:
-        return SearchSpace.from_table(table)
+        space = SearchSpace.from_table(table)
+        _finite_domains(space)
+        return space
     except KeyError as exc:
         key = exc.args[0]
         from ..spaces import DEFAULT_DOMAINS
@@ -315,7 +335,17 @@ def _space(where: str, table: Any) -> SearchSpace:
             f"{', '.join(valid)}"
         ) from None
     except (TypeError, ValueError) as exc:
-        raise ParetoslimError(f"{where}: {exc}") from None
+        raise ParetoslimError(f"{where}: {_message(exc)}") from None
+
+
+def _finite_domains(space: SearchSpace) -> None:
+    """Raise ValueError for a NaN or infinite bound, step or choice of the space."""
+    for name, domain in space.domains.items():
+        numbers = [getattr(domain, key, None) for key in ("low", "high", "step")]
+        numbers += list(getattr(domain, "values", ()))
+        for value in numbers:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"space.{name} must hold finite numbers. Got {value!r}.")
 
 
 def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
@@ -333,6 +363,9 @@ def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
         raise ParetoslimError(
             f"{where}: key {key!r} must be {names}. Got {type(value).__name__} {value!r}."
         )
+    if isinstance(value, str) and any(ord(c) < 32 for c in value):
+        raise ParetoslimError(f"{where}: key {key!r} must not hold control characters. "
+                              f"Got {value!r}.")
     return value
 
 
@@ -362,11 +395,26 @@ def _at_least(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}. Got {value!r}.")
 
 
-def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False,
+              infinite: bool = False) -> None:
+    """``value`` within the bounds; NaN never, infinity only where ``infinite`` allows it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value) or not infinite:
+            raise ValueError(f"{name} must be a finite number. Got {value!r}.")
     below = value <= low if low_open else value < low
     if below or value > high:
         raise ValueError(
             f"{name} must be in {'(' if low_open else '['}{low}, {high}]. Got {value!r}."
+        )
+
+
+def check_study_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a safe file name (letters, digits, ``_ . + -``
+    and inner spaces; no path separator; at most 100 characters; not starting with a dot)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name[-1] in " .":
+        raise ValueError(
+            f"name must be a file name of letters, digits and _ . + - (not starting with . "
+            f"or -, at most 100 characters): the study is stored in runs/NAME/. Got {name!r}."
         )
 
 
@@ -376,19 +424,29 @@ def _seed_params(space: SearchSpace, seed: Any) -> dict[str, Any]:
     default. Raises ValueError when a value is outside the parameter's domain."""
     from ..spaces import Recipe
 
-    if isinstance(seed, dict) and all("." in k for k in seed):
-        return dict(seed)  # already dotted (a spec built in Python)
+    searched = space.searched()
+    if isinstance(seed, dict) and seed and all("." in str(k) for k in seed):
+        for name, value in seed.items():  # already dotted (a spec built in Python)
+            if name not in searched:
+                raise ValueError(f"seeds: {name!r} is not a searched parameter; searched: "
+                                 f"{', '.join(sorted(searched))}")
+            _check_seed_value(name, searched[name], value)
+        return dict(seed)
     recipe = Recipe.from_dict(seed)
     params = {}
-    for name, domain in space.searched().items():
+    for name, domain in searched.items():
         section, key = name.split(".")
-        value = getattr(getattr(recipe, section), key)
-        if value not in domain.candidates() and not _in_domain(domain, value):
-            raise ValueError(f"seeds: {name} = {value!r} is outside its domain {domain}")
-        params[name] = value
+        params[name] = _check_seed_value(name, domain, getattr(getattr(recipe, section), key))
     return params
+
+
+def _check_seed_value(name: str, domain: Any, value: Any) -> Any:
+    if value not in domain.candidates() and not _in_domain(domain, value):
+        raise ValueError(f"seeds: {name} = {value!r} is outside its domain {domain}")
+    return value
 
 
 def _in_domain(domain: Any, value: Any) -> bool:
     low, high = getattr(domain, "low", None), getattr(domain, "high", None)
-    return low is not None and isinstance(value, (int, float)) and low <= value <= high
+    return (low is not None and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and low <= value <= high)
