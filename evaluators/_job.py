@@ -10,11 +10,13 @@ cached on disk per machine, keyed by its program, input shape, threads and CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pickle
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +34,12 @@ from ._latency import SpeedupMeasurement, measure_speedup, time_interleaved, tor
 
 CACHE_ENV = "PARETOSLIM_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/paretoslim")
+# the measuring process's time-out (``job_timeout``): generous, it only ends a hung process
+COMPILE_ALLOWANCE_S = 600.0  # per program lowered (compiling takes 2-17 s; 60 s seen loaded)
+TIMING_CAP_S = 60.0  # ``time_interleaved`` stops a round of timing after this
+CALL_BOUND_S = 1.0  # the slowest single call of a model expected
+TIMING_ROUNDS = 3  # rounds of timing a job can take: two attempts and a sparse duel
+_PARENT_ENV = "PARETOSLIM_JOB_PARENT"  # the measuring process's parent, to die with it
 
 
 class MeasurementError(RuntimeError):
@@ -153,26 +161,43 @@ def run_latency_job(job: LatencyJob) -> LatencyReport:
                          sparse_execution, sparse_speedup)
 
 
+def job_timeout(job: LatencyJob) -> float:
+    """How long the measuring process of ``job`` may take before it is taken as hung.
+
+    ``COMPILE_ALLOWANCE_S`` per program lowered (candidate, teacher, sparse variant) plus
+    ``TIMING_ROUNDS`` rounds of timing, each at most its ``min_seconds`` or the harness's
+    cap, whichever is longer, plus ``min_calls`` calls of ``CALL_BOUND_S``.
+    """
+    programs = 3 if job.sparse_program is not None else 2
+    timing = max(job.min_seconds, TIMING_CAP_S) + job.min_calls * CALL_BOUND_S
+    return programs * COMPILE_ALLOWANCE_S + TIMING_ROUNDS * timing
+
+
+def _child_command(job_path: Path, out_path: Path) -> list[str]:
+    """The measuring process's command line (a seam for the tests). runpy's warning that
+    the module was imported with its package is noise that would end its error output."""
+    return [sys.executable, "-W", "ignore::RuntimeWarning:runpy", "-m", __name__,
+            str(job_path), str(out_path)]
+
+
 def run_isolated(job: LatencyJob, timeout_s: float | None = None) -> LatencyReport:
     """``run_latency_job`` in a new Python process; its exceptions are raised here.
 
-    Raises MeasurementError when the process dies (e.g. a native crash) or exceeds
-    ``timeout_s``.
+    The process runs in a process group of its own, ended with everything it started when
+    it exceeds ``timeout_s`` (default: ``job_timeout(job)``) or when this process is
+    interrupted (KeyboardInterrupt, e.g. Ctrl-C or SIGTERM); its temporary files are removed
+    either way. Raises MeasurementError when the process dies (e.g. a native crash) or
+    exceeds its time-out.
     """
+    timeout_s = job_timeout(job) if timeout_s is None else timeout_s
     with tempfile.TemporaryDirectory(prefix="paretoslim-job-") as scratch:
         job_path, out_path = Path(scratch) / "job.pkl", Path(scratch) / "report.pkl"
         job_path.write_bytes(pickle.dumps(job))
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", __name__, str(job_path), str(out_path)],
-                capture_output=True, text=True, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise MeasurementError(
-                f"the measuring process took longer than {timeout_s:.0f} s") from None
+        code, stderr = _run_child(_child_command(job_path, out_path), timeout_s)
         if not out_path.is_file():
-            how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
-                   else f"exited with code {done.returncode}")
-            tail = " ".join(done.stderr.strip().splitlines()[-1:])
+            how = (f"was killed by signal {-code}" if code < 0
+                   else f"exited with code {code}")
+            tail = " ".join(stderr.strip().splitlines()[-1:])
             raise MeasurementError(f"the measuring process {how}: {tail}".rstrip(": "))
         outcome = pickle.loads(out_path.read_bytes())
     if isinstance(outcome, BaseException):
@@ -180,7 +205,52 @@ def run_isolated(job: LatencyJob, timeout_s: float | None = None) -> LatencyRepo
     return outcome
 
 
+def _run_child(command: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run ``command`` in a new session; its return code and standard error. The whole
+    process group is killed when it times out or this process is interrupted."""
+    with tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors,
+                                 start_new_session=True,
+                                 env={**os.environ, _PARENT_ENV: str(os.getpid())})
+        try:
+            code = child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(child)
+            raise MeasurementError(
+                f"the measuring process took longer than {timeout_s:.0f} s (its time-out, "
+                "from the timing settings) and was killed") from None
+        except BaseException:
+            _kill_group(child)
+            raise
+        _kill_group(child)  # what it left behind, e.g. compile workers
+        errors.seek(0)
+        return code, errors.read()
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()
+
+
+def _die_with_parent() -> None:
+    """Have Linux kill this process when its parent dies, even by SIGKILL (no-op elsewhere):
+    a measuring process left behind would hold the machine's latency lock."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = os.environ.get(_PARENT_ENV)
+    if parent and os.getppid() != int(parent):  # it died before the request took effect
+        os._exit(1)
+
+
 def _main(job_path: str, out_path: str) -> None:
+    _die_with_parent()
     job = pickle.loads(Path(job_path).read_bytes())
     try:
         outcome: Any = run_latency_job(job)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
 
+from ._lease import study_lease
 from ._progress import StudyProgress
 from ._sampling import enqueue_seeds, suggest_recipe
+from ._signals import interrupted_by
 from ._spec import StudySpec
 from ._store import (
     DUPLICATE_ATTR,
+    FAILURE_ATTR,
+    HEARTBEAT_ATTR,
     RECIPE_ATTR,
+    VALUES_ATTR,
     WORKER_ATTR,
     completed_count,
     guide_data,
@@ -25,6 +31,9 @@ from ._store import (
     open_study,
     record_result,
     reuse_earlier,
+    settled_note,
+    storage_errors,
+    storage_of,
 )
 from ._task import Task, load_task
 from ._trial import TrialSettings, measure_baseline, run_trial
@@ -44,6 +53,7 @@ class Objective:
     task: Task
     settings: TrialSettings
     progress: StudyProgress
+    interrupted: KeyboardInterrupt | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.progress.stage("measuring the teacher")
@@ -53,6 +63,25 @@ class Objective:
         return self.run(trial)
 
     def run(self, trial: optuna.Trial) -> tuple[float, ...]:
+        """The trial's values; an interruption (Ctrl-C, SIGTERM) fails it with the signal's
+        name, unless its result was recorded already: it is then told, and the interruption
+        raised after (``raise_interruption``)."""
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt as exc:
+            values = trial.user_attrs.get(VALUES_ATTR)
+            if values is not None:
+                self.interrupted = exc
+                return tuple(values)
+            trial.set_user_attr(FAILURE_ATTR, f"interrupted by {interrupted_by()}")
+            raise
+
+    def raise_interruption(self) -> None:
+        """Raise the interruption that came after the last trial's result was recorded."""
+        if self.interrupted is not None:
+            raise self.interrupted
+
+    def _run(self, trial: optuna.Trial) -> tuple[float, ...]:
         recipe = suggest_recipe(trial, self.spec)
         trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
         earlier = reuse_earlier(trial, self.spec)
@@ -77,16 +106,30 @@ class Objective:
 
 def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
               address: str | None = None) -> optuna.Study:
-    """Run the study in this process until it holds ``target`` completed trials; trials a
-    killed earlier process left running are recorded as failed first."""
+    """Run the study in this process until it holds ``target`` completed trials, holding
+    its lease (see ``_lease``): trials a killed earlier process left running are finished
+    first (``mark_interrupted``); a study another live run drives raises ParetoslimError."""
+    location = storage_of(spec, storage)
     study = open_study(spec, storage)
-    enqueue_seeds(study, spec)
-    interrupted = mark_interrupted(study)
-    if interrupted and progress:
-        print(f"{interrupted} trial(s) left running by an earlier process were recorded "
-              "as failed")
-    optimize_until(study, spec, target, progress=progress)
+    with contextlib.ExitStack() as stack:
+        with storage_errors(location):
+            leased = stack.enter_context(study_lease(study, location))
+        enqueue_seeds(study, spec)
+        note = settled_note(mark_interrupted(study)) if leased else unleased_note(study)
+        if note and progress:
+            print(note)
+        optimize_until(study, spec, target, progress=progress)
     return study
+
+
+def unleased_note(study: optuna.Study) -> str:
+    """What a run without a lease says of the trials it finds running (it leaves them)."""
+    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if not t.user_attrs.get(HEARTBEAT_ATTR)]
+    if not running:
+        return ""
+    return (f"{len(running)} trial(s) found running are left as they are: this storage "
+            "offers no lease to tell a live run from a dead one")
 
 
 def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progress: bool,
@@ -108,6 +151,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
 
     def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal failures
+        run.raise_interruption()  # one that came after the trial's result was recorded
         failures = failures + 1 if trial.state == TrialState.FAIL else 0
         if failures >= max_failures or (room is not None and not room(study, reporter)):
             study.stop()

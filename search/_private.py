@@ -2,8 +2,9 @@
 
 Checked against optuna 5.0.0: ``Study._storage``, ``Study._study_id``, the ``_trial_id`` of
 ``Trial`` and ``FrozenTrial``, and ``optuna._hypervolume.compute_hypervolume``. Optuna has
-no public way to annotate and finish a trial that another (dead) process asked for, nor to
-take up a running trial by its number, nor an exported hypervolume function.
+no public way to annotate and finish (fail, complete or prune) a trial that another (dead)
+process asked for, nor to take up a running trial by its number, nor an exported
+hypervolume function.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, key: str, reason: str) -
     storage = study._storage
     storage.set_trial_user_attr(trial._trial_id, key, reason)
     storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def finish_trial(study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                 values: list[float] | None = None) -> None:
+    """Finish the running ``trial`` (asked by another, dead process) in ``state``."""
+    study._storage.set_trial_state_values(trial._trial_id, state, values)
 
 
 def trial_by_number(study: optuna.Study, number: int) -> optuna.Trial:

@@ -1,4 +1,7 @@
-"""Progress display of a running study: a bar over trials and one line per finished trial."""
+"""Progress display of a running study: a bar over trials and one line per finished trial.
+
+The bar is drawn only on a terminal; into a file or a pipe (a log), a plain line is written
+when each trial starts instead of the bar's carriage-return frames."""
 
 from __future__ import annotations
 
@@ -12,16 +15,22 @@ from ._figures import FIGURE_FORMATS
 class StudyProgress:
     """Shows trials completed out of the target, the running trial's stage, and results."""
 
-    def __init__(self, *, target: int, completed: int, enabled: bool = True):
+    def __init__(self, *, target: int, completed: int, enabled: bool = True,
+                 terminal: bool | None = None):
         self.enabled = enabled
         self.current = ""
+        # None: draw the bar when standard error is a terminal
+        self.terminal = _is_terminal(sys.stderr) if terminal is None else terminal
         self.bar = tqdm(total=target, initial=min(completed, target), desc="trials",
-                        unit="trial", disable=not enabled, dynamic_ncols=True,
-                        file=sys.stderr)
+                        unit="trial", disable=not (enabled and self.terminal),
+                        dynamic_ncols=True, file=sys.stderr)
+        self.target, self.completed = target, min(completed, target)
 
     def _write(self, line: str) -> None:
         if self.enabled:
             tqdm.write(line, file=sys.stdout)
+            if not self.terminal:
+                sys.stdout.flush()  # a log shows each line when it happens
 
     def note(self, line: str) -> None:
         self._write(line)
@@ -32,9 +41,16 @@ class StudyProgress:
     def start_trial(self, number: int, recipe) -> None:
         self.current = f"#{number} [{recipe.short()}]"
         self.stage("")
+        if self.enabled and not self.terminal:
+            print(f"trial {number:>3}  started ({self.completed}/{self.target} completed)  "
+                  f"[{recipe.short()}]", file=sys.stderr, flush=True)
+
+    def _count(self) -> None:
+        self.bar.update(1)
+        self.completed = min(self.completed + 1, self.target)
 
     def trial_done(self, number: int, result, feasible: bool, where: str = "") -> None:
-        self.bar.update(1)
+        self._count()
         if not self.enabled:
             return
         m = result.metrics
@@ -59,13 +75,21 @@ class StudyProgress:
 
     def trial_reused(self, number: int, earlier: int) -> None:
         self._write(f"trial {number:>3}  same recipe as trial {earlier}, its figures reused")
-        self.bar.update(1)
+        self._count()
 
     def set_completed(self, count: int) -> None:
         """Show ``count`` completed trials (e.g. counting other workers' trials)."""
+        self.completed = min(count, self.target)
         if count != self.bar.n:
             self.bar.n = min(count, self.bar.total)
             self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False

@@ -7,6 +7,7 @@ candidate can be measured on a node of the target hardware while training runs a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -24,16 +25,17 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ._errors import ParetoslimError
+from ._lease import study_lease
 from ._private import is_finished, trial_by_number
 from ._progress import StudyProgress
 from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
 from ._spec import StudySpec
 from ._store import (
     DUPLICATE_ATTR,
+    HEARTBEAT_ATTR,
     RECIPE_ATTR,
     TARGET_ATTR,
     completed_count,
-    fail_running,
     guide_data,
     guide_for,
     is_feasible,
@@ -42,6 +44,9 @@ from ._store import (
     open_study,
     record_result,
     reuse_earlier,
+    settle_running,
+    settled_note,
+    storage_errors,
     storage_of,
 )
 from ._trial import TrialResult, TrialSettings, measure_baseline, run_trial
@@ -53,13 +58,23 @@ _driver: dict[str, Any] = {}  # the driver's progress display, read by the searc
 
 def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
                   progress: bool = True, address: str | None = None) -> optuna.Study:
-    """Run the study with Ray Tune until it holds ``target`` completed trials.
+    """Run the study with Ray Tune until it holds ``target`` completed trials, holding the
+    study's lease (see ``_lease``) in this driver.
 
     An interrupted run (killed driver, Ctrl-C) is resumed with ``Tuner.restore`` from the
     spec's ``ray.results`` path: completed trials are kept, unfinished ones run again.
     """
     spec = _absolute(spec)
+    location = storage_of(spec, storage)
     study = open_study(spec, storage)
+    with contextlib.ExitStack() as stack:
+        with storage_errors(location):
+            leased = stack.enter_context(study_lease(study, location))
+        return _drive(spec, study, target, location, progress, address, leased)
+
+
+def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, progress: bool,
+           address: str | None, leased: bool) -> optuna.Study:
     enqueue_seeds(study, spec)
     study.set_user_attr(TARGET_ATTR, target)
     done = completed_count(study)
@@ -75,11 +90,11 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
     _driver["progress"] = reporter
     finished = results_dir(spec) / FINISHED_MARK
     try:
-        _tuner(spec, study, storage_of(spec, storage), target, reporter, progress).fit()
+        _tuner(spec, study, location, target, reporter, progress, leased).fit()
     finally:
         reporter.close()
         _driver.clear()
-    study = open_study(spec, storage)
+    study = open_study(spec, location)
     if completed_count(study) >= target or _failing(study, max(5, target)):
         finished.parent.mkdir(parents=True, exist_ok=True)
         finished.touch()
@@ -90,7 +105,7 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
 
 
 def _tuner(spec: StudySpec, study: optuna.Study, location: str, target: int,
-           reporter: StudyProgress, progress: bool) -> tune.Tuner:
+           reporter: StudyProgress, progress: bool, leased: bool) -> tune.Tuner:
     """The experiment to run: the unfinished one restored, else a new one."""
     experiment = results_dir(spec)
     trainable = tune.with_resources(
@@ -104,11 +119,10 @@ def _tuner(spec: StudySpec, study: optuna.Study, location: str, target: int,
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     finished.unlink(missing_ok=True)
-    interrupted = mark_interrupted(study)
-    if interrupted and progress:
-        reporter.note(f"{interrupted} trial(s) left running by an earlier process "
-                      "were recorded as failed")
-    searcher = StudySearch(spec, location, max_failures=max(5, target))
+    note = settled_note(mark_interrupted(study)) if leased else ""
+    if note and progress:
+        reporter.note(note)
+    searcher = StudySearch(spec, location, max_failures=max(5, target), settle=leased)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -214,9 +228,12 @@ class StudySearch(_OptunaSearchOnStudy):
     trials (or after ``max_failures`` failures in a row)."""
 
     _max_concurrent: float = math.inf  # Tune's max_concurrent_trials, once it is set
+    _settle: bool = True  # the driver holds the study's lease (older checkpoints: it did)
 
-    def __init__(self, spec: StudySpec, location: str, max_failures: int):
+    def __init__(self, spec: StudySpec, location: str, max_failures: int,
+                 settle: bool = True):
         self._spec, self._location, self._max_failures = spec, location, max_failures
+        self._settle = settle
         self._running: dict[str, optuna.Trial] = {}
         self._recipes: dict[str, Any] = {}
         self._numbers: dict[str, int] = {}
@@ -239,9 +256,10 @@ class StudySearch(_OptunaSearchOnStudy):
         # an Optuna trial the restored experiment does not know of will never finish
         known = set(self._numbers.values())
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number not in known:
-                fail_running(study, trial, "interrupted: the Ray driver ended before its "
-                                           "experiment state held this trial")
+            if (self._settle and trial.number not in known
+                    and not trial.user_attrs.get(HEARTBEAT_ATTR)):
+                settle_running(study, trial, "interrupted: the Ray driver ended before its "
+                                             "experiment state held this trial")
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Limit the running trials here, where a restore can correct the count."""

@@ -8,6 +8,7 @@ from typing import NamedTuple, Protocol
 import optuna
 
 from ._errors import ParetoslimError
+from ._signals import signals_as_interrupts
 from ._spec import BACKENDS, StudySpec
 from ._store import is_rdb_url
 
@@ -63,13 +64,16 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
 
     Resumes a stored study: completed trials are kept and only the missing ones run.
     Failed trials are recorded with their reason and do not count; the run stops after
-    ``max(5, trials)`` failures in a row, so a broken task cannot loop forever.
+    ``max(5, trials)`` failures in a row, so a broken task cannot loop forever. One run
+    drives a study at a time (ParetoslimError while another live process does); SIGTERM
+    and Ctrl-C raise KeyboardInterrupt, the running trial recorded as failed with why.
     ``backend`` (default: the spec's) is ``optuna`` (this process) or ``ray`` (Ray Tune,
     on the cluster at ``address``, default the spec's ``ray.address``).
     """
     target = _target(spec, trials)
     run = get_backend(backend or spec.backend, BACKENDS)
-    return run(spec, target=target, storage=storage, progress=progress, address=address)
+    with signals_as_interrupts():  # SIGTERM ends the run as Ctrl-C does
+        return run(spec, target=target, storage=storage, progress=progress, address=address)
 
 
 def run_worker(spec: StudySpec, storage: str | None = None, *, trials: int | None = None,
@@ -88,4 +92,5 @@ def run_worker(spec: StudySpec, storage: str | None = None, *, trials: int | Non
             "a worker needs a database storage shared by all workers, e.g. --storage "
             f"postgresql://USER:PASSWORD@HOST/DB. Got {location or 'none'!r}.")
     target = _target(spec, trials)
-    return get_backend("worker")(spec, target=target, storage=location, progress=progress)
+    with signals_as_interrupts():
+        return get_backend("worker")(spec, target=target, storage=location, progress=progress)

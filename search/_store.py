@@ -3,8 +3,12 @@ study, the attributes of a trial (recipe, metrics, failure), reuse of a repeated
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +17,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..spaces import Recipe
 from ._errors import ParetoslimError
-from ._private import fail_trial
+from ._private import fail_trial, finish_trial
 from ._sampling import make_sampler
-from ._spec import StudySpec, WorkerSpec, load_spec
+from ._spec import StudySpec, WorkerSpec, check_study_name, load_spec
 from ._trial import LATENCY_FIGURES, Guide, TrialResult
 
 # user attributes of a trial
 RECIPE_ATTR = "recipe"
 METRICS_ATTR = "metrics"
+VALUES_ATTR = "values"  # the objective values, written last: the trial's result is complete
 FAILURE_ATTR = "fail_reason"
 STOPPED_ATTR = "stopped"  # why a trial was stopped early (it is PRUNED)
 DUPLICATE_ATTR = "duplicate_of"
@@ -40,6 +45,83 @@ def is_rdb_url(location: str) -> bool:
     return location.startswith(_URL_SCHEMES)
 
 
+def database_url(url: str) -> str:
+    """``url`` with a driver SQLAlchemy can load: ``postgresql://`` means psycopg 3 to
+    SQLAlchemy 2.1, the ``postgres`` extra installs psycopg2; use it when psycopg is absent."""
+    if (url.startswith(("postgresql://", "postgres://"))
+            and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
+def shown(location: str) -> str:
+    """A storage as it may be printed: a database URL without its password."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", location)
+
+
+def sqlite_file(location: str) -> Path | None:
+    """The database file of an SQLite URL (None: in memory, or not SQLite)."""
+    if not location.startswith("sqlite"):
+        return None
+    import sqlalchemy
+
+    try:
+        database = sqlalchemy.engine.make_url(location).database
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    return None if database in (None, "", ":memory:") else Path(database)
+
+
+@contextlib.contextmanager
+def storage_errors(location: str) -> Iterator[None]:
+    """Turn a storage that cannot be used into one ParetoslimError naming it (no password)."""
+    try:
+        yield
+    except ParetoslimError:
+        raise
+    except ImportError as exc:
+        raise ParetoslimError(
+            f"storage {shown(location)}: its database driver is missing ({exc}); for "
+            "PostgreSQL: pip install 'paretoslim[postgres]'") from None
+    except OSError as exc:
+        raise ParetoslimError(f"storage {shown(location)}: {_first_line(exc)}") from None
+    except Exception as exc:
+        import sqlalchemy
+
+        if not isinstance(exc, (sqlalchemy.exc.SQLAlchemyError,
+                                optuna.exceptions.StorageInternalError)):
+            raise
+        cause = getattr(exc, "orig", None) or exc.__cause__ or exc
+        raise ParetoslimError(
+            f"cannot use the storage {shown(location)}: {_first_line(cause, location)}"
+        ) from None
+
+
+def _first_line(exc: BaseException, location: str = "") -> str:
+    """The first line of an error's message, its storage's password hidden."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    text = shown(lines[0])
+    password = re.match(r"[^:]+://[^:/@]*:([^@/]*)@", location)
+    if password and password.group(1):
+        text = text.replace(password.group(1), "***")
+    return text
+
+
+def check_storage(location: str, *, create: bool) -> None:
+    """Raise ParetoslimError for an SQLite file that cannot be (``create``) or is not there:
+    read-only verbs must not create an empty database, SQLite does not create directories."""
+    path = sqlite_file(location)
+    if path is None:
+        return
+    if not create and not path.is_file():
+        raise ParetoslimError(f"storage {location}: the database {path} does not exist "
+                              "(run `paretoslim run SPEC --storage URL` first)")
+    if create and not path.parent.is_dir():
+        raise ParetoslimError(f"storage {location}: the directory {path.parent} does not "
+                              "exist; create it first")
+
+
 def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
     """An Optuna storage: an RDB URL as is, anything else a journal file path.
 
@@ -47,12 +129,13 @@ def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
     for the grace period is failed and retried by the next worker that starts a trial.
     """
     if is_rdb_url(url_or_path):
+        url = database_url(url_or_path)
         if workers is None:
-            return url_or_path
+            return url
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
         retry = RetryHeartbeatStaleTrialCallback(max_retry=workers.max_retries)
-        return RDBStorage(url_or_path, heartbeat_interval=workers.heartbeat_s,
+        return RDBStorage(url, heartbeat_interval=workers.heartbeat_s,
                           grace_period=workers.grace_s, heartbeat_stale_trial_callback=retry,
                           engine_kwargs={"pool_pre_ping": True})
     # absolute: the lock is a symbolic link to the journal, and a relative link would
@@ -84,23 +167,26 @@ def open_study(spec: StudySpec, storage: str | None = None, *,
 
     Safe when several processes open a new database study at the same moment: creation is
     serialized (a PostgreSQL advisory lock, else retries), so none crashes on the schema.
+    A storage that cannot be used raises ParetoslimError naming it.
     """
     location = storage_of(spec, storage)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by paretoslim
+    check_storage(location, create=True)
     try:
-        study = _create_once(location, lambda: optuna.create_study(
-            study_name=spec.name, storage=make_storage(location, workers),
-            directions=spec.directions, sampler=sampler or make_sampler(spec), load_if_exists=True,
-        ))
+        with storage_errors(location):
+            study = _create_once(location, lambda: optuna.create_study(
+                study_name=spec.name, storage=make_storage(location, workers),
+                directions=spec.directions, sampler=sampler or make_sampler(spec),
+                load_if_exists=True))
     except ValueError as exc:
         raise ParetoslimError(
-            f"study {spec.name!r} in {location}: {exc} (the objectives changed? use a new "
-            "study name or storage)"
+            f"study {spec.name!r} in {shown(location)}: {exc} (the objectives changed? use a "
+            "new study name or storage)"
         ) from None
     if study.directions and [d.name.lower() for d in study.directions] != spec.directions:
         raise ParetoslimError(
-            f"study {spec.name!r} in {location} was created with other objectives; use a new "
-            "study name or storage"
+            f"study {spec.name!r} in {shown(location)} was created with other objectives; use "
+            "a new study name or storage"
         )
     if SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, _spec_record(spec))
@@ -111,7 +197,7 @@ def _create_once(location: str, create: Any) -> optuna.Study:
     """Run ``create`` so that concurrent first workers do not race on schema creation."""
     if not is_rdb_url(location):
         return create()  # journal files append under a file lock: no race
-    if location.startswith("postgresql"):
+    if location.startswith("postgres"):
         return _create_locked(location, create)
     import random
     import time
@@ -121,8 +207,8 @@ def _create_once(location: str, create: Any) -> optuna.Study:
     for attempt in range(6):  # other databases: back off and retry a lost creation race
         try:
             return create()
-        except sqlalchemy.exc.SQLAlchemyError:
-            if attempt == 5:
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            if attempt == 5 or "unable to open" in str(exc):  # a race, not a bad location
                 raise
             time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
     raise AssertionError("unreachable")
@@ -132,7 +218,7 @@ def _create_locked(location: str, create: Any) -> optuna.Study:
     """Run ``create`` holding a PostgreSQL advisory lock."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(location, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(database_url(location), poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
@@ -142,27 +228,15 @@ def _create_locked(location: str, create: Any) -> optuna.Study:
             finally:
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
                                    {"key": _CREATION_LOCK_KEY})
-    except sqlalchemy.exc.OperationalError as exc:
-        raise ParetoslimError(f"cannot reach the storage {_redacted(location)}: "
-                              f"{str(exc.orig).strip().splitlines()[0]}") from None
     finally:
         engine.dispose()
-
-
-def _redacted(url: str) -> str:
-    """A database URL without its password."""
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 def resolve_study(ref: str, storage: str | None = None) -> tuple[optuna.Study, StudySpec | None]:
     """Find a stored study by spec path (``*.toml``) or by name under ``runs/``.
 
-    Returns the study and its spec when the spec file can still be read.
+    Returns the study and its spec when the spec file can still be read. Creates nothing:
+    a storage that does not exist or cannot be reached raises ParetoslimError.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec: StudySpec | None = None
@@ -171,24 +245,35 @@ def resolve_study(ref: str, storage: str | None = None) -> tuple[optuna.Study, S
         name, location = spec.name, storage_of(spec, storage)
     else:
         name = ref
+        try:
+            check_study_name(name)
+        except ValueError as exc:
+            raise ParetoslimError(f"no study {name!r}: the study {exc}") from None
         location = storage or str(Path("runs") / name / "journal.log")
     if not is_rdb_url(location) and not Path(location).is_file():
         raise ParetoslimError(
             f"no study {name!r}: {location} does not exist (run `paretoslim run SPEC` first, "
             "or pass --storage)"
         )
-    try:
-        study = optuna.load_study(study_name=name, storage=make_storage(location))
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(make_storage(location))]
-        raise ParetoslimError(
-            f"no study named {name!r} in {location}; studies there: {names or 'none'}"
-        ) from None
+    check_storage(location, create=False)
+    with storage_errors(location):
+        study = _load_study(name, location)
     if spec is None:
         path = study.user_attrs.get(SPEC_ATTR, {}).get("path")
         if path and os.path.isfile(path):
             spec = load_spec(path)
     return study, spec
+
+
+def _load_study(name: str, location: str) -> optuna.Study:
+    storage = make_storage(location)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ParetoslimError(
+            f"no study named {name!r} in {shown(location)}; studies there: {names or 'none'}"
+        ) from None
 
 
 def objective_names(study: optuna.Study) -> list[str]:
@@ -207,20 +292,54 @@ def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     fail_trial(study, trial, FAILURE_ATTR, reason)
 
 
-def mark_interrupted(study: optuna.Study) -> int:
-    """Record trials left running by a killed process as failed; return how many.
+def settle_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> TrialState:
+    """Finish a trial its process left running as far as it got; return the state given.
 
+    A trial whose result was recorded in full (its values are written last) is completed
+    with it, one stopped early is pruned, one with a failure reason fails with it; any
+    other fails with ``reason``.
+    """
+    attrs = trial.user_attrs
+    values = attrs.get(VALUES_ATTR)
+    if (METRICS_ATTR in attrs and isinstance(values, list)
+            and len(values) == len(study.directions)
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+        finish_trial(study, trial, TrialState.COMPLETE, [float(v) for v in values])
+        return TrialState.COMPLETE
+    if attrs.get(STOPPED_ATTR):
+        finish_trial(study, trial, TrialState.PRUNED)
+        return TrialState.PRUNED
+    fail_running(study, trial, attrs.get(FAILURE_ATTR) or reason)
+    return TrialState.FAIL
+
+
+def mark_interrupted(study: optuna.Study) -> dict[str, int]:
+    """Finish the trials a killed process left running (see ``settle_running``); return
+    how many ended in each state (``complete``, ``pruned``, ``fail``).
+
+    Call it only holding the study's lease (``_lease``): then no live process runs them.
     Trials of ``worker`` processes are left alone: they may still be running, and a
     worker's trial that stops sending heartbeats is failed and retried by the workers.
     """
-    count = 0
+    counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(HEARTBEAT_ATTR):
             continue
-        fail_running(study, trial,
-                     "interrupted: the process running this trial ended before it finished")
-        count += 1
-    return count
+        state = settle_running(
+            study, trial, "interrupted: the process running this trial ended before it finished")
+        counts[state.name.lower()] = counts.get(state.name.lower(), 0) + 1
+    return counts
+
+
+def settled_note(counts: dict[str, int]) -> str:
+    """What ``mark_interrupted`` did, as a sentence ("" when nothing was left running)."""
+    if not counts:
+        return ""
+    said = {"complete": "completed from their recorded results", "pruned": "recorded as "
+            "stopped early", "fail": "recorded as failed"}
+    parts = [f"{n} {said[state]}" for state, n in sorted(counts.items())]
+    return (f"{sum(counts.values())} trial(s) left running by an earlier process: "
+            + ", ".join(parts))
 
 
 def _stored_recipe(data: Any) -> Recipe | None:
@@ -242,6 +361,7 @@ def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | N
             trial.set_user_attr(DUPLICATE_ATTR, other.number)
             for name, value in other.constraints.items():
                 trial.set_constraint(name, value)
+            trial.set_user_attr(VALUES_ATTR, list(other.values))
             return tuple(other.values)
     return None
 
@@ -249,8 +369,10 @@ def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | N
 def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
                   ) -> tuple[float, ...] | None:
     """Store a trial's metrics on the Optuna trial, with its failure reason, the reason it
-    was stopped, or its quality constraint; return the objective values, or None when the
-    trial failed or was stopped (the backend then records it FAIL or PRUNED)."""
+    was stopped, or its quality constraint and then its values; return the objective values,
+    or None when the trial failed or was stopped (the backend then records it FAIL or
+    PRUNED). The values are written last, so a trial holding them has its whole result
+    (``settle_running`` completes it if its process dies before telling Optuna)."""
     trial.set_user_attr(METRICS_ATTR, json_safe(result.metrics))
     if result.stopped is not None:
         trial.set_user_attr(STOPPED_ATTR, result.stopped)
@@ -260,7 +382,9 @@ def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
         return None
     drop = result.metrics["quality_drop"]
     trial.set_constraint("max_quality_drop", drop - spec.constraints.max_quality_drop)
-    return tuple(result.values[name] for name in spec.objectives)
+    values = tuple(result.values[name] for name in spec.objectives)
+    trial.set_user_attr(VALUES_ATTR, list(values))
+    return values
 
 
 def guide_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     dashboard = verbs.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1")
     _add_study(dashboard)
-    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument("--port", type=int, default=8080, help="1-65535 (default 8080)")
     return parser
 
 
@@ -84,8 +84,16 @@ def _add_view_verbs(add: Callable[..., argparse.ArgumentParser]) -> None:
     export.add_argument("--out", required=True, help="output directory")
     _add_pick_rule(export)
 
-    verify = add("verify", help="reload an export and re-measure it here")
+    verify = add("verify", help="reload an export and re-measure it here (on your task: "
+                                "nothing named in the artifact is run)")
     verify.add_argument("directory", metavar="DIR", help="directory written by export")
+    task = verify.add_mutually_exclusive_group()
+    task.add_argument("--task", metavar="REF", help="the task to measure on: "
+                      "path/to/file.py:make_task or package.module:make_task")
+    task.add_argument("--spec", metavar="FILE", help="the study spec whose task (and task "
+                                                     "options) to measure on")
+    task.add_argument("--trust-recorded-task", action="store_true",
+                      help="import and run the task named in DIR/metrics.json (shown first)")
     verify.add_argument("--format", default="table", choices=("table", "json"))
     verify.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"largest accepted quality difference (default {DEFAULT_TOLERANCE})")
@@ -126,41 +134,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status.
 
     0: done; 1: ``verify`` found a quality difference; 2: bad input (one line on stderr);
-    130: interrupted.
+    130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM.
     """
+    from ._signals import interrupt_status, interrupted_by, signals_as_interrupts
+
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     # torchao reports its CUDA-only libraries, torch a deprecation inside torchao: not ours
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    handler = {"run": _run, "worker": _worker, "front": _front, "pick": _pick,
+               "export": _export, "verify": _verify, "report": _report,
+               "dashboard": _dashboard, "bench": _bench}[args.verb]
     try:
-        handler = {"run": _run, "worker": _worker, "front": _front, "pick": _pick,
-                   "export": _export, "verify": _verify, "report": _report,
-                   "dashboard": _dashboard, "bench": _bench}[args.verb]
-        return handler(args)
+        with signals_as_interrupts():
+            return handler(args)
     except ParetoslimError as exc:
-        print(f"paretoslim: error: {exc}", file=sys.stderr)
+        print(f"paretoslim: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("paretoslim: interrupted; completed trials are stored, run the same command "
-              "again to resume", file=sys.stderr)
-        return 130
+        resume = ("; completed trials are stored, run the same command again to resume"
+                  if args.verb in ("run", "worker") else "")
+        print(f"paretoslim: interrupted by {interrupted_by()}{resume}", file=sys.stderr)
+        return interrupt_status()
 
 
 def _run(args: argparse.Namespace) -> int:
     from ._front import render_front
     from ._run import run_study
     from ._spec import load_spec
-    from ._store import storage_of
+    from ._store import shown, storage_of
 
     spec = load_spec(args.spec)
     study = run_study(spec, trials=args.trials, storage=args.storage, progress=not args.quiet,
                       backend=args.backend, address=args.address)
-    print(f"\nPareto front of study {spec.name!r} ({storage_of(spec, args.storage)}):")
+    print(f"\nPareto front of study {spec.name!r} ({shown(storage_of(spec, args.storage))}):")
     print(render_front(study))
     return 0
 
@@ -227,10 +239,21 @@ def _export(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
-    from ._verify import render_verification, verify_artifact
+    from ._export import METRICS_FILE
+    from ._spec import load_spec
+    from ._verify import read_metrics, recorded_task, render_verification, verify_artifact
 
-    result = verify_artifact(args.directory, tolerance=args.tolerance)
+    task = args.task or (load_spec(args.spec) if args.spec else None)
+    if args.trust_recorded_task:
+        meta_path = Path(args.directory) / METRICS_FILE
+        found = recorded_task(read_metrics(meta_path)) if meta_path.is_file() else None
+        if found is not None:
+            print(f"paretoslim: trusting the task recorded in {meta_path}: {found[0]!r} in "
+                  f"{found[1]} with options {found[2]}", file=sys.stderr)
+    result = verify_artifact(args.directory, task, trust_recorded_task=args.trust_recorded_task,
+                             tolerance=args.tolerance)
     if args.format == "json":
         print(json.dumps(result, indent=2))
     else:
@@ -243,7 +266,8 @@ def _report(args: argparse.Namespace) -> int:
     from ._store import resolve_study
 
     study, _ = resolve_study(args.study, args.storage)
-    written = write_report(study, args.out, png=not args.no_png)
+    written = write_report(study, args.out, png=not args.no_png, warn=lambda message: print(
+        f"paretoslim: warning: {message}", file=sys.stderr))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

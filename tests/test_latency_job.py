@@ -1,6 +1,8 @@
 import copy
 import os
 import pickle
+import sys
+import time
 
 import pytest
 import torch
@@ -80,6 +82,69 @@ def test_a_timeout_is_a_measurement_error():
     job = _job(TinyMLP(), TinyMLP(), x)
     with pytest.raises(MeasurementError, match="longer than"):
         run_isolated(job, timeout_s=0.01)
+
+
+# a measuring process that hangs, having started a process of its own; writes both ids
+HANG = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[1], "w").write(f"{child.pid}")
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def hanging(tmp_path, monkeypatch):
+    """Measuring processes hang, with a time-out of 3 s; yields the file naming the
+    process the hung one started."""
+    from paretoslim.evaluators import _job as job_module
+
+    started = tmp_path / "started"
+    monkeypatch.setattr(job_module, "_child_command",
+                        lambda job_path, out_path: [sys.executable, "-c", HANG, str(started)])
+    monkeypatch.setattr(job_module, "job_timeout", lambda job: 3.0)
+    return started
+
+
+def test_a_hung_measuring_process_is_killed_with_what_it_started(hanging):
+    x = torch.randn(2, 16)
+    begun = time.monotonic()
+    with pytest.raises(MeasurementError, match=r"longer than 3 s \(its time-out, from the "
+                                               r"timing settings\) and was killed"):
+        run_isolated(_job(TinyMLP(), TinyMLP(), x))
+    assert time.monotonic() - begun < 30
+    assert not _alive(int(hanging.read_text()))
+
+
+def test_a_hung_measurement_fails_its_trial_with_the_reason(hanging, mlp_task):
+    from paretoslim.search import LatencySpec, TrialSettings, measure_baseline, run_trial
+    from paretoslim.spaces import Recipe
+
+    settings = TrialSettings(latency=LatencySpec(min_calls=20, min_seconds=0.0))
+    result = run_trial(mlp_task, Recipe(), settings, measure_baseline(mlp_task))
+    assert result.failure.startswith("latency: MeasurementError: the measuring process took "
+                                     "longer than 3 s")
+    assert not _alive(int(hanging.read_text()))
+
+
+def test_the_measuring_time_out_follows_the_timing_settings():
+    from paretoslim.evaluators._job import job_timeout
+
+    x = torch.randn(2, 16)
+    base = LatencyJob(program=b"", reference=b"", example=x, scheme="fp32")
+    default = job_timeout(base)
+    assert default >= 20 * 60  # generous: compiling and timing both allowed for
+    more_calls = job_timeout(LatencyJob(**{**base.__dict__, "min_calls": 3000}))
+    longer = job_timeout(LatencyJob(**{**base.__dict__, "min_seconds": 300.0}))
+    sparse = job_timeout(LatencyJob(**{**base.__dict__, "sparse_program": b""}))
+    assert more_calls > default and longer > default and sparse > default
 
 
 def _pruned_mlp(sparsity: float) -> nn.Module:

@@ -1,7 +1,12 @@
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -274,3 +279,165 @@ def test_a_journal_lock_left_by_a_killed_writer_is_taken_over(in_tmp, monkeypatc
     threading.Thread(target=write, daemon=True).start()
     assert written.wait(60), "the journal stayed locked"
     assert open_study(spec).user_attrs["after the kill"]
+
+
+# --- one driver per study, signals, results that survive a kill -------------------------
+
+SLOW_TIMING = "[latency]\nmin_calls = 20\nmin_seconds = 30.0\n"
+
+
+def _slow_study(in_tmp):
+    """A tiny study whose latency measurement takes a minute: a run is caught measuring."""
+    spec_path = write_study(in_tmp, trials=2)
+    text = spec_path.read_text().replace("[latency]\nmin_calls = 20\nmin_seconds = 0.0\n",
+                                         SLOW_TIMING)
+    assert SLOW_TIMING in text
+    spec_path.write_text(text)
+    return spec_path
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_measuring_run(in_tmp, spec_path):
+    """``paretoslim run`` in a subprocess, returned once its first trial is being timed by
+    a measuring process; with that process's id."""
+    env = {**os.environ, "TMPDIR": str(in_tmp / "tmp"), "PARETOSLIM_CACHE": str(in_tmp / "c")}
+    (in_tmp / "tmp").mkdir(exist_ok=True)
+    run = subprocess.Popen([sys.executable, "-m", "paretoslim.search.cli", "run",
+                            str(spec_path)], cwd=in_tmp, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.poll() is None:
+        measuring = [p for p in _children(run.pid)
+                     if b"paretoslim.evaluators._job" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if measuring:
+            return run, measuring[0]
+        time.sleep(0.5)
+    run.kill()
+    raise AssertionError(f"no measuring process seen: {run.communicate()}")
+
+
+def _stop(process, *orphans):
+    """End what a test started and is still running (the run, a measuring process)."""
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+    for pid in orphans:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_fails_the_running_trial_with_its_name_and_ends_the_measuring_process(
+        in_tmp, signum, status):
+    spec_path = _slow_study(in_tmp)
+    run, measuring = _start_measuring_run(in_tmp, spec_path)
+    try:
+        run.send_signal(signum)
+        out, err = run.communicate(timeout=60)
+    finally:
+        _stop(run, measuring)
+    name = signal.Signals(signum).name
+    assert run.returncode == status, err
+    assert err.strip().splitlines()[-1].startswith(f"paretoslim: interrupted by {name}")
+    assert "Traceback" not in err and "\r" not in err  # a log, not progress bar frames
+    assert not _alive(measuring)
+    assert list((in_tmp / "tmp").glob("paretoslim-job-*")) == []
+    study = open_study(load_spec(spec_path))
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs[FAILURE_ATTR] == f"interrupted by {name}"
+
+
+def test_a_second_run_of_a_live_study_exits_2_and_leaves_its_trial_alone(in_tmp, capsys):
+    spec_path = _slow_study(in_tmp)
+    first, measuring = _start_measuring_run(in_tmp, spec_path)
+    try:
+        assert main(["run", str(spec_path), "--quiet"]) == 2
+        line = capsys.readouterr().err.strip()
+        assert len(line.splitlines()) == 1
+        assert f"is being run by {socket.gethostname()}:{first.pid} since" in line
+        study = open_study(load_spec(spec_path))
+        assert [t.state for t in study.trials] == [TrialState.RUNNING]
+        assert first.poll() is None
+        # a run killed outright leaves its lease; the next run takes it over
+        first.kill()
+        first.wait()
+        lease = in_tmp / "runs" / "tiny" / "journal.log.tiny.lease"
+        assert lease.read_text().startswith(f"{socket.gethostname()}:{first.pid} ")
+        spec_path.write_text(spec_path.read_text().replace("min_seconds = 30.0", ""))
+        study = run_study(load_spec(spec_path), trials=1, progress=False)
+    finally:
+        _stop(first, measuring)
+    assert study.trials[0].state == TrialState.FAIL
+    assert "interrupted: the process running" in study.trials[0].user_attrs[FAILURE_ATTR]
+    assert len(_completed(study)) == 1
+
+
+def test_a_trial_whose_result_was_recorded_before_a_kill_is_completed_on_resume(in_tmp):
+    from paretoslim.search._store import record_result
+    from paretoslim.search._trial import TrialResult
+
+    spec = load_spec(write_study(in_tmp, trials=1))
+    study = open_study(spec)
+    trial = study.ask()
+    recipe = spec.space.recipe({"student.width": 1.0, "pruning.ratio": 0.0,
+                                "quantization.scheme": "fp32"})
+    trial.set_user_attr("recipe", recipe.to_dict())
+    result = TrialResult(recipe, {"quality": 0.9, "latency_ms": 1.0, "size_mb": 0.1},
+                         {"quality": 0.9, "latency_ms": 1.0, "size_mb": 0.1,
+                          "quality_drop": 0.001})
+    values = record_result(trial, spec, result)
+    # killed here: between the result's last write and Optuna's COMPLETE
+    assert values == (0.9, 1.0, 0.1) and study.trials[0].state == TrialState.RUNNING
+    study = run_study(spec, progress=False)
+    assert len(study.trials) == 1  # it counts: nothing re-run, nothing lost
+    kept = study.trials[0]
+    assert kept.state == TrialState.COMPLETE and kept.values == [0.9, 1.0, 0.1]
+    assert kept.system_attrs["constraints:max_quality_drop"] == pytest.approx(0.001 - 0.01)
+    assert FAILURE_ATTR not in kept.user_attrs
+
+
+def test_a_stopped_or_failed_trial_left_running_keeps_its_own_outcome(in_tmp):
+    from paretoslim.search._store import STOPPED_ATTR, mark_interrupted
+
+    spec = load_spec(write_study(in_tmp, trials=1))
+    study = open_study(spec)
+    stopped, failed, bare = study.ask(), study.ask(), study.ask()
+    stopped.set_user_attr("metrics", {"quality": 0.5})
+    stopped.set_user_attr(STOPPED_ATTR, "hopeless at rung 0.25")
+    failed.set_user_attr(FAILURE_ATTR, "quality: RuntimeError: boom")
+    assert mark_interrupted(study) == {"pruned": 1, "fail": 2}
+    states = [(t.state, t.user_attrs.get(FAILURE_ATTR)) for t in study.trials]
+    assert states[0] == (TrialState.PRUNED, None)
+    assert states[1] == (TrialState.FAIL, "quality: RuntimeError: boom")
+    assert states[2][0] == TrialState.FAIL and "interrupted" in states[2][1]
+    assert bare.number == 2
+
+
+def test_progress_into_a_log_is_a_line_per_trial(in_tmp, capsys):
+    spec = load_spec(write_study(in_tmp, trials=1))
+    run_study(spec, progress=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out
+    assert "trial   0  started (0/1 completed)  [" in captured.err
+    assert "trial   0  quality" in captured.out
