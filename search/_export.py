@@ -7,7 +7,9 @@ import io
 import json
 import os
 import platform
+import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +98,8 @@ def _completed_trial(study: optuna.Study, spec: StudySpec | None,
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     trial = trials.get(number)
     if trial is None:
-        raise ParetoslimError(
-            f"study {study.study_name!r} has no trial {number} (trials 0..{len(trials) - 1})")
+        held = f"trials 0..{len(trials) - 1}" if trials else "it has no trials yet"
+        raise ParetoslimError(f"study {study.study_name!r} has no trial {number} ({held})")
     if trial.state != TrialState.COMPLETE:
         raise ParetoslimError(
             f"trial {number} of study {study.study_name!r} is {trial.state.name.lower()}, "
@@ -138,10 +140,12 @@ def _save_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> 
 
 
 def load_program(path: str | Path) -> torch.nn.Module:
-    """Load a saved ``torch.export`` program as a module without arbitrary unpickling.
+    """Load a saved ``torch.export`` program as a module without running code it carries.
 
-    ``torch.export.load`` falls back to full pickle loading when the safe loader fails;
-    forcing weights-only loading makes such a file fail instead.
+    The archive is checked first (``check_program_archive``): ``torch.export.load`` would
+    unpickle some entries with ``pickle``. Then ``torch.export.load`` runs with weights-only
+    loading forced, so its ``torch.load`` calls cannot fall back to full unpickling.
+    Raises ParetoslimError for a refused archive.
     """
     import logging
 
@@ -149,9 +153,9 @@ def load_program(path: str | Path) -> torch.nn.Module:
 
     from .. import kernels  # registers paretoslim::sparse_linear
 
+    check_program_archive(path)
     kernels.register_quantized_ops()
-
-    previous = os.environ.get(_WEIGHTS_ONLY)
+    previous = {name: os.environ.pop(name, None) for name in (_WEIGHTS_ONLY, _NO_WEIGHTS_ONLY)}
     os.environ[_WEIGHTS_ONLY] = "1"
     export_log = logging.getLogger("torch.export")
     level = export_log.level
@@ -162,16 +166,83 @@ def load_program(path: str | Path) -> torch.nn.Module:
             module = torch.export.load(str(path)).module()
     finally:
         export_log.setLevel(level)
-        if previous is None:
-            del os.environ[_WEIGHTS_ONLY]
-        else:
-            os.environ[_WEIGHTS_ONLY] = previous
+        for name, value in previous.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
     # exported modules refuse .eval(); it is a no-op for an inference graph
     allow_exported_model_train_eval(module)
     return module
 
 
 _WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+# what a program saved by ``torch.export.save`` holds besides its payloads (paths below the
+# archive's top folder); nothing else is accepted
+_ARCHIVE_FILES = {"archive_format", "archive_version", "byteorder", ".data/version",
+                  ".data/serialization_id"}
+_ARCHIVE_PATTERNS = tuple(re.compile(p) for p in (
+    r"models/[\w.-]+\.json", r"data/sample_inputs/[\w.-]+\.pt",
+    r"data/weights/[\w.-]+_weights_config\.json",
+    r"data/constants/[\w.-]+_constants_config\.json"))
+# payloads as tensors: raw bytes, or a torch.save archive read by the weights-only unpickler
+_PAYLOAD_NAMES = {"weights": re.compile(r"weight_\d+"),
+                  "constants": re.compile(r"tensor_\d+")}
+
+
+def check_program_archive(path: str | Path) -> None:
+    """Raise ParetoslimError unless ``path`` is a ``torch.export`` archive holding only what
+    loads without running code: the program's JSON, raw tensor payloads, and tensors saved
+    by ``torch.save`` (read weights-only). Refused: pickled Python objects (``opaque_obj_``,
+    ``custom_obj_`` constants), compiled AOTInductor code, pickles (``*.pkl``, or bytes
+    starting with the pickle protocol marker ``\\x80``) and any entry ``torch.export.save``
+    does not write for an exported program."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _check_entries(archive)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        raise ParetoslimError(f"{path}: refused before loading: {exc}") from None
+
+
+def _check_entries(archive: zipfile.ZipFile) -> None:
+    names = archive.namelist()
+    top = names[0].split("/", 1)[0] + "/" if names else ""
+    if not top or f"{top}archive_format" not in names:
+        raise ValueError("not a torch.export archive (no archive_format)")
+    payloads = _payloads(archive, top)
+    for name in names:
+        relative = name[len(top):] if name.startswith(top) else ""
+        if relative in payloads:
+            if payloads[relative] and archive.read(name)[:2] != b"PK":
+                raise ValueError(f"{name} should be a torch.save archive of a tensor")
+            continue  # raw bytes are read as a tensor, never unpickled
+        known = relative in _ARCHIVE_FILES or any(p.fullmatch(relative)
+                                                  for p in _ARCHIVE_PATTERNS)
+        if not known:
+            raise ValueError(f"it holds {name}, which is not part of an exported program "
+                             "(pickled objects, compiled code and other files are refused)")
+        if archive.read(name)[:1] == b"\x80":
+            raise ValueError(f"{name} is a pickle")
+
+
+def _payloads(archive: zipfile.ZipFile, top: str) -> dict[str, bool]:
+    """The payload entries the archive's configs name, each with whether it is saved by
+    ``torch.save`` (else raw bytes). Raises ValueError for a payload that is not a tensor."""
+    found: dict[str, bool] = {}
+    for kind, allowed in _PAYLOAD_NAMES.items():
+        prefix = f"{top}data/{kind}/"
+        for name in archive.namelist():
+            if not (name.startswith(prefix) and name.endswith(f"_{kind}_config.json")):
+                continue
+            config = json.loads(archive.read(name)).get("config", {})
+            for fqn, payload in config.items():
+                file = payload.get("path_name", "")
+                if not isinstance(file, str) or not allowed.fullmatch(file):
+                    raise ValueError(f"{kind[:-1]} {fqn!r} is stored as {file!r}, a pickled "
+                                     "Python object loading would unpickle")
+                found[f"data/{kind}/{file}"] = bool(payload.get("use_pickle"))
+    return found
 
 
 def _save_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path,

@@ -5,6 +5,7 @@ The page renders with plotly what ``report_data`` computed (see ``_report_data``
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,46 +30,59 @@ def _plotly() -> tuple[Any, str]:
     return go, get_plotlyjs()
 
 
-def write_report(study: optuna.Study, out: str | Path, *, png: bool = True) -> list[Path]:
+def write_report(study: optuna.Study, out: str | Path, *, png: bool = True,
+                 warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write the report of ``study`` to the HTML file ``out`` and, with ``png``, its main front
     plot (quality vs latency) to ``out`` with suffix ``.png``. Returns the files written.
 
     The page is self-contained (plotly.js inline once) and opens offline. Raises
-    ParetoslimError when plotly or kaleido is missing or the PNG cannot be made; the HTML is
-    written before the PNG is attempted.
+    ParetoslimError when plotly is missing. The PNG is optional: when kaleido is missing or
+    cannot draw it (it needs Chrome or Chromium), the page is still written and
+    ``warn(message)`` (default: ``warnings.warn``) says in one line how to get the PNG.
     """
     out = Path(out)
     if out.is_dir():
         raise ParetoslimError(f"{out} is a directory; give the report's file name, e.g. "
                               f"{out / 'report.html'}")
     go, plotlyjs = _plotly()
-    if png:
-        try:
-            import kaleido  # noqa: F401
-        except ImportError:
-            raise ParetoslimError(f"the PNG export needs kaleido; {INSTALL_HINT} "
-                                  "(or pass png=False)") from None
     data = report_data(study)
     figures = _Figures(data, go)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_page(data, figures, plotlyjs), encoding="utf-8")
     written = [out]
     if png:
-        written.append(_write_png(figures.main, out.with_suffix(".png"), out))
+        try:
+            written.append(_write_png(figures.main, out.with_suffix(".png")))
+        except PngUnavailable as exc:
+            (warn or _warn)(str(exc))
     return written
 
 
-def _write_png(figure: Any, path: Path, page: Path) -> Path:
+class PngUnavailable(Exception):
+    """The PNG of the front cannot be drawn here; the message says how to get it."""
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
+def _write_png(figure: Any, path: Path) -> Path:
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        raise PngUnavailable(f"no {path.name}: the PNG needs kaleido; {INSTALL_HINT}, or pass "
+                             "--no-png") from None
     try:
         figure.write_image(str(path), width=1100, height=700)
     except Exception as exc:  # kaleido and the browser fail in many ways; all are reported
-        raise ParetoslimError(
-            f"could not write {path}: {type(exc).__name__}: {' '.join(str(exc).split())} "
-            "The PNG is drawn by "
-            "kaleido in Chrome or Chromium: install one (Debian/Ubuntu: apt-get install "
-            "chromium; elsewhere: kaleido_get_chrome), set BROWSER_PATH to its executable to "
-            f"choose it, or pass png=False. The HTML report was written to {page}."
-        ) from exc
+        path.unlink(missing_ok=True)
+        raise PngUnavailable(
+            f"no {path.name}: kaleido could not draw it ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); it needs Chrome or Chromium: install one "
+            "(Debian/Ubuntu: apt-get install chromium; elsewhere: kaleido_get_chrome), set "
+            "BROWSER_PATH to its executable, or pass --no-png") from None
     return path
 
 

@@ -18,6 +18,7 @@ from paretoslim.search._report_data import (
     hypervolume,
     report_data,
 )
+from paretoslim.search.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -271,18 +272,42 @@ def test_missing_plotly_says_how_to_install(study, tmp_path, monkeypatch):
         write_report(study, tmp_path / "r.html", png=False)
 
 
-def test_missing_kaleido_says_how_to_install(study, tmp_path, monkeypatch):
+def test_missing_kaleido_writes_the_page_and_says_how_to_get_the_png(study, tmp_path,
+                                                                     monkeypatch):
     monkeypatch.setitem(sys.modules, "kaleido", None)
-    with pytest.raises(ParetoslimError, match=re.escape("pip install 'paretoslim[plot]'")):
-        write_report(study, tmp_path / "r.html")
-
-
-def test_png_failure_is_reported_not_skipped(study, tmp_path, monkeypatch):
-    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
-    with pytest.raises(ParetoslimError, match="apt-get install chromium") as err:
-        write_report(study, tmp_path / "r.html")
-    assert "HTML report was written" in str(err.value)
+    said = []
+    assert write_report(study, tmp_path / "r.html", warn=said.append) == [tmp_path / "r.html"]
+    assert len(said) == 1 and "pip install 'paretoslim[plot]'" in said[0]
     assert (tmp_path / "r.html").is_file() and not (tmp_path / "r.png").exists()
+
+
+def test_png_failure_writes_the_page_and_warns_in_one_line(study, tmp_path, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    said = []
+    assert write_report(study, tmp_path / "r.html", warn=said.append) == [tmp_path / "r.html"]
+    assert len(said) == 1 and "\n" not in said[0]
+    assert "apt-get install chromium" in said[0] and "--no-png" in said[0]
+    assert (tmp_path / "r.html").is_file() and not (tmp_path / "r.png").exists()
+
+
+def test_report_without_a_browser_exits_0_with_the_page_and_a_warning(study, tmp_path,
+                                                                      monkeypatch, capsys):
+    from plotly.basedatatypes import BaseFigure
+
+    def no_browser(self, *args, **kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.\nInstall it.")
+
+    monkeypatch.setattr(BaseFigure, "write_image", no_browser)
+    monkeypatch.setattr("paretoslim.search._store.resolve_study",
+                        lambda ref, storage=None: (study, None))
+    out = tmp_path / "r.html"
+    assert main(["report", "tiny", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert out.is_file() and not out.with_suffix(".png").exists()
+    assert captured.out.strip() == f"wrote {out}"
+    warning = captured.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("paretoslim: warning: no r.png")
+    assert "Kaleido requires Google Chrome" in warning[0]
 
 
 @needs_chromium

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -48,21 +49,23 @@ def test_export_pick_then_verify(in_study, capsys):
     assert meta["task"]["reference"] == "task.py:make_task"
     assert meta["onnx"] == "model.onnx" or meta["onnx"].startswith("skipped")
 
-    result = verify_artifact(out, min_calls=20)
-    assert result["quality_ok"]
+    result = verify_artifact(out, "task.py:make_task", min_calls=20)
+    assert result["quality_ok"] and result["task"] == "task.py:make_task"
     assert result["quality"] == pytest.approx(meta["recorded"]["quality"], abs=0.002)
     assert result["size_mb"] == pytest.approx(meta["recorded"]["size_mb"], rel=0.05)
     assert result["latency_ms"] > 0 and result["speedup"] > 0
 
-    assert main(["verify", str(out), "--format", "json"]) == 0
+    assert main(["verify", str(out), "--spec", "study.toml", "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert {"quality", "latency_ms", "size_mb", "recorded"} <= set(shown)
 
     # a recorded figure that the artifact does not reproduce fails verification
     meta["recorded"]["quality"] -= 0.05
     (out / "metrics.json").write_text(json.dumps(meta))
-    assert main(["verify", str(out)]) == 1
-    assert "QUALITY DIFFERS" in capsys.readouterr().out
+    assert main(["verify", str(out), "--trust-recorded-task"]) == 1
+    captured = capsys.readouterr()
+    assert "QUALITY DIFFERS" in captured.out
+    assert "trusting the task recorded in" in captured.err and "task.py:make_task" in captured.err
 
 
 def test_exported_program_loads_without_pickle_fallback(in_study, tmp_path):
@@ -119,3 +122,142 @@ def test_dashboard_serves_the_study_on_loopback(in_study):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def artifact(study_dir):
+    """Trial 0 of the tiny study, exported once; copy it before changing it."""
+    cwd = os.getcwd()
+    os.chdir(study_dir)
+    try:
+        assert main(["export", "tiny", "--trial", "0", "--out", "artifact"]) == 0
+    finally:
+        os.chdir(cwd)
+    return study_dir / "artifact"
+
+
+def _copy(artifact, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(artifact, tmp_path / "copy"))
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_verify_runs_no_code_named_in_the_artifact(in_study, artifact, tmp_path, capsys):
+    out = _copy(artifact, tmp_path)
+    marker = tmp_path / "ran"
+    meta = json.loads((out / "metrics.json").read_text())
+    meta["task"] = {"reference": "os:system", "base_dir": str(tmp_path),
+                    "options": {"command": f"touch {marker}"}}
+    (out / "metrics.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+
+    assert main(["verify", str(out)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--task REF or --spec FILE" in line and "'os:system'" in line
+    assert not marker.exists()
+    # the task comes from the user; the recorded one is not touched
+    assert main(["verify", str(out), "--task", "task.py:make_task", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "task.py:make_task"
+    assert not marker.exists()
+
+
+def _rewrite(path: Path, extra: dict[str, bytes], constants: dict | None = None) -> None:
+    """Rewrite the zip at ``path`` with ``extra`` entries (below its top folder) and more
+    entries in its constants config."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    top = next(iter(entries)).split("/")[0]
+    if constants:
+        name = f"{top}/data/constants/model_constants_config.json"
+        config = json.loads(entries[name])
+        config["config"].update(constants)
+        entries[name] = json.dumps(config).encode()
+    entries.update({f"{top}/{name}": data for name, data in extra.items()})
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_program_archive_carrying_a_pickle_is_refused_before_loading(in_study, artifact,
+                                                                       tmp_path, capsys):
+    import pickle
+
+    out = _copy(artifact, tmp_path)
+    marker = tmp_path / "ran"
+    _rewrite(out / "model.pt2", {"data/constants/opaque_obj_0": pickle.dumps(_Touch(marker))},
+             constants={"evil": {"path_name": "opaque_obj_0", "is_param": False,
+                                 "use_pickle": True, "tensor_meta": None}})
+    with pytest.raises(ParetoslimError, match="refused before loading: constant 'evil'"):
+        load_program(out / "model.pt2")
+    assert not marker.exists()
+    capsys.readouterr()
+    assert main(["verify", str(out), "--task", "task.py:make_task"]) == 2
+    assert "refused before loading" in _one_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("extra, constants, message", [
+    ({"data/constants/custom_obj_0": b"\x80\x04N."},
+     {"obj": {"path_name": "custom_obj_0", "is_param": False, "use_pickle": True,
+              "tensor_meta": None}}, "constant 'obj' is stored as 'custom_obj_0'"),
+    ({"data/payload.pkl": b"PK"}, None, "data/payload.pkl, which is not part of"),
+    ({"data/aotinductor/model/model.so": b"\x7fELF"}, None, "aotinductor"),
+    ({"models/other.json": b"\x80\x04N."}, None, "is a pickle"),
+    ({"data/weights/model.pt": b"PK"}, None, "data/weights/model.pt, which is not part of"),
+])
+def test_program_archives_with_code_in_them_are_refused(artifact, tmp_path, extra, constants,
+                                                        message):
+    from paretoslim.search._export import check_program_archive
+
+    out = _copy(artifact, tmp_path)
+    check_program_archive(out / "model.pt2")  # the export as written passes
+    _rewrite(out / "model.pt2", extra, constants)
+    with pytest.raises(ParetoslimError, match=message.replace("(", r"\(")):
+        check_program_archive(out / "model.pt2")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: "{not json", "not a metrics file written by export"),
+    (lambda meta: [1, 2], "not a metrics file written by export"),
+    (lambda meta: {**meta, "recorded": {}}, "no recorded quality"),
+    (lambda meta: {**meta, "latency": {**meta["latency"], "threads": "many"}},
+     "'latency.threads' must be int"),
+    (lambda meta: {**meta, "latency": {**meta["latency"], "min_seconds": float("nan")}},
+     "latency.min_seconds must be a finite number"),
+    (lambda meta: {**meta, "scheme": "int3"}, "scheme must be one of"),
+])
+def test_verify_exits_2_for_a_bad_metrics_file(in_study, artifact, tmp_path, capsys, change,
+                                               message):
+    out = _copy(artifact, tmp_path)
+    changed = change(json.loads((out / "metrics.json").read_text()))
+    (out / "metrics.json").write_text(changed if isinstance(changed, str)
+                                      else json.dumps(changed))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--task", "task.py:make_task"]) == 2
+    assert message in _one_line(capsys.readouterr().err)
+
+
+def test_verify_without_a_recorded_task_to_trust_exits_2(in_study, artifact, tmp_path, capsys):
+    out = _copy(artifact, tmp_path)
+    meta = json.loads((out / "metrics.json").read_text())
+    del meta["task"]
+    (out / "metrics.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--trust-recorded-task"]) == 2
+    assert "no task recorded" in _one_line(capsys.readouterr().err)
