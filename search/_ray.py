@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ._lease import study_lease
 from ._private import is_finished, trial_by_number
 from ._progress import StudyProgress
 from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
+from ._signals import Interrupted, last_signal
 from ._spec import StudySpec
 from ._store import (
     DUPLICATE_ATTR,
@@ -95,10 +97,13 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
         reporter.close()
         _driver.clear()
     study = open_study(spec, location)
-    if completed_count(study) >= target or _failing(study, max(5, target)):
+    failing = _failing(study, max(5, target))
+    if completed_count(study) >= target or failing:
         finished.parent.mkdir(parents=True, exist_ok=True)
         finished.touch()
-    if _failing(study, max(5, target)):
+    else:  # Tune ended early: Ctrl-C or SIGTERM, which it handles itself
+        raise Interrupted(last_signal() or signal.SIGINT)
+    if failing:
         reporter.note(f"stopped after {max(5, target)} failed trials in a row; see "
                       f"`paretoslim front {spec.name} --all` for their reasons")
     return study

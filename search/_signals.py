@@ -72,6 +72,11 @@ def signals_end_process() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def last_signal() -> int | None:
+    """The signal that last interrupted this process through these handlers, or None."""
+    return _received[-1] if _received else None
+
+
 def interrupted_by() -> str:
     """The name of the signal that interrupted this process (SIGINT when none was caught:
     Python's own Ctrl-C handling)."""

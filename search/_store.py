@@ -115,11 +115,11 @@ def check_storage(location: str, *, create: bool) -> None:
     if path is None:
         return
     if not create and not path.is_file():
-        raise ParetoslimError(f"storage {location}: the database {path} does not exist "
+        raise ParetoslimError(f"storage {shown(location)}: the database {path} does not exist "
                               "(run `paretoslim run SPEC --storage URL` first)")
     if create and not path.parent.is_dir():
-        raise ParetoslimError(f"storage {location}: the directory {path.parent} does not "
-                              "exist; create it first")
+        raise ParetoslimError(f"storage {shown(location)}: the directory {path.parent} does "
+                              "not exist; create it first")
 
 
 def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:

@@ -151,7 +151,8 @@ class PostgresServer:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
         engine.dispose()
-        return self.url(name)
+        # as a user writes it: paretoslim picks the driver the postgres extra installs
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         if self.sid is not None:

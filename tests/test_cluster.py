@@ -124,7 +124,29 @@ def test_first_workers_create_a_new_database_study_at_once_without_crashing(
                 for _ in range(4)]
     errors = [p.communicate(timeout=120)[1] for p in starters]
     assert [p.returncode for p in starters] == [0] * 4, errors
-    assert [s.study_name for s in optuna.get_all_study_summaries(postgres_url)] == ["tiny"]
+    summaries = optuna.get_all_study_summaries(make_storage(postgres_url))
+    assert [s.study_name for s in summaries] == ["tiny"]
+
+
+@pytest.mark.postgres
+def test_a_second_run_of_a_study_in_postgresql_exits_2_naming_the_holder(tmp_path,
+                                                                         postgres_url):
+    import socket
+
+    from paretoslim.search._lease import study_lease
+
+    spec_path = write_study(tmp_path, trials=1)
+    study = open_study(load_spec(spec_path), postgres_url)
+    with study_lease(study, postgres_url) as held:
+        assert held
+        second = _finish([*CLI, "run", str(spec_path), "--storage", postgres_url, "--quiet"],
+                         120, cwd=tmp_path, env=ENV)
+    assert second.returncode == 2, second.stderr
+    line = second.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert f"is being run by {socket.gethostname()}:{os.getpid()} since" in line
+    with study_lease(open_study(load_spec(spec_path), postgres_url), postgres_url) as held:
+        assert held  # released with the block
 
 
 @pytest.mark.postgres
