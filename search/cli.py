@@ -13,8 +13,17 @@ from ._errors import ParetoslimError
 from ._verify import DEFAULT_TOLERANCE
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line too, like every other bad input (status 2)."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("paretoslim").strip()
+        self.exit(2, f"paretoslim: error: {verb + ': ' if verb else ''}"
+                     f"{' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="paretoslim",
         description="Search pruning, quantization, low-rank and distillation jointly for a "
                     "PyTorch model; inspect the Pareto front; export a configuration.")

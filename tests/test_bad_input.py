@@ -162,3 +162,18 @@ def test_the_cli_never_shows_a_traceback_for_a_storage_error():
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert ":pw@" not in done.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dashboard", "x", "--port", "abc"], "dashboard: argument --port: invalid int value"),
+    (["run"], "run: the following arguments are required: SPEC"),
+    (["nope"], "argument VERB: invalid choice: 'nope'"),
+    (["verify", "d", "--task", "t.py:f", "--spec", "s.toml"], "not allowed with argument"),
+])
+def test_bad_arguments_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("paretoslim: error: ")
+    assert message in err and "--help" in err
