@@ -60,11 +60,12 @@ def study_lease(study: optuna.Study, location: str) -> Iterator[bool]:
 
 def _busy(name: str, location: str, holder: str) -> ParetoslimError:
     holder = holder.strip() or "another process"
-    pid = holder.split(" ")[0]
+    host, _, pid = holder.split(" ")[0].rpartition(":")
+    stop = f" (kill {pid} on {host})" if host and pid.isdigit() else ""
     return ParetoslimError(
         f"study {name!r} in {shown(location)} is being run by {holder}; one run drives a "
-        f"study at a time: wait for it to end or stop it (kill the process {pid}), or add "
-        "workers with `paretoslim worker` on a database storage")
+        f"study at a time: wait for it to end or stop it{stop}, or share a database study "
+        "among `paretoslim worker`s instead")
 
 
 @contextlib.contextmanager
