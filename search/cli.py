@@ -165,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
         return 0
+    except OSError as exc:  # e.g. an --out file in a folder that does not exist
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"paretoslim: error: {exc.strerror or ' '.join(str(exc).split())}{where}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         resume = ("; completed trials are stored, run the same command again to resume"
                   if args.verb in ("run", "worker") else "")

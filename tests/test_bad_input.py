@@ -177,3 +177,13 @@ def test_bad_arguments_are_one_line(capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("paretoslim: error: ")
     assert message in err and "--help" in err
+
+
+def test_an_output_file_that_cannot_be_written_is_one_line(in_tmp, capsys):
+    spec_path = write_study(in_tmp)
+    from paretoslim.search._store import open_study
+
+    open_study(load_spec(spec_path))
+    line = _fails(["front", "tiny", "--out", str(in_tmp / "no" / "such" / "dir" / "f.csv")],
+                  capsys)
+    assert "No such file or directory" in line and "f.csv" in line
