@@ -32,6 +32,7 @@ from ._store import (
     record_result,
     reuse_earlier,
     settled_note,
+    stopped_earlier,
     storage_errors,
     storage_of,
 )
@@ -88,6 +89,11 @@ class Objective:
         if earlier is not None:
             self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
             return earlier
+        stopped = stopped_earlier(trial)
+        if stopped is not None:
+            self.progress.trial_stopped(trial.number, f"same recipe as trial "
+                                        f"{trial.user_attrs[DUPLICATE_ATTR]}: {stopped}")
+            raise optuna.TrialPruned(stopped)
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,

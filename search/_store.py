@@ -366,6 +366,19 @@ def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | N
     return None
 
 
+def stopped_earlier(trial: optuna.Trial) -> str | None:
+    """If a trial with this trial's recipe was stopped early, mark this one a duplicate of
+    it and return its reason (the pipeline is deterministic, so it would stop again)."""
+    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if (STOPPED_ATTR in other.user_attrs and DUPLICATE_ATTR not in other.user_attrs
+                and _stored_recipe(other.user_attrs.get(RECIPE_ATTR)) == recipe):
+            trial.set_user_attr(DUPLICATE_ATTR, other.number)
+            trial.set_user_attr(STOPPED_ATTR, other.user_attrs[STOPPED_ATTR])
+            return other.user_attrs[STOPPED_ATTR]
+    return None
+
+
 def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
                   ) -> tuple[float, ...] | None:
     """Store a trial's metrics on the Optuna trial, with its failure reason, the reason it

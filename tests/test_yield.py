@@ -200,3 +200,23 @@ def test_seeds_and_stopping_are_checked_in_the_spec():
         parse_spec({"task": "t.py:f", "stopping": {"rungs": [0.5, 2]}})
     with pytest.raises(Exception, match="seeds"):
         parse_spec({"task": "t.py:f", "seeds": "some"})
+
+
+def test_a_recipe_stopped_before_is_not_run_again():
+    import optuna
+
+    from paretoslim.search._store import RECIPE_ATTR, stopped_earlier
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    recipe = Recipe.from_dict({"pruning": {"ratio": 0.6}}).to_dict()
+    first = study.ask()
+    first.set_user_attr(RECIPE_ATTR, recipe)
+    first.set_user_attr(STOPPED_ATTR, "stopped at fine-tune step 400/800")
+    study.tell(first, state=TrialState.PRUNED)
+    again = study.ask()
+    again.set_user_attr(RECIPE_ATTR, recipe)
+    assert stopped_earlier(again) == "stopped at fine-tune step 400/800"
+    assert again.user_attrs["duplicate_of"] == first.number
+    other = study.ask()
+    other.set_user_attr(RECIPE_ATTR, Recipe().to_dict())
+    assert stopped_earlier(other) is None
