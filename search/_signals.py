@@ -41,12 +41,8 @@ def signals_as_interrupts() -> Iterator[None]:
         yield
         return
     _received.clear()
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _handled_by(_on_signal):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -64,12 +60,19 @@ def signals_end_process() -> Iterator[None]:
         sys.stderr.flush()
         os._exit(128 + signum)
 
-    previous = {s: signal.signal(s, end) for s in (signal.SIGINT, signal.SIGTERM)}
+    with _handled_by(end):
+        yield
+
+
+@contextlib.contextmanager
+def _handled_by(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` within the block; the previous handlers after."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def last_signal() -> int | None:
