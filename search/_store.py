@@ -353,29 +353,37 @@ def _stored_recipe(data: Any) -> Recipe | None:
 def reuse_earlier(trial: optuna.Trial, spec: StudySpec) -> tuple[float, ...] | None:
     """If a completed trial had this trial's recipe, copy its figures here and return its
     values (the pipeline is deterministic); else None. The recipe attribute must be set."""
-    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if (DUPLICATE_ATTR not in other.user_attrs
-                and _stored_recipe(other.user_attrs.get(RECIPE_ATTR)) == recipe):
-            trial.set_user_attr(METRICS_ATTR, other.user_attrs[METRICS_ATTR])
-            trial.set_user_attr(DUPLICATE_ATTR, other.number)
-            for name, value in other.constraints.items():
-                trial.set_constraint(name, value)
-            trial.set_user_attr(VALUES_ATTR, list(other.values))
-            return tuple(other.values)
-    return None
+    other = _same_recipe(trial, TrialState.COMPLETE)
+    if other is None:
+        return None
+    trial.set_user_attr(METRICS_ATTR, other.user_attrs[METRICS_ATTR])
+    trial.set_user_attr(DUPLICATE_ATTR, other.number)
+    for name, value in other.constraints.items():
+        trial.set_constraint(name, value)
+    trial.set_user_attr(VALUES_ATTR, list(other.values))
+    return tuple(other.values)
 
 
 def stopped_earlier(trial: optuna.Trial) -> str | None:
     """If a trial with this trial's recipe was stopped early, mark this one a duplicate of
     it and return its reason (the pipeline is deterministic, so it would stop again)."""
+    other = _same_recipe(trial, TrialState.PRUNED, having=STOPPED_ATTR)
+    if other is None:
+        return None
+    trial.set_user_attr(DUPLICATE_ATTR, other.number)
+    trial.set_user_attr(STOPPED_ATTR, other.user_attrs[STOPPED_ATTR])
+    return other.user_attrs[STOPPED_ATTR]
+
+
+def _same_recipe(trial: optuna.Trial, state: TrialState, having: str = RECIPE_ATTR
+                 ) -> FrozenTrial | None:
+    """The first trial in ``state`` with the user attribute ``having`` that ran this trial's
+    recipe itself (not as a duplicate)."""
     recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-        if (STOPPED_ATTR in other.user_attrs and DUPLICATE_ATTR not in other.user_attrs
+    for other in trial.study.get_trials(deepcopy=False, states=(state,)):
+        if (having in other.user_attrs and DUPLICATE_ATTR not in other.user_attrs
                 and _stored_recipe(other.user_attrs.get(RECIPE_ATTR)) == recipe):
-            trial.set_user_attr(DUPLICATE_ATTR, other.number)
-            trial.set_user_attr(STOPPED_ATTR, other.user_attrs[STOPPED_ATTR])
-            return other.user_attrs[STOPPED_ATTR]
+            return other
     return None
 
 

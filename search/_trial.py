@@ -312,9 +312,12 @@ class _Trial:
     def _fingerprint(self, model: nn.Module) -> str:
         latency = self.settings.latency
         timing = {"target": latency.target, "lowering": latency.lowering,
-                  "threads": latency.threads,
-                  "batch": int(latency_input(self.task, latency.batch_size).shape[0])}
+                  "threads": latency.threads, "batch": self._batch()}
         return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
+
+    def _batch(self) -> int:
+        """The batch size latency is timed at."""
+        return int(latency_input(self.task, self.settings.latency.batch_size).shape[0])
 
     def _skip_if_dominated(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
         """With an identical structure timed before, skip a fine-tune that could not give a
@@ -340,7 +343,7 @@ class _Trial:
 
     def _latency(self, model: nn.Module, measure: Measure) -> tuple[dict[str, Any], int]:
         fingerprint = self._fingerprint(model)
-        batch = int(latency_input(self.task, self.settings.latency.batch_size).shape[0])
+        batch = self._batch()
         known = self.guide.known_latency(fingerprint)
         if known is not None:
             return {**known, "structure": fingerprint}, batch

@@ -11,7 +11,7 @@ from ._quantize import QuantizationConfig  # isort: skip
 from ._distill import DistillationConfig  # isort: skip
 from ._cluster import WeightSharingConfig  # isort: skip
 from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
-from ._apply import compress, count_parameters
+from ._apply import compress
 from ._attention import UnfusedAttention, prune_heads
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
 from ._config import Config, param
@@ -47,7 +47,7 @@ from ._structure import (
     sensitivity_ratios,
 )
 from ._technique import Context, Technique, register, technique, techniques
-from ._training import BudgetExceeded, Deadline, Stopped, distillation_loss
+from ._training import BudgetExceeded, Deadline, Stopped, count_parameters, distillation_loss
 
 DEFAULT_DOMAINS = default_domains()  # the registry's defaults once every technique is in
 QUANT_SCHEMES = scheme_names()

@@ -14,10 +14,6 @@ from ._technique import Context, Technique, techniques
 from ._training import Deadline
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
              train: Iterable, calibration: Iterable | None, finetune_steps: int,
              learning_rate: float, seed: int,

@@ -13,7 +13,7 @@ from torch import nn
 from ._config import Config, param
 from ._structure import output_layers
 from ._technique import Context, Technique, register, techniques
-from ._training import Deadline, cycle, distillation_loss
+from ._training import Deadline, count_parameters, cycle, distillation_loss
 
 
 class _Features:
@@ -146,7 +146,7 @@ class FineTune(Technique):
                     on_step=on_step)
         model.eval()
         ctx.facts["finetune_steps"] = steps
-        ctx.facts["parameters"] = sum(p.numel() for p in model.parameters())
+        ctx.facts["parameters"] = count_parameters(model)
         return model
 
     def label(self, config: DistillationConfig) -> str:

@@ -115,6 +115,7 @@ class Context:
     _queue: list = field(default_factory=list)
     _ticket: Any = field(default_factory=itertools.count)
     _loss_cache: list = field(default_factory=list)
+    _calibration_cache: dict = field(default_factory=dict)
 
     def later(self, order: float, name: str, step: Step) -> None:
         """Run ``step(model, ctx)`` at ``order`` of the pipeline, named ``name`` in progress
@@ -132,11 +133,16 @@ class Context:
         return total / len(self._loss_cache)
 
     def calibration_inputs(self, count: int) -> list[torch.Tensor]:
-        """The inputs of the first ``count`` calibration batches, topped up from ``train``."""
-        batches = list(islice(self.calibration, count)) if self.calibration is not None else []
-        if len(batches) < count:
-            batches += list(islice(cycle(self.train), count - len(batches)))
-        return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+        """The inputs of the first ``count`` calibration batches, topped up from ``train``
+        (read once per count)."""
+        if count not in self._calibration_cache:
+            batches = (list(islice(self.calibration, count))
+                       if self.calibration is not None else [])
+            if len(batches) < count:
+                batches += list(islice(cycle(self.train), count - len(batches)))
+            self._calibration_cache[count] = [b[0] if isinstance(b, (tuple, list)) else b
+                                              for b in batches]
+        return self._calibration_cache[count]
 
     def run(self, model: nn.Module) -> nn.Module:
         """Pop and run the scheduled steps in order; return the final model."""

@@ -18,6 +18,10 @@ class BudgetExceeded(RuntimeError):
     """A trial ran past its time budget."""
 
 
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 class Stopped(RuntimeError):
     """A trial stopped on purpose before its end (e.g. at a fidelity rung), with the
     figures measured so far."""
