@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -140,11 +142,14 @@ def unleased_note(study: optuna.Study) -> str:
 
 def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progress: bool,
                    objective: type[Objective] = Objective, room: Room | None = None) -> None:
-    """Run trials of ``study`` in this process until it holds ``target`` completed trials.
+    """Run trials of ``study`` in this process until it holds ``target`` completed trials,
+    or until the run has lasted the spec's ``time_budget_s`` (no trial starts after it;
+    the one running then finishes).
 
     ``room(study, progress)``, called before the first trial and after each one, says
     whether to start another (False ends the run), e.g. while other workers' trials run.
     """
+    ends_at = time.monotonic() + (spec.time_budget_s or math.inf)
     done = completed_count(study)
     if done >= target:
         if progress:
@@ -162,6 +167,10 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
         if failures >= max_failures or (room is not None and not room(study, reporter)):
             study.stop()
         elif completed_count(study) >= target:
+            study.stop()
+        elif time.monotonic() >= ends_at:
+            reporter.note(f"time budget of {spec.time_budget_s:g} s reached with "
+                          f"{completed_count(study)} completed trials")
             study.stop()
 
     try:

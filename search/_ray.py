@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
     _driver["progress"] = reporter
     finished = results_dir(spec) / FINISHED_MARK
+    ends_at = time.monotonic() + (spec.time_budget_s or math.inf)
     try:
         _tuner(spec, study, location, target, reporter, progress, leased).fit()
     finally:
@@ -98,11 +100,15 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
         _driver.clear()
     study = open_study(spec, location)
     failing = _failing(study, max(5, target))
-    if completed_count(study) >= target or failing:
+    out_of_time = time.monotonic() >= ends_at
+    if completed_count(study) >= target or failing or out_of_time:
         finished.parent.mkdir(parents=True, exist_ok=True)
         finished.touch()
     else:  # Tune ended early: Ctrl-C or SIGTERM, which it handles itself
         raise Interrupted(last_signal() or signal.SIGINT)
+    if out_of_time and not failing and completed_count(study) < target:
+        reporter.note(f"time budget of {spec.time_budget_s:g} s reached with "
+                      f"{completed_count(study)} completed trials")
     if failing:
         reporter.note(f"stopped after {max(5, target)} failed trials in a row; see "
                       f"`paretoslim front {spec.name} --all` for their reasons")
@@ -233,6 +239,7 @@ class StudySearch(_OptunaSearchOnStudy):
     trials (or after ``max_failures`` failures in a row)."""
 
     _max_concurrent: float = math.inf  # Tune's max_concurrent_trials, once it is set
+    _ends_at: float = math.inf  # when this run's time budget ends (time.time())
     _settle: bool = True  # the driver holds the study's lease (older checkpoints: it did)
 
     def __init__(self, spec: StudySpec, location: str, max_failures: int,
@@ -254,6 +261,7 @@ class StudySearch(_OptunaSearchOnStudy):
     def attached(self, study: optuna.Study) -> None:
         self._target = int(study.user_attrs.get(TARGET_ATTR, self._spec.trials))
         self._done = completed_count(study)
+        self._ends_at = time.time() + (self._spec.time_budget_s or math.inf)  # this run's
         self._running = {}
         for trial_id, number in self._numbers.items():  # restored from a checkpoint
             self._running[trial_id] = trial_by_number(study, number)
@@ -286,7 +294,8 @@ class StudySearch(_OptunaSearchOnStudy):
         study = self.study
         progress = _driver.get("progress")
         while True:
-            if self._done >= self._target or self._failures >= self._max_failures:
+            if (self._done >= self._target or self._failures >= self._max_failures
+                    or time.time() >= self._ends_at):
                 return Searcher.FINISHED
             if (self._done + len(self._running) >= self._target
                     or len(self._running) >= self._max_concurrent):

@@ -12,13 +12,16 @@ from ._spec import StudySpec
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The spec's sampler (``nsga2``, ``tpe`` or ``random``), seeded with its seed."""
+    """The spec's sampler (``nsga2``, multivariate ``tpe``, ``gp``: Gaussian process, or
+    ``random``), seeded with its seed; each reads the trials' quality constraint."""
     name, seed = spec.sampler.name, spec.seed
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population_size,
                                              seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -54,7 +57,8 @@ def enqueue_seeds(study: optuna.Study, spec: StudySpec) -> int:
 def auto_seeds(spec: StudySpec) -> list[dict[str, Any]]:
     """Informative first recipes, at most a generation (``sampler.population_size``): the
     best-kept numeric scheme alone; each structural technique at half its range with it;
-    then width and pruning together, and each at the far end of its range. Parameters a
+    then width and pruning together, each at the far end of its range, and the far width
+    with half the pruning. Parameters a
     seed does not set take their default (the technique off) where the domain allows."""
     searched = spec.space.searched()
     base = {name: _strength(name, domain, 0.0) for name, domain in searched.items()}
@@ -67,6 +71,8 @@ def auto_seeds(spec: StudySpec) -> list[dict[str, Any]]:
     plans += [{name: 0.5} for name in structural]
     plans += [{name: 0.5 for name in structural[:2]}] if len(structural) >= 2 else []
     plans += [{name: 1.0} for name in structural[:2]]
+    if len(structural) >= 2:  # the far width with half the pruning: the small, fast compound
+        plans += [{structural[0]: 1.0, structural[1]: 0.5}]
     seeds: list[dict[str, Any]] = []
     for plan in plans:
         params = dict(base) | ({_SCHEME: scheme} if scheme is not None else {})

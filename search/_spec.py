@@ -23,7 +23,7 @@ OBJECTIVES: dict[str, str] = {
     "latency_ms": "minimize",
     "size_mb": "minimize",
 }
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
 BACKENDS = ("optuna", "ray")
 MAX_THREADS = 1024
 MAX_BATCH = 1 << 16  # the largest batch an exported program accepts
@@ -109,7 +109,10 @@ class StoppingSpec:
     README, "Stopping early"). A trial whose figures are known before its fine-tune (an
     identical structure timed earlier) and are dominated by a feasible trial of at least
     the teacher's quality skips it (``skip_dominated``); one that ends above the quality
-    limit is not compiled and timed (``time_infeasible`` false)."""
+    limit is not compiled and timed (``time_infeasible`` false). With ``promote_steps``,
+    up to ``promotions`` trials of the study whose projection at the last rung is within
+    ``promote_margin`` of the limit, and whose structure would extend the feasible front,
+    fine-tune for ``promote_steps`` in all instead (a promotion)."""
 
     enabled: bool = True
     rungs: list = field(default_factory=lambda: [0.25, 0.5])
@@ -117,8 +120,14 @@ class StoppingSpec:
     slice_samples: int = 2000
     skip_dominated: bool = True
     time_infeasible: bool = False
+    promote_steps: int = 0
+    promotions: int = 2
+    promote_margin: float = 0.01
 
     def __post_init__(self) -> None:
+        _at_least("promote_steps", self.promote_steps, 0)
+        _at_least("promotions", self.promotions, 0)
+        _in_range("promote_margin", self.promote_margin, 0.0, 1.0)
         rungs = tuple(self.rungs)
         for value in rungs:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -178,6 +187,7 @@ class StudySpec:
     name: str
     path: Path | None = None
     trials: int = 16
+    time_budget_s: float | None = None
     seed: int = 0
     storage: str = ""
     backend: str = "optuna"
@@ -195,6 +205,9 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         _at_least("trials", self.trials, 1)
+        if self.time_budget_s is not None:
+            _in_range("time_budget_s", self.time_budget_s, 0.0, math.inf, low_open=True,
+                      infinite=True)
         _in_range("seed", self.seed, 0, MAX_SEED)
         check_study_name(self.name)
         if isinstance(self.seeds, str):
@@ -236,8 +249,8 @@ _SECTIONS = {
     "workers": WorkerSpec,
     "stopping": StoppingSpec,
 }
-_TOP_LEVEL = {"task", "name", "trials", "seed", "storage", "backend", "objectives",
-              "task_options", "space", "seeds", *_SECTIONS}
+_TOP_LEVEL = {"task", "name", "trials", "time_budget_s", "seed", "storage", "backend",
+              "objectives", "task_options", "space", "seeds", *_SECTIONS}
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -263,7 +276,7 @@ def parse_spec(data: dict[str, Any], path: Path | None = None) -> StudySpec:
         )
     kwargs: dict[str, Any] = {"path": path}
     hints = get_type_hints(StudySpec)
-    for key in ("task", "name", "trials", "seed", "storage", "backend"):
+    for key in ("task", "name", "trials", "time_budget_s", "seed", "storage", "backend"):
         if key in data:
             kwargs[key] = _typed(where, key, data[key], hints[key])
     kwargs.setdefault("name", path.stem if path is not None else "study")

@@ -39,3 +39,17 @@ def stop_reason(curve: Sequence[Rung], limit: float, slack: float) -> str | None
     return (f"stopped at fine-tune step {last.step}/{last.steps}: quality {last.quality:.4f} "
             f"on the held-out slice, projected at most {projected:.4f}, below the feasible "
             f"{limit:.4f} (slack {slack:g})")
+
+
+def promotion_reason(curve: Sequence[Rung], limit: float, margin: float) -> str | None:
+    """Why a trial at its last rung deserves a longer fine-tune, or None: its projection is
+    within ``margin`` of ``limit``, above or below. Far above, its planned steps suffice;
+    far below, more steps are not expected to close the gap."""
+    if len(curve) < 2:
+        return None
+    projected = projected_quality(curve)
+    if abs(projected - limit) >= margin:
+        return None
+    last = curve[-1]
+    return (f"promoted at fine-tune step {last.step}/{last.steps}: projected {projected:.4f}, "
+            f"within {margin:g} of the feasible {limit:.4f}")

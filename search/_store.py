@@ -409,28 +409,40 @@ def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
 
 
 def guide_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
-    """What the study's completed trials can save the next trial, as plain data (it
-    travels to Ray workers): latency figures per structure fingerprint, and the figures of
-    the feasible trials at the teacher's quality or better (they may dominate a candidate)."""
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if DUPLICATE_ATTR not in t.user_attrs and METRICS_ATTR in t.user_attrs]
+    """What the study's finished trials can save the next trial, as plain data (it travels
+    to Ray workers): latency figures per structure fingerprint, the figures of the feasible
+    trials at the teacher's quality or better (they may dominate a candidate), the latency
+    and size of every feasible trial, and how many trials were promoted."""
+    finished = [t for t in study.get_trials(deepcopy=False,
+                                            states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if DUPLICATE_ATTR not in t.user_attrs and METRICS_ATTR in t.user_attrs]
     timed: dict[str, dict[str, Any]] = {}
-    best = []
-    for t in completed:
+    best, feasible = [], []
+    for t in finished:
         metrics = t.user_attrs[METRICS_ATTR]
+        if t.state != TrialState.COMPLETE:
+            continue
         if metrics.get("structure") and metrics["structure"] not in timed:
             figures = {k: metrics[k] for k in LATENCY_FIGURES if k in metrics}
             figures["latency_cached_from"] = metrics.get("latency_cached_from", t.number)
             timed[metrics["structure"]] = figures
-        if metrics.get("quality_drop", math.inf) <= min(0.0, spec.constraints.max_quality_drop):
+        drop = metrics.get("quality_drop", math.inf)
+        if drop <= spec.constraints.max_quality_drop:
+            feasible.append([metrics["latency_ms"], metrics["size_mb"]])
+        if drop <= min(0.0, spec.constraints.max_quality_drop):
             best.append([t.number, metrics["latency_ms"], metrics["size_mb"]])
-    return {"timed": timed, "best": best}
+    promoted = sum("promoted" in t.user_attrs[METRICS_ATTR] for t in finished)
+    return {"timed": timed, "best": best, "feasible": feasible, "promoted": promoted}
 
 
 def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
     """The trial guide of ``guide_data`` (None: the stopping rule alone)."""
     data = data or {"timed": {}, "best": []}
-    best = data["best"]
+    best, feasible = data["best"], data.get("feasible", [])
+
+    def extends_front(latency_ms: float, size: float) -> bool:
+        return (not feasible or latency_ms < min(f[0] for f in feasible)
+                or size < min(f[1] for f in feasible))
 
     def dominated(latency_ms: float, size: float) -> str | None:
         for number, latency, size_mb in best:
@@ -439,7 +451,9 @@ def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
         return None
 
     return Guide(stopping=spec.stopping, max_quality_drop=spec.constraints.max_quality_drop,
-                 known_latency=data["timed"].get, dominated=dominated if best else None)
+                 known_latency=data["timed"].get, dominated=dominated if best else None,
+                 promotions_left=spec.stopping.promotions - data.get("promoted", 0),
+                 extends_front=extends_front)
 
 
 def is_feasible(spec: StudySpec, result: TrialResult) -> bool:

@@ -33,7 +33,7 @@ from ..spaces import (
 )
 from ._fingerprint import structure_fingerprint
 from ._spec import FinetuneSpec, LatencySpec, StoppingSpec, StudySpec
-from ._stopping import Rung, stop_reason
+from ._stopping import Rung, promotion_reason, stop_reason
 from ._task import Task
 
 CALIBRATION_BATCHES = 8
@@ -83,12 +83,17 @@ class Guide:
     structure timed earlier (with ``latency_cached_from``), or None; ``dominated``, when
     the study holds a candidate, maps ``(latency_ms, size_mb)`` to a feasible trial of at
     least the teacher's quality whose latency and size are both at least as good, or None.
+    ``promotions_left`` is how many more trials the study may promote (see StoppingSpec);
+    ``extends_front(latency_ms, size_mb)`` says whether a feasible point of that latency
+    and size would be faster or smaller than every feasible trial so far.
     """
 
     stopping: StoppingSpec | None = None
     max_quality_drop: float = float("inf")
     known_latency: Callable[[str], dict[str, Any] | None] = lambda _fingerprint: None
     dominated: Callable[[float, float], str | None] | None = None
+    promotions_left: int = 0
+    extends_front: Callable[[float, float], bool] = lambda _latency, _size: True
 
 
 Measure = Callable[[LatencyJob], LatencyReport]
@@ -200,10 +205,12 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     its fine-tune) sets ``stopped`` and keeps the partial figures in ``metrics``.
     """
     stage_name = "start"
+    clock = _StageClock()
 
     def stage(name: str) -> None:
         nonlocal stage_name
         stage_name = name
+        clock.enter(name)
         if on_stage is not None:
             on_stage(name)
 
@@ -213,7 +220,8 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         measured = trial.run(measure or run_isolated)
     except Stopped as stop:
         return TrialResult(recipe, metrics={**trial.partial, **stop.figures,
-                                            "trial_s": time.perf_counter() - started},
+                                            "trial_s": time.perf_counter() - started,
+                                            "stage_seconds": clock.summary()},
                            stopped=stop.reason)
     except Exception as exc:  # a failing recipe must never stop the study
         reason = f"{stage_name}: {type(exc).__name__}: {one_line(str(exc))}"
@@ -222,7 +230,27 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         })
     if isinstance(measured, TrialResult):
         return measured
-    return _result(recipe, settings, baseline, measured, started)
+    result = _result(recipe, settings, baseline, measured, started)
+    result.metrics["stage_seconds"] = clock.summary()
+    return result
+
+
+class _StageClock:
+    """Seconds spent in each stage of a trial, in the order first entered."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current, self.since = "start", time.perf_counter()
+
+    def enter(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name.split(" (")[0], now
+
+    def summary(self) -> str:
+        """``"stage 1.2 s, ..."``, the current stage closed."""
+        self.enter(self.current)
+        return ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items() if s >= 0.05)
 
 
 @dataclass
@@ -250,18 +278,22 @@ class _Trial:
     stage: Callable[[str], None]
     partial: dict[str, Any] = field(default_factory=dict)
     curve: list = field(default_factory=list)
+    structure: nn.Module | None = None  # the compressed structure before its fine-tune
+    measure: Measure = run_isolated
+    timed: dict = field(default_factory=dict)  # latency figures this trial measured
 
     def run(self, measure: Measure) -> _Measured | TrialResult:
         """Compress (stopping at hopeless rungs), gate on quality, then time the model
         unless an identical structure was timed before. Raises for a failing recipe."""
         started = time.perf_counter()
+        self.measure = measure
         deadline = Deadline(self.settings.finetune.trial_timeout_s)
         untrained = self._skip_if_dominated(deadline)
         compressed, facts = untrained or self._compress(deadline, self.settings.finetune.steps,
                                                         rungs=True)
         compress_seconds = time.perf_counter() - started
-        if "rungs" in self.partial:
-            facts = {**facts, "rungs": self.partial["rungs"]}
+        facts = {**facts, **{k: self.partial[k] for k in ("rungs", "promoted")
+                             if k in self.partial}}
         self.stage("quality")
         quality = quality_of(self.task, compressed)
         if not math.isfinite(quality):
@@ -288,7 +320,7 @@ class _Trial:
                 deadline=deadline, on_stage=self.stage,
                 rungs=stopping.rungs if watch else (), on_rung=self._rung if watch else None)
 
-    def _rung(self, step: int, steps: int, model: nn.Module) -> None:
+    def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
         """Record the slice quality at a rung; stop when the curve cannot reach the limit."""
         stopping = self.guide.stopping
         quality = quality_of(self.task, model, val_slice(self.task, stopping.slice_samples))
@@ -296,9 +328,32 @@ class _Trial:
         self.partial["rungs"] = ",".join(f"{r.step}:{r.quality:.4f}" for r in self.curve)
         limit = (self.baseline.slice_quality(self.task, stopping.slice_samples)
                  - self.guide.max_quality_drop)
+        promoted = self._promotion(step, steps, limit)
+        if promoted is not None:
+            return promoted
         reason = stop_reason(self.curve, limit, stopping.slack)
         if reason is not None:
             raise Stopped(reason, {"stopped_at_step": step, "finetune_steps": steps})
+        return None
+
+    def _promotion(self, step: int, steps: int, limit: float) -> int | None:
+        """The longer fine-tune of a trial at its last rung projected near the quality limit
+        (even one the stopping rule would end) whose structure would extend the feasible
+        front; None to keep its steps."""
+        stopping = self.guide.stopping
+        last = max(1, round(stopping.rungs[-1] * steps)) if stopping.rungs else 0
+        if (step != last or stopping.promote_steps <= steps or self.guide.promotions_left < 1
+                or self.structure is None):
+            return None
+        reason = promotion_reason(self.curve, limit, stopping.promote_margin)
+        if reason is None:
+            return None
+        size = size_mb(self.structure)
+        if not self.guide.extends_front(self._structure_latency()["latency_ms"], size):
+            return None
+        self.partial["promoted"] = reason
+        self.stage(f"promoted to {stopping.promote_steps} steps")
+        return stopping.promote_steps
 
     def _gate(self, quality: float) -> None:
         stopping = self.guide.stopping
@@ -320,19 +375,25 @@ class _Trial:
         return int(latency_input(self.task, self.settings.latency.batch_size).shape[0])
 
     def _skip_if_dominated(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
-        """With an identical structure timed before, skip a fine-tune that could not give a
-        point off the feasible front (its size and latency are known without it). Returns
-        the compressed model when the recipe needs no fine-tune (it is then final)."""
+        """Compress the structure first (untrained) when the guide can use it: with an
+        identical structure timed before, skip a fine-tune that could not give a point off
+        the feasible front (its size and latency are known without it); keep it for the
+        promotion rule. Returns the compressed model when the recipe needs no fine-tune
+        (it is then final)."""
         stopping, dominated = self.guide.stopping, self.guide.dominated
-        if (stopping is None or not stopping.enabled or not stopping.skip_dominated
-                or dominated is None or self.settings.finetune.steps == 0):
+        skips = stopping is not None and stopping.skip_dominated and dominated is not None
+        promotes = (stopping is not None and self.guide.promotions_left > 0
+                    and stopping.promote_steps > self.settings.finetune.steps)
+        if (stopping is None or not stopping.enabled or not (skips or promotes)
+                or self.settings.finetune.steps == 0):
             return None
         self.stage("structure")
         structure, facts = self._compress(deadline, 1, rungs=False)
         if facts.get("finetune_steps", 0) == 0:
             return structure, facts  # nothing to fine-tune: this is the trial's model
+        self.structure = structure
         known = self.guide.known_latency(self._fingerprint(structure))
-        if known is None:
+        if known is None or not skips:
             return None
         size = size_mb(structure)
         winner = dominated(known["latency_ms"], size)
@@ -341,21 +402,41 @@ class _Trial:
             raise Stopped(f"dominated before its fine-tune by {winner}")
         return None
 
+    def _structure_latency(self) -> dict[str, Any]:
+        """The latency figures of the trial's structure: an identical structure's, or timed
+        now on the untrained copy (dense kernels do not depend on the weights' values) and
+        kept for the trained model."""
+        model = self.structure
+        fingerprint = self._fingerprint(model)
+        known = self.guide.known_latency(fingerprint) or self.timed.get(fingerprint)
+        if known is None:
+            self.stage("latency of the structure")
+            known = self._measure(model)
+            self.timed[fingerprint] = known
+        return known
+
     def _latency(self, model: nn.Module, measure: Measure) -> tuple[dict[str, Any], int]:
         fingerprint = self._fingerprint(model)
         batch = self._batch()
         known = self.guide.known_latency(fingerprint)
         if known is not None:
             return {**known, "structure": fingerprint}, batch
+        if fingerprint in self.timed:
+            return {**self.timed[fingerprint], "latency_timed_before_finetune": True,
+                    "structure": fingerprint}, batch
+        return {**self._measure(model, measure), "structure": fingerprint}, batch
+
+    def _measure(self, model: nn.Module, measure: Measure | None = None) -> dict[str, Any]:
+        """Export ``model`` and time it against the teacher (``measure`` or this run's)."""
         self.stage("export")
         job = latency_job(self.task, model, self.recipe.quantization.scheme, self.settings,
                           self.baseline)
         self.stage("latency")
-        latency = measure(job).metrics()
+        latency = (measure or self.measure)(job).metrics()
         if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
                                               for module in model.modules()):
             latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
-        return {**latency, "structure": fingerprint}, batch
+        return latency
 
 
 def _plain(facts: dict[str, Any]) -> dict[str, Any]:

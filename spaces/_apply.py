@@ -20,7 +20,7 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
              student_factory: Callable[[float, float], nn.Module] | None = None,
              deadline: Deadline | None = None,
              on_stage: Callable[[str], None] | None = None, rungs: tuple[float, ...] = (),
-             on_rung: Callable[[int, int, nn.Module], None] | None = None
+             on_rung: Callable[[int, int, nn.Module], int | None] | None = None
              ) -> tuple[nn.Module, dict]:
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
@@ -30,7 +30,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
     not modified. The same recipe, seed and data give the same model. A combination that
     cannot be applied raises ValueError saying why; past the ``deadline``, BudgetExceeded.
     The facts are numbers, strings and booleans. ``on_rung`` sees the model at step 0 and
-    at the ``rungs`` (fractions) of the fine-tune and may raise ``Stopped``.
+    at the ``rungs`` (fractions) of the fine-tune and may raise ``Stopped``, or return a
+    larger step count to extend the fine-tune to (see ``Context``).
     """
     torch.manual_seed(seed)
     teacher.eval()

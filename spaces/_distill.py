@@ -38,7 +38,7 @@ class _Features:
 def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: int,
             config: DistillationConfig, learning_rate: float, seed: int,
             deadline: Deadline | None = None,
-            on_step: Callable[[int, float], None] | None = None) -> nn.Module:
+            on_step: Callable[[int, float], int | None] | None = None) -> nn.Module:
     """Train ``student`` for ``steps`` batches against the teacher, in place.
 
     The loss is ``distillation_loss`` on the logits plus, when ``config.feature_weight``
@@ -46,7 +46,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     penultimate features (the input of its output layer) and the student's, mapped by a
     learned linear projection that is discarded afterwards. AdamW with a cosine-decayed
     learning rate; deterministic for a given seed and data order. ``on_step(step, loss)``
-    runs after each optimizer step. Raises FloatingPointError when the loss becomes NaN
+    runs after each optimizer step; when it returns a larger step count, the fine-tune is
+    extended to that many steps, the learning rate decaying from its current value to zero
+    over the added steps (a promotion). Raises FloatingPointError when the loss becomes NaN
     or infinite, BudgetExceeded past the deadline. ``steps == 0`` leaves the student
     untouched.
     """
@@ -82,12 +84,28 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     return student
 
 
+class _Cosine:
+    """Cosine decay of the learning-rate factor to zero at ``steps``; ``extend`` restarts
+    the decay from the current factor over a longer total."""
+
+    def __init__(self, steps: int):
+        self.start, self.factor, self.steps = 0, 1.0, steps
+
+    def __call__(self, k: int) -> float:
+        span = max(1, self.steps - self.start)
+        return self.factor * 0.5 * (1 + math.cos(math.pi * (k - self.start) / span))
+
+    def extend(self, k: int, steps: int) -> None:
+        self.start, self.factor, self.steps = k, self(k), steps
+
+
 def _train(student, teacher, batches, steps, config, learning_rate, params, features,
            deadline, on_step) -> None:
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
-    for step in range(steps):
+    cosine = _Cosine(steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    step = 0
+    while step < cosine.steps:
         inputs, targets = next(batches)
         with torch.no_grad():
             teacher_logits = teacher(inputs)
@@ -102,10 +120,12 @@ def _train(student, teacher, batches, steps, config, learning_rate, params, feat
         loss.backward()
         optimizer.step()
         schedule.step()
-        if on_step is not None:
-            on_step(step, loss.item())
+        step += 1
+        extended = None if on_step is None else on_step(step - 1, loss.item())
+        if extended is not None and extended > cosine.steps:
+            cosine.extend(step, extended)
         if deadline is not None:
-            deadline.check(f"fine-tune step {step + 1}/{steps}")
+            deadline.check(f"fine-tune step {step}/{cosine.steps}")
 
 
 @dataclass(frozen=True)
@@ -133,19 +153,26 @@ class FineTune(Technique):
         rungs = sorted({max(1, round(f * steps)) for f in ctx.rungs if settled <= f < 1})
         if steps and ctx.on_rung is not None:
             ctx.on_rung(0, steps, model.eval())
+        total = steps
         if steps:
-            def on_step(step: int, _loss: float) -> None:
+            def on_step(step: int, _loss: float) -> int | None:
+                nonlocal total
                 for hook in ctx.step_hooks:
                     hook(model, step)
-                if ctx.on_rung is not None and step + 1 in rungs:
-                    ctx.on_rung(step + 1, steps, model.eval())
-                    model.train()
+                if ctx.on_rung is None or step + 1 not in rungs or total != steps:
+                    return None
+                extended = ctx.on_rung(step + 1, steps, model.eval())
+                model.train()
+                if extended is not None and extended > total:
+                    total = extended
+                    ctx.facts["promoted_at_step"] = step + 1
+                return total
 
             distill(model, ctx.teacher, ctx.train, steps=steps, config=config,
                     learning_rate=ctx.learning_rate, seed=ctx.seed, deadline=ctx.deadline,
                     on_step=on_step)
         model.eval()
-        ctx.facts["finetune_steps"] = steps
+        ctx.facts["finetune_steps"] = total
         ctx.facts["parameters"] = count_parameters(model)
         return model
 

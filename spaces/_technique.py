@@ -90,7 +90,8 @@ class Context:
     copy); ``float_layers`` are the layer names kept at float precision. ``on_rung(step,
     steps, model)`` runs before the fine-tune (step 0) and after each step listed in
     ``rungs`` (fractions of the fine-tune), the model in eval mode; it may raise
-    ``Stopped`` to end the trial there.
+    ``Stopped`` to end the trial there, or return a larger step count to extend the
+    fine-tune to (a promotion; the rungs after it are skipped).
     """
 
     recipe: Any
@@ -111,7 +112,7 @@ class Context:
     step_hooks: list[Callable[[nn.Module, int], None]] = field(default_factory=list)
     model_hooks: list[Callable[[nn.Module], None]] = field(default_factory=list)
     rungs: tuple[float, ...] = ()
-    on_rung: Callable[[int, int, nn.Module], None] | None = None
+    on_rung: Callable[[int, int, nn.Module], int | None] | None = None
     _queue: list = field(default_factory=list)
     _ticket: Any = field(default_factory=itertools.count)
     _loss_cache: list = field(default_factory=list)

@@ -1,6 +1,6 @@
 """The stopping rule: a hopeless curve is stopped, a promising one is not."""
 
-from paretoslim.search._stopping import Rung, projected_quality, stop_reason
+from paretoslim.search._stopping import Rung, projected_quality, promotion_reason, stop_reason
 
 LIMIT = 0.924  # teacher 0.934 on the slice, at most 1 point lower
 
@@ -38,3 +38,29 @@ def test_a_falling_curve_projects_its_last_quality():
     assert projected_quality(falling) == 0.89
     assert stop_reason(falling, LIMIT, 0.005) is not None
     assert stop_reason(falling, 0.89, 0.0) is None
+
+
+def test_a_near_miss_is_promoted_and_a_comfortable_curve_is_not():
+    near = curve((0, 0.5), (100, 0.915), (200, 0.918))  # projects 0.924, at the limit
+    reason = promotion_reason(near, LIMIT, 0.005)
+    assert reason is not None and "step 200/400" in reason
+    comfortable = curve((0, 0.5), (100, 0.925), (200, 0.93))  # projects 0.94
+    assert promotion_reason(comfortable, LIMIT, 0.005) is None
+    assert promotion_reason(comfortable, LIMIT, 0.02) is not None  # a wider margin
+    assert promotion_reason(curve((0, 0.5)), LIMIT, 0.005) is None  # no slope yet
+
+
+def test_an_extended_schedule_continues_the_learning_rate_and_ends_at_zero():
+    from paretoslim.spaces._distill import _Cosine
+
+    cosine = _Cosine(100)
+    assert cosine(0) == 1.0 and abs(cosine(50) - 0.5) < 1e-9
+    cosine.extend(50, 400)
+    assert abs(cosine(50) - 0.5) < 1e-9  # no jump at the promotion
+    assert 0.0 < cosine(200) < 0.5 and abs(cosine(400)) < 1e-9
+
+
+def test_a_curve_far_below_the_limit_is_not_promoted():
+    far = curve((0, 0.5), (100, 0.88), (200, 0.885))  # projects 0.895
+    assert promotion_reason(far, LIMIT, 0.01) is None
+    assert promotion_reason(far, LIMIT, 0.05) is not None

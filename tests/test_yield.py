@@ -220,3 +220,69 @@ def test_a_recipe_stopped_before_is_not_run_again():
     other = study.ask()
     other.set_user_attr(RECIPE_ATTR, Recipe().to_dict())
     assert stopped_earlier(other) is None
+
+
+PROMOTING = StoppingSpec(rungs=[0.25, 0.5], slice_samples=128, slack=1.0, promote_steps=80,
+                         promote_margin=1.0)
+
+
+def test_a_near_miss_with_a_front_extending_structure_trains_longer(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure,
+                       guide=Guide(stopping=PROMOTING, max_quality_drop=0.0,
+                                   promotions_left=1))
+    assert result.ok and result.metrics["finetune_steps"] == 80
+    assert result.metrics["promoted_at_step"] == 20 and "promoted at" in \
+        result.metrics["promoted"]
+    assert result.metrics["rungs"].count(":") == 3  # no rung after the promotion
+    # timed once, on the structure before its fine-tune, and reused for the trained model
+    assert measure.calls == 1 and result.metrics["latency_timed_before_finetune"]
+
+
+@pytest.mark.parametrize("guide", [
+    {"promotions_left": 0},  # the study's promotions are spent
+    {"promotions_left": 1, "extends_front": lambda latency, size: False},
+    {"promotions_left": 1, "max_quality_drop": 100.0},  # feasible with room to spare
+], ids=["none-left", "dominated-structure", "comfortable"])
+def test_a_trial_keeps_its_steps_unless_a_promotion_pays(mlp, guide):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    guide = {"max_quality_drop": 0.0, **guide}
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure, guide=Guide(stopping=PROMOTING, **guide))
+    assert result.metrics["finetune_steps"] == 40 and "promoted" not in result.metrics
+    assert measure.calls <= 1
+
+
+def test_the_study_guide_counts_promotions_and_knows_the_feasible_extremes():
+    import optuna
+
+    from paretoslim.search._store import METRICS_ATTR, guide_data, guide_for
+
+    spec = parse_spec({"task": "t.py:f", "stopping": {"promote_steps": 900, "promotions": 2}})
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for drop, latency, size, promoted in [(0.005, 2.0, 0.2, True), (0.02, 1.0, 0.1, False)]:
+        trial = study.ask()
+        metrics = {"quality_drop": drop, "latency_ms": latency, "size_mb": size,
+                   **({"promoted": "promoted at step 400/800"} if promoted else {})}
+        trial.set_user_attr(METRICS_ATTR, metrics)
+        study.tell(trial, [1 - drop, latency, size])
+    guide = guide_for(spec, guide_data(study, spec))
+    assert guide.promotions_left == 1
+    assert guide.extends_front(1.5, 0.3) and guide.extends_front(3.0, 0.15)
+    assert not guide.extends_front(2.0, 0.2)  # the infeasible trial does not count
+
+
+def test_a_time_budget_ends_the_run_after_the_trial_running_then(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(TASK_FILE)
+    (tmp_path / "study.toml").write_text(
+        SPEC.replace("trials = 3", "trials = 3\ntime_budget_s = 0.001"))
+    study = run_study(load_spec(tmp_path / "study.toml"), progress=False)
+    ran = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                   TrialState.FAIL, TrialState.RUNNING))
+    assert len(ran) == 1  # the seeds after it wait for a later run
+    with pytest.raises(Exception, match="time_budget_s"):
+        parse_spec({"task": "t.py:f", "time_budget_s": 0})
