@@ -15,11 +15,11 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
 import numpy as np
+import tomllib
 from optuna._hypervolume import compute_hypervolume  # Optuna's own (no public alias)
 from optuna.trial import TrialState
 

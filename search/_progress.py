@@ -55,6 +55,8 @@ class StudyProgress:
             return
         m = result.metrics
         flag = "" if feasible else "  (quality drop above the limit)"
+        if m.get("promoted"):
+            flag += f"  (promoted to {m['finetune_steps']} fine-tune steps)"
         if m.get("latency_noisy"):
             flag += f"  (latency noisy: speedup spread {m['speedup_spread']:.0%})"
         quality, gain, latency, speedup, size, compression = (

@@ -110,8 +110,9 @@ class StoppingSpec:
     identical structure timed earlier) and are dominated by a feasible trial of at least
     the teacher's quality skips it (``skip_dominated``); one that ends above the quality
     limit is not compiled and timed (``time_infeasible`` false). With ``promote_steps``,
-    up to ``promotions`` trials of the study whose projection at the last rung is within
-    ``promote_margin`` of the limit, and whose structure would extend the feasible front,
+    up to ``promotions`` trials of the study whose projection at the last rung falls short
+    of the limit by less than ``promote_margin``, and whose structure would extend the
+    feasible front,
     fine-tune for ``promote_steps`` in all instead (a promotion)."""
 
     enabled: bool = True

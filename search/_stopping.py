@@ -42,14 +42,15 @@ def stop_reason(curve: Sequence[Rung], limit: float, slack: float) -> str | None
 
 
 def promotion_reason(curve: Sequence[Rung], limit: float, margin: float) -> str | None:
-    """Why a trial at its last rung deserves a longer fine-tune, or None: its projection is
-    within ``margin`` of ``limit``, above or below. Far above, its planned steps suffice;
-    far below, more steps are not expected to close the gap."""
+    """Why a trial at its last rung deserves a longer fine-tune, or None: its (optimistic)
+    projection falls short of ``limit`` by less than ``margin``. One that reaches the limit
+    is expected to end feasible with its planned steps; one farther below is not expected
+    to close the gap."""
     if len(curve) < 2:
         return None
     projected = projected_quality(curve)
-    if abs(projected - limit) >= margin:
+    if not limit - margin <= projected < limit:
         return None
     last = curve[-1]
     return (f"promoted at fine-tune step {last.step}/{last.steps}: projected {projected:.4f}, "
-            f"within {margin:g} of the feasible {limit:.4f}")
+            f"short of the feasible {limit:.4f} by less than {margin:g}")

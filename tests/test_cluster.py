@@ -275,3 +275,19 @@ def test_a_restored_ray_searcher_adopts_a_trial_saved_only_by_its_experiment(tmp
     assert searcher.suggest("over") is None  # "t1" is running again, and counted
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2
     assert searcher._numbers == {"t0": 0, "t1": 1}
+
+
+def test_a_ray_searcher_suggests_nothing_once_the_time_budget_is_spent(tmp_path):
+    pytest.importorskip("ray.tune", reason="needs ray[tune]: pip install -e '.[test]'")
+    import dataclasses
+
+    from ray.tune.search import Searcher
+
+    from paretoslim.search._ray import StudySearch
+
+    spec, journal = load_spec(write_study(tmp_path, trials=3)), str(tmp_path / "journal.log")
+    roomy = StudySearch(dataclasses.replace(spec, time_budget_s=3600.0), journal, 5)
+    assert isinstance(roomy.suggest("t0"), dict)
+    spent = StudySearch(dataclasses.replace(spec, name="spent", time_budget_s=1e-6), journal,
+                        5)
+    assert spent.suggest("t1") == Searcher.FINISHED

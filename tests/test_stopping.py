@@ -40,13 +40,13 @@ def test_a_falling_curve_projects_its_last_quality():
     assert stop_reason(falling, 0.89, 0.0) is None
 
 
-def test_a_near_miss_is_promoted_and_a_comfortable_curve_is_not():
-    near = curve((0, 0.5), (100, 0.915), (200, 0.918))  # projects 0.924, at the limit
-    reason = promotion_reason(near, LIMIT, 0.005)
+def test_a_near_miss_is_promoted_and_a_curve_reaching_the_limit_is_not():
+    near = curve((0, 0.5), (100, 0.915), (200, 0.918))  # projects 0.924
+    reason = promotion_reason(near, LIMIT + 0.004, 0.005)
     assert reason is not None and "step 200/400" in reason
-    comfortable = curve((0, 0.5), (100, 0.925), (200, 0.93))  # projects 0.94
-    assert promotion_reason(comfortable, LIMIT, 0.005) is None
-    assert promotion_reason(comfortable, LIMIT, 0.02) is not None  # a wider margin
+    assert promotion_reason(near, LIMIT, 0.005) is None  # it reaches the limit
+    assert promotion_reason(near, LIMIT + 0.006, 0.005) is None  # too far short
+    assert promotion_reason(near, LIMIT + 0.006, 0.01) is not None  # a wider margin
     assert promotion_reason(curve((0, 0.5)), LIMIT, 0.005) is None  # no slope yet
 
 
@@ -61,6 +61,6 @@ def test_an_extended_schedule_continues_the_learning_rate_and_ends_at_zero():
 
 
 def test_a_curve_far_below_the_limit_is_not_promoted():
-    far = curve((0, 0.5), (100, 0.88), (200, 0.885))  # projects 0.895
+    far = curve((0, 0.5), (100, 0.88), (200, 0.885))  # projects 0.895, 2.9 points short
     assert promotion_reason(far, LIMIT, 0.01) is None
     assert promotion_reason(far, LIMIT, 0.05) is not None

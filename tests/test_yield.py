@@ -231,7 +231,7 @@ def test_a_near_miss_with_a_front_extending_structure_trains_longer(mlp):
     measure = FakeMeasure()
     result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
                        baseline, measure=measure,
-                       guide=Guide(stopping=PROMOTING, max_quality_drop=0.0,
+                       guide=Guide(stopping=PROMOTING, max_quality_drop=-0.5,
                                    promotions_left=1))
     assert result.ok and result.metrics["finetune_steps"] == 80
     assert result.metrics["promoted_at_step"] == 20 and "promoted at" in \
