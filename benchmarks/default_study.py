@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from paretoslim.kernels import detect_target
 from paretoslim.search import load_spec, run_study
-from paretoslim.search._store import FAILURE_ATTR, METRICS_ATTR, STOPPED_ATTR
+from paretoslim.search._store import FAILURE_ATTR, METRICS_ATTR, STOPPED_ATTR, open_study
 from paretoslim.search._trial import calibration_batches, quality_of
 from paretoslim.spaces import Recipe, compress
 
@@ -85,10 +85,19 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="default: a fresh journal in ./runs")
     parser.add_argument("--false-stops", action="store_true",
                         help="re-run each trial stopped at a rung to the end")
+    parser.add_argument("--stopped-only", action="store_true",
+                        help="with --storage and --false-stops: re-run the stopped trials "
+                             "of that finished study, without running it")
     parser.add_argument("--out", type=Path, default=Path("default_study.json"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     spec = load_spec(args.spec)
+    if args.stopped_only:
+        study = open_study(spec, args.storage)
+        summary = {"false_stops": false_stops(study, spec)}
+        args.out.write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+        return
     started = time.perf_counter()
     study = run_study(spec, storage=args.storage)
     summary = summarize(study, spec, time.perf_counter() - started)

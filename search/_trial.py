@@ -304,7 +304,7 @@ class _Trial:
                             compress_s=compress_seconds, **_plain(facts))
         self._gate(quality)
         deadline.check("evaluation")
-        latency, batch = self._latency(compressed, measure)
+        latency, batch = self._latency(compressed)
         deadline.check("latency measurement")
         return _Measured(compressed, facts, quality, size, latency, batch, compress_seconds)
 
@@ -321,7 +321,8 @@ class _Trial:
                 rungs=stopping.rungs if watch else (), on_rung=self._rung if watch else None)
 
     def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
-        """Record the slice quality at a rung; stop when the curve cannot reach the limit."""
+        """Record the slice quality at a rung; promote a near miss (its new step count), or
+        stop when the curve cannot reach the limit."""
         stopping = self.guide.stopping
         quality = quality_of(self.task, model, val_slice(self.task, stopping.slice_samples))
         self.curve.append(Rung(step, steps, quality))
@@ -415,7 +416,7 @@ class _Trial:
             self.timed[fingerprint] = known
         return known
 
-    def _latency(self, model: nn.Module, measure: Measure) -> tuple[dict[str, Any], int]:
+    def _latency(self, model: nn.Module) -> tuple[dict[str, Any], int]:
         fingerprint = self._fingerprint(model)
         batch = self._batch()
         known = self.guide.known_latency(fingerprint)
@@ -424,15 +425,15 @@ class _Trial:
         if fingerprint in self.timed:
             return {**self.timed[fingerprint], "latency_timed_before_finetune": True,
                     "structure": fingerprint}, batch
-        return {**self._measure(model, measure), "structure": fingerprint}, batch
+        return {**self._measure(model), "structure": fingerprint}, batch
 
-    def _measure(self, model: nn.Module, measure: Measure | None = None) -> dict[str, Any]:
-        """Export ``model`` and time it against the teacher (``measure`` or this run's)."""
+    def _measure(self, model: nn.Module) -> dict[str, Any]:
+        """Export ``model`` and time it against the teacher."""
         self.stage("export")
         job = latency_job(self.task, model, self.recipe.quantization.scheme, self.settings,
                           self.baseline)
         self.stage("latency")
-        latency = (measure or self.measure)(job).metrics()
+        latency = self.measure(job).metrics()
         if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
                                               for module in model.modules()):
             latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
