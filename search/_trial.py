@@ -132,6 +132,12 @@ def one_line(message: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def quality_drop(teacher: float, quality: float) -> float:
+    """``teacher - quality`` rounded to 12 decimals, so that a drop of exactly the limit
+    (e.g. 93.37% to 92.37%) is not above it by a floating-point residue."""
+    return round(teacher - quality, 12)
+
+
 def quality_of(task: Task, model: nn.Module, val: Iterable | None = None) -> float:
     """The task's metric (default: accuracy) on its validation data (or on ``val``)."""
     metric = task.metric or accuracy
@@ -300,7 +306,7 @@ class _Trial:
             return TrialResult(self.recipe, failure=f"quality is {quality}")
         size = size_mb(compressed)
         self.partial.update(quality=quality, size_mb=size,
-                            quality_drop=self.baseline.quality - quality,
+                            quality_drop=quality_drop(self.baseline.quality, quality),
                             compress_s=compress_seconds, **_plain(facts))
         self._gate(quality)
         deadline.check("evaluation")
@@ -360,7 +366,7 @@ class _Trial:
         stopping = self.guide.stopping
         if stopping is None or not stopping.enabled or stopping.time_infeasible:
             return
-        drop = self.baseline.quality - quality
+        drop = quality_drop(self.baseline.quality, quality)
         if drop > self.guide.max_quality_drop:
             raise Stopped(f"quality drop {drop:.4f} above the limit "
                           f"{self.guide.max_quality_drop:g}: not compiled and timed")
@@ -455,7 +461,7 @@ def _result(recipe: Recipe, settings: TrialSettings, baseline: Baseline, m: _Mea
         **latency,
         "baseline_quality": baseline.quality,
         "baseline_size_mb": baseline.size_mb,
-        "quality_drop": baseline.quality - m.quality,
+        "quality_drop": quality_drop(baseline.quality, m.quality),
         "compression": baseline.size_mb / m.size,
         "latency_batch_size": m.batch_size,
         "threads": settings.latency.threads,

@@ -286,3 +286,11 @@ def test_a_time_budget_ends_the_run_after_the_trial_running_then(tmp_path, monke
     assert len(ran) == 1  # the seeds after it wait for a later run
     with pytest.raises(Exception, match="time_budget_s"):
         parse_spec({"task": "t.py:f", "time_budget_s": 0})
+
+
+def test_a_drop_of_exactly_the_limit_is_feasible():
+    from paretoslim.search._trial import quality_drop
+
+    assert 0.9337 - 0.9237 > 0.01  # the floating-point residue
+    assert quality_drop(0.9337, 0.9237) <= 0.01
+    assert quality_drop(0.9337, 0.9236) > 0.01
