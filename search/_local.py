@@ -56,6 +56,7 @@ class Objective:
     task: Task
     settings: TrialSettings
     progress: StudyProgress
+    ends_at: float | None = None  # when the run's time budget ends (time.time())
     interrupted: KeyboardInterrupt | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -100,7 +101,8 @@ class Objective:
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,
                            on_stage=self.progress.stage,
-                           guide=guide_for(self.spec, guide_data(trial.study, self.spec)))
+                           guide=guide_for(self.spec, guide_data(trial.study, self.spec,
+                                                                 self.ends_at)))
         values = record_result(trial, self.spec, result)
         if result.stopped is not None:
             self.progress.trial_stopped(trial.number, result.stopped)
@@ -150,6 +152,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
     whether to start another (False ends the run), e.g. while other workers' trials run.
     """
     ends_at = time.monotonic() + (spec.time_budget_s or math.inf)
+    wall_ends_at = None if spec.time_budget_s is None else time.time() + spec.time_budget_s
     done = completed_count(study)
     if done >= target:
         if progress:
@@ -157,7 +160,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
         return
     task = load_task(spec.task, spec.base_dir, spec.task_options)
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
-    run = objective(spec, task, TrialSettings.from_spec(spec), reporter)
+    run = objective(spec, task, TrialSettings.from_spec(spec), reporter, wall_ends_at)
     failures, max_failures = 0, max(5, target)
 
     def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

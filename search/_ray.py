@@ -312,7 +312,9 @@ class StudySearch(_OptunaSearchOnStudy):
                     progress.start_trial(trial.number, recipe)
                     progress.stage(f"({len(self._running)} running)")
                 return {"params": params, "number": trial.number,
-                        "guide": guide_data(study, self._spec)}
+                        "guide": guide_data(study, self._spec,
+                                            None if math.isinf(self._ends_at)
+                                            else self._ends_at)}
             study.tell(trial, earlier)
             self.forget(trial_id)
             self._done += 1

@@ -408,11 +408,13 @@ def record_result(trial: optuna.Trial, spec: StudySpec, result: TrialResult
     return values
 
 
-def guide_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+def guide_data(study: optuna.Study, spec: StudySpec, ends_at: float | None = None
+               ) -> dict[str, Any]:
     """What the study's finished trials can save the next trial, as plain data (it travels
     to Ray workers): latency figures per structure fingerprint, the figures of the feasible
     trials at the teacher's quality or better (they may dominate a candidate), the latency
-    and size of every feasible trial, and how many trials were promoted."""
+    and size of every feasible trial, how many trials were promoted, and when the run's
+    time budget ends (``ends_at``, ``time.time()``; None: no budget)."""
     finished = [t for t in study.get_trials(deepcopy=False,
                                             states=(TrialState.COMPLETE, TrialState.PRUNED))
                 if DUPLICATE_ATTR not in t.user_attrs and METRICS_ATTR in t.user_attrs]
@@ -432,7 +434,8 @@ def guide_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         if drop <= min(0.0, spec.constraints.max_quality_drop):
             best.append([t.number, metrics["latency_ms"], metrics["size_mb"]])
     promoted = sum("promoted" in t.user_attrs[METRICS_ATTR] for t in finished)
-    return {"timed": timed, "best": best, "feasible": feasible, "promoted": promoted}
+    return {"timed": timed, "best": best, "feasible": feasible, "promoted": promoted,
+            "ends_at": ends_at}
 
 
 def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
@@ -453,7 +456,7 @@ def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
     return Guide(stopping=spec.stopping, max_quality_drop=spec.constraints.max_quality_drop,
                  known_latency=data["timed"].get, dominated=dominated if best else None,
                  promotions_left=spec.stopping.promotions - data.get("promoted", 0),
-                 extends_front=extends_front)
+                 extends_front=extends_front, ends_at=data.get("ends_at") or math.inf)
 
 
 def is_feasible(spec: StudySpec, result: TrialResult) -> bool:

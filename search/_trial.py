@@ -85,7 +85,8 @@ class Guide:
     least the teacher's quality whose latency and size are both at least as good, or None.
     ``promotions_left`` is how many more trials the study may promote (see StoppingSpec);
     ``extends_front(latency_ms, size_mb)`` says whether a feasible point of that latency
-    and size would be faster or smaller than every feasible trial so far.
+    and size would be faster or smaller than every feasible trial so far; ``ends_at``
+    (``time.time()``) is when the run's time budget ends: no promotion runs past it.
     """
 
     stopping: StoppingSpec | None = None
@@ -94,6 +95,7 @@ class Guide:
     dominated: Callable[[float, float], str | None] | None = None
     promotions_left: int = 0
     extends_front: Callable[[float, float], bool] = lambda _latency, _size: True
+    ends_at: float = math.inf
 
 
 Measure = Callable[[LatencyJob], LatencyReport]
@@ -287,6 +289,7 @@ class _Trial:
     structure: nn.Module | None = None  # the compressed structure before its fine-tune
     measure: Measure = run_isolated
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
+    finetune_started: float = 0.0
 
     def run(self, measure: Measure) -> _Measured | TrialResult:
         """Compress (stopping at hopeless rungs), gate on quality, then time the model
@@ -330,6 +333,8 @@ class _Trial:
         """Record the slice quality at a rung; promote a near miss (its new step count), or
         stop when the curve cannot reach the limit."""
         stopping = self.guide.stopping
+        if step == 0:
+            self.finetune_started = time.perf_counter()
         quality = quality_of(self.task, model, val_slice(self.task, stopping.slice_samples))
         self.curve.append(Rung(step, steps, quality))
         self.partial["rungs"] = ",".join(f"{r.step}:{r.quality:.4f}" for r in self.curve)
@@ -350,7 +355,7 @@ class _Trial:
         stopping = self.guide.stopping
         last = max(1, round(stopping.rungs[-1] * steps)) if stopping.rungs else 0
         if (step != last or stopping.promote_steps <= steps or self.guide.promotions_left < 1
-                or self.structure is None):
+                or self.structure is None or not self._fits(step, stopping.promote_steps)):
             return None
         reason = promotion_reason(self.curve, limit, stopping.promote_margin)
         if reason is None:
@@ -361,6 +366,11 @@ class _Trial:
         self.partial["promoted"] = reason
         self.stage(f"promoted to {stopping.promote_steps} steps")
         return stopping.promote_steps
+
+    def _fits(self, step: int, steps: int) -> bool:
+        """Whether fine-tuning on to ``steps`` at the pace so far ends within the budget."""
+        pace = (time.perf_counter() - self.finetune_started) / max(1, step)
+        return time.time() + pace * (steps - step) <= self.guide.ends_at
 
     def _gate(self, quality: float) -> None:
         stopping = self.guide.stopping

@@ -245,11 +245,12 @@ def test_a_near_miss_with_a_front_extending_structure_trains_longer(mlp):
     {"promotions_left": 0},  # the study's promotions are spent
     {"promotions_left": 1, "extends_front": lambda latency, size: False},
     {"promotions_left": 1, "max_quality_drop": 100.0},  # feasible with room to spare
-], ids=["none-left", "dominated-structure", "comfortable"])
+    {"promotions_left": 1, "ends_at": 0.0},  # the run's time budget is spent
+], ids=["none-left", "dominated-structure", "comfortable", "no-time-left"])
 def test_a_trial_keeps_its_steps_unless_a_promotion_pays(mlp, guide):
     task, baseline = mlp
     measure = FakeMeasure()
-    guide = {"max_quality_drop": 0.0, **guide}
+    guide = {"max_quality_drop": -0.5, **guide}  # as promoted above, but for one condition
     result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
                        baseline, measure=measure, guide=Guide(stopping=PROMOTING, **guide))
     assert result.metrics["finetune_steps"] == 40 and "promoted" not in result.metrics
