@@ -4,6 +4,7 @@ bench."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
@@ -48,6 +49,9 @@ def _add_search_verbs(add: Callable[..., argparse.ArgumentParser]) -> None:
     run = add("run", help="run or resume a study, then print its front")
     run.add_argument("spec", metavar="SPEC", help="study spec (TOML)")
     run.add_argument("--trials", type=int, help="completed trials to reach (default: spec)")
+    run.add_argument("--time-budget", type=float, metavar="SECONDS",
+                     help="start no trial after this many seconds (default: the spec's "
+                          "time_budget_s)")
     run.add_argument("--storage", help="Optuna storage URL or journal file path")
     run.add_argument("--backend", choices=("optuna", "ray"),
                      help="optuna: trials in this process; ray: trials on a Ray cluster "
@@ -65,6 +69,9 @@ def _add_search_verbs(add: Callable[..., argparse.ArgumentParser]) -> None:
                                           "(default: the spec's)")
     worker.add_argument("--trials", type=int, help="completed trials the study should reach "
                                                    "(default: spec)")
+    worker.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="start no trial after this many seconds (default: the spec's "
+                             "time_budget_s)")
     worker.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -183,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     from ._spec import load_spec
     from ._store import shown, storage_of
 
-    spec = load_spec(args.spec)
+    spec = _budgeted(load_spec(args.spec), args.time_budget)
     study = run_study(spec, trials=args.trials, storage=args.storage, progress=not args.quiet,
                       backend=args.backend, address=args.address)
     print(f"\nPareto front of study {spec.name!r} ({shown(storage_of(spec, args.storage))}):")
@@ -191,12 +198,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budgeted(spec, seconds: float | None):
+    """``spec`` with ``--time-budget`` in place of its own, when given."""
+    if seconds is None:
+        return spec
+    try:
+        return dataclasses.replace(spec, time_budget_s=seconds)
+    except ValueError as exc:
+        raise ParetoslimError(f"--time-budget: {exc}") from None
+
+
 def _worker(args: argparse.Namespace) -> int:
     from ._run import run_worker
     from ._spec import load_spec
     from ._store import completed_count
 
-    spec = load_spec(args.spec)
+    spec = _budgeted(load_spec(args.spec), args.time_budget)
     study = run_worker(spec, args.storage, trials=args.trials, progress=not args.quiet)
     print(f"study {spec.name!r}: {completed_count(study)} completed trials")
     return 0

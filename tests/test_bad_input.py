@@ -187,3 +187,13 @@ def test_an_output_file_that_cannot_be_written_is_one_line(in_tmp, capsys):
     line = _fails(["front", "tiny", "--out", str(in_tmp / "no" / "such" / "dir" / "f.csv")],
                   capsys)
     assert "No such file or directory" in line and "f.csv" in line
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_a_time_budget_must_be_a_positive_number(in_tmp, capsys, value):
+    spec_path = write_study(in_tmp)
+    line = _fails(["run", str(spec_path), "--time-budget", value], capsys)
+    assert "--time-budget: time_budget_s must be" in line
+    assert not (in_tmp / "runs").exists()
+    spec_path.write_text(f"time_budget_s = {value}\n" + spec_path.read_text())
+    assert "time_budget_s must be" in _fails(["run", str(spec_path)], capsys)
