@@ -42,11 +42,24 @@ def summarize(study, spec, seconds: float) -> dict:
         "full_budget_infeasible": full_infeasible, "rung_stops": len(rung_stops),
         "failures": [t.user_attrs.get(FAILURE_ATTR) for t in trials
                      if t.state == TrialState.FAIL],
+        "trials": [_row(t) for t in trials],
         **{f"best_{key}": None if m is None else {
             "speedup": m["speedup"], "compression": m["compression"],
             "quality_drop": m["quality_drop"], "recipe": _short(study, m)}
            for key, m in best.items()},
     }
+
+
+def _row(trial) -> dict:
+    """One trial's outcome in a line of figures."""
+    m = trial.user_attrs.get(METRICS_ATTR, {})
+    recipe = trial.user_attrs.get("recipe")
+    return {"number": trial.number, "state": trial.state.name,
+            "recipe": Recipe.from_dict(recipe).short() if recipe else "",
+            **{k: m[k] for k in ("quality_drop", "speedup", "compression", "finetune_steps",
+                                 "trial_s", "promoted") if k in m},
+            **({"stopped": trial.user_attrs[STOPPED_ATTR]}
+               if STOPPED_ATTR in trial.user_attrs else {})}
 
 
 def _short(study, metrics: dict) -> str:
