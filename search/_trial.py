@@ -360,10 +360,10 @@ class _Trial:
         reason = promotion_reason(self.curve, limit, stopping.promote_margin)
         if reason is None:
             return None
-        size = size_mb(self.structure)
-        if not self.guide.extends_front(self._structure_latency()["latency_ms"], size):
+        size, latency = size_mb(self.structure), self._structure_latency()
+        if not self.guide.extends_front(latency["latency_ms"], size):
             return None
-        self.partial["promoted"] = reason
+        self.partial.update(latency, promoted=reason)  # kept should the trial stop
         self.stage(f"promoted to {stopping.promote_steps} steps")
         return stopping.promote_steps
 

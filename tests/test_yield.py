@@ -243,6 +243,20 @@ def test_a_near_miss_with_a_front_extending_structure_trains_longer(mlp):
     assert measure.calls == 1 and result.metrics["latency_timed_before_finetune"]
 
 
+def test_a_promoted_trial_that_ends_above_the_limit_keeps_its_structure_latency(mlp):
+    task, baseline = mlp
+    measure = FakeMeasure()
+    stopping = StoppingSpec(rungs=[0.25, 0.5], slice_samples=128, slack=1.0,
+                            promote_steps=80, promote_margin=1.0)
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure,
+                       guide=Guide(stopping=stopping, max_quality_drop=-0.5,
+                                   promotions_left=1))
+    assert result.stopped is not None and "not compiled and timed" in result.stopped
+    assert result.metrics["latency_ms"] == 1.0 and measure.calls == 1
+    assert "promoted at" in result.metrics["promoted"]
+
+
 @pytest.mark.parametrize("guide", [
     {"promotions_left": 0},  # the study's promotions are spent
     {"promotions_left": 1, "extends_front": lambda latency, size: False},
