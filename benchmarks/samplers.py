@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import tomllib
-from optuna._hypervolume import compute_hypervolume  # Optuna's own (no public alias)
 from optuna.trial import TrialState
 
 from paretoslim.kernels import detect_target
 from paretoslim.search import parse_spec, run_study
+from paretoslim.search._private import compute_hypervolume
 from paretoslim.search._store import METRICS_ATTR
 
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.toml"
@@ -52,7 +52,7 @@ def hypervolume(study, limit: float) -> tuple[float, int]:
             points.append([m["quality_drop"], 1 / m["speedup"], 1 / m["compression"]])
     if not points:
         return 0.0, 0
-    return float(compute_hypervolume(np.array(points), np.array([limit, 1.0, 1.0]))), len(points)
+    return compute_hypervolume(np.array(points), np.array([limit, 1.0, 1.0])), len(points)
 
 
 def run_arm(name: str, seed: int, budget: float, runs: Path) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import time
@@ -151,8 +150,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
     ``room(study, progress)``, called before the first trial and after each one, says
     whether to start another (False ends the run), e.g. while other workers' trials run.
     """
-    ends_at = time.monotonic() + (spec.time_budget_s or math.inf)
-    wall_ends_at = None if spec.time_budget_s is None else time.time() + spec.time_budget_s
+    ends_at = None if spec.time_budget_s is None else time.time() + spec.time_budget_s
     done = completed_count(study)
     if done >= target:
         if progress:
@@ -160,7 +158,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
         return
     task = load_task(spec.task, spec.base_dir, spec.task_options)
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
-    run = objective(spec, task, TrialSettings.from_spec(spec), reporter, wall_ends_at)
+    run = objective(spec, task, TrialSettings.from_spec(spec), reporter, ends_at)
     failures, max_failures = 0, max(5, target)
 
     def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -171,7 +169,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
             study.stop()
         elif completed_count(study) >= target:
             study.stop()
-        elif time.monotonic() >= ends_at:
+        elif ends_at is not None and time.time() >= ends_at:
             reporter.note(f"time budget of {spec.time_budget_s:g} s reached with "
                           f"{completed_count(study)} completed trials")
             study.stop()

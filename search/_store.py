@@ -420,10 +420,8 @@ def guide_data(study: optuna.Study, spec: StudySpec, ends_at: float | None = Non
                 if DUPLICATE_ATTR not in t.user_attrs and METRICS_ATTR in t.user_attrs]
     timed: dict[str, dict[str, Any]] = {}
     best, feasible = [], []
-    for t in finished:
+    for t in (t for t in finished if t.state == TrialState.COMPLETE):
         metrics = t.user_attrs[METRICS_ATTR]
-        if t.state != TrialState.COMPLETE:
-            continue
         if metrics.get("structure") and metrics["structure"] not in timed:
             figures = {k: metrics[k] for k in LATENCY_FIGURES if k in metrics}
             figures["latency_cached_from"] = metrics.get("latency_cached_from", t.number)

@@ -223,9 +223,10 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
             on_stage(name)
 
     started = time.perf_counter()
-    trial = _Trial(task, recipe, settings, baseline, guide or Guide(), stage)
+    trial = _Trial(task, recipe, settings, baseline, guide or Guide(), stage,
+                   measure or run_isolated)
     try:
-        measured = trial.run(measure or run_isolated)
+        measured = trial.run()
     except Stopped as stop:
         return TrialResult(recipe, metrics={**trial.partial, **stop.figures,
                                             "trial_s": time.perf_counter() - started,
@@ -284,18 +285,17 @@ class _Trial:
     baseline: Baseline
     guide: Guide
     stage: Callable[[str], None]
+    measure: Measure
     partial: dict[str, Any] = field(default_factory=dict)
     curve: list = field(default_factory=list)
     structure: nn.Module | None = None  # the compressed structure before its fine-tune
-    measure: Measure = run_isolated
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
     finetune_started: float = 0.0
 
-    def run(self, measure: Measure) -> _Measured | TrialResult:
+    def run(self) -> _Measured | TrialResult:
         """Compress (stopping at hopeless rungs), gate on quality, then time the model
         unless an identical structure was timed before. Raises for a failing recipe."""
         started = time.perf_counter()
-        self.measure = measure
         deadline = Deadline(self.settings.finetune.trial_timeout_s)
         untrained = self._skip_if_dominated(deadline)
         compressed, facts = untrained or self._compress(deadline, self.settings.finetune.steps,
