@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,12 +228,29 @@ def _run_child(command: list[str], timeout_s: float) -> tuple[int, str]:
         return code, errors.read()
 
 
-def _kill_group(child: subprocess.Popen) -> None:
+def _kill_group(child: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGKILL the child's process group and wait (up to ``grace_s``) until none of its
+    members still runs: a signalled process dies asynchronously, and one still alive
+    would hold the cores (and the latency lock) after we return."""
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     child.wait()
+    deadline = time.monotonic() + grace_s
+    while _group_runs(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_runs(group: int) -> bool:
+    """Whether a process of ``group`` is alive and not a zombie (Linux ``/proc``; False
+    elsewhere)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                return True
+    return False
 
 
 def _die_with_parent() -> None:
