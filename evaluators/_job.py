@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels import detect_target, lower, register_quantized_ops
+from ..spaces import model_io
 from ._latency import SpeedupMeasurement, measure_speedup, time_interleaved, torch_threads
 
 CACHE_ENV = "PARETOSLIM_CACHE"
@@ -59,7 +60,7 @@ class LatencyJob:
 
     program: bytes
     reference: bytes
-    example: torch.Tensor
+    example: model_io.Inputs
     scheme: str
     lowering: str = "aoti"
     threads: int = 1
@@ -105,11 +106,11 @@ class LatencyReport:
         }
 
 
-def program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` exported for ``example``'s exact shape, saved to bytes."""
+def program_bytes(model: nn.Module, example: model_io.Inputs) -> bytes:
+    """``model`` exported for ``example``'s exact shapes, saved to bytes."""
     model.eval()
     with torch.no_grad():
-        program = torch.export.export(model, (example.clone(),))
+        program = model_io.export(model, example)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
@@ -295,7 +296,7 @@ def _teacher_package(job: LatencyJob) -> Path:
     """Where the teacher's package for this job's shape, threads and machine is cached."""
     key = hashlib.sha256(job.reference)
     target = detect_target()
-    for part in (tuple(job.example.shape), job.example.dtype, job.threads, torch.__version__,
+    for part in (model_io.signature(job.example), job.threads, torch.__version__,
                  sys.version_info[:2], platform.machine(), target.cpu,
                  sorted(target.flags)):
         key.update(repr(part).encode())

@@ -10,9 +10,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+
+from ..spaces import model_io
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,14 @@ def _stats(samples: list[float]) -> LatencyStats:
     return LatencyStats(median * 1e3, (q[2] - q[0]) * 1e3, cov, len(samples))
 
 
-def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], example: torch.Tensor,
+def time_interleaved(fns: dict[str, Callable], example: model_io.Inputs,
                      *, threads: int = 1, warmup: int = 10, block: int = 20,
                      min_calls: int = 300, min_seconds: float = 1.0,
                      max_seconds: float = 60.0,
                      block_medians: dict[str, list[float]] | None = None,
                      ) -> dict[str, LatencyStats]:
-    """Time each callable on ``example`` in alternating blocks of ``block`` calls.
+    """Time each callable on ``example`` (passed as ``model_io.call`` passes inputs) in
+    alternating blocks of ``block`` calls.
 
     Alternating blocks make ratios between the callables robust to the machine's drift
     while keeping each callable's own cache state. Stops once every callable has at least
@@ -75,17 +79,18 @@ def _time_interleaved(fns, example, threads, warmup, block, min_calls, min_secon
     samples: dict[str, list[float]] = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
     clock = _clock
+    bound = {name: _bound(fn, example) for name, fn in fns.items()}
     with torch_threads(threads), torch.no_grad():
-        for fn in fns.values():
+        for fn in bound.values():
             for _ in range(warmup):
-                fn(example)
+                fn()
         start = clock()
         while True:
-            for name, fn in fns.items():
+            for name, fn in bound.items():
                 record = samples[name]
                 for _ in range(block):
                     t0 = clock()
-                    fn(example)
+                    fn()
                     dt = clock() - t0
                     record.append(dt)
                     spent[name] += dt
@@ -128,7 +133,15 @@ class SpeedupMeasurement:
     noisy: bool
 
 
-def measure_speedup(model: Callable, baseline: Callable, example: torch.Tensor, *,
+def _bound(fn: Callable, example: model_io.Inputs) -> Callable[[], object]:
+    """``fn`` applied to ``example`` as a call without arguments (no dispatch when timed)."""
+    if isinstance(example, torch.Tensor):
+        return partial(fn, example)
+    args, kwargs = model_io.export_arguments(example)
+    return partial(fn, *args, **kwargs)
+
+
+def measure_speedup(model: Callable, baseline: Callable, example: model_io.Inputs, *,
                     threads: int = 1, min_calls: int = 300, min_seconds: float = 1.0,
                     max_spread: float = 0.05, attempts: int = 2) -> SpeedupMeasurement:
     """Time ``model`` against ``baseline`` interleaved; re-measure when the ratio is unstable.

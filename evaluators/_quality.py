@@ -7,14 +7,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..spaces import model_io
+
 
 def accuracy(model: nn.Module, batches: Iterable) -> float:
-    """Top-1 classification accuracy of ``model`` over ``(inputs, targets)`` batches."""
+    """Top-1 classification accuracy of ``model`` over batches in any task batch form."""
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for inputs, targets in batches:
-            predicted = model(inputs).argmax(dim=-1)
+        for inputs, targets in model_io.pairs(batches):
+            predicted = model_io.predict(model, inputs).argmax(dim=-1)
             correct += (predicted == targets).sum().item()
             total += targets.numel()
     if total == 0:

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from ..spaces import scheme, scheme_names
+from ..spaces import model_io, scheme, scheme_names
 
 Backend = Literal["aoti", "compile"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -40,13 +40,13 @@ class LoweringError(RuntimeError):
 class Lowered:
     """A callable running the model through compiled kernels, and how it was obtained."""
 
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    fn: Callable  # takes the inputs as the model does (``model_io.call``)
     backend: str
     compile_seconds: float
     max_relative_error: float
 
 
-def lower(model: nn.Module | torch.export.ExportedProgram, example_input: torch.Tensor,
+def lower(model: nn.Module | torch.export.ExportedProgram, example_input: model_io.Inputs,
           scheme: str, backend: Backend = "aoti", *, package: str | Path | None = None,
           ) -> Lowered:
     """Compile ``model`` with Inductor, weights frozen as constants, for ``example_input``'s shape.
@@ -69,7 +69,7 @@ def lower(model: nn.Module | torch.export.ExportedProgram, example_input: torch.
         eager = model
         eager.eval()
     with torch.no_grad():
-        expected = eager(example_input.clone())
+        expected = model_io.predict(eager, model_io.clone(example_input))
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -77,11 +77,11 @@ def lower(model: nn.Module | torch.export.ExportedProgram, example_input: torch.
             compiled = _aoti(model, example_input, package)
         else:
             compiled = _jit(eager, example_input)
-        probe = example_input.clone()
+        probe = model_io.clone(example_input)
         with torch.no_grad():
-            output = compiled(probe)
+            output = model_io.predict(compiled, probe)
     seconds = time.perf_counter() - start
-    if not torch.equal(probe, example_input):
+    if not model_io.equal(probe, example_input):
         raise LoweringError("the compiled model modified its input in place")
     error = relative_error(output, expected)
     if not error <= TOLERANCE[scheme]:
@@ -90,17 +90,17 @@ def lower(model: nn.Module | torch.export.ExportedProgram, example_input: torch.
             f"{scheme} tolerance {TOLERANCE[scheme]:g}"
         )
     with torch.no_grad():
-        again = compiled(example_input.clone())
+        again = model_io.predict(compiled, model_io.clone(example_input))
     if not torch.allclose(again, output, rtol=1e-4, atol=1e-5):
         raise LoweringError("the compiled model gives different outputs on repeated calls")
     return Lowered(compiled, backend, seconds, error)
 
 
-def _jit(model: nn.Module, example_input: torch.Tensor) -> Callable:
+def _jit(model: nn.Module, example_input: model_io.Inputs) -> Callable:
     with torch._inductor.config.patch(freezing=True):
         compiled = torch.compile(model, fullgraph=False, dynamic=False)
-        with torch.no_grad():
-            compiled(example_input.clone())  # compile now, under the freezing setting
+        with torch.no_grad():  # compile now, under the freezing setting
+            model_io.call(compiled, model_io.clone(example_input))
     return compiled
 
 
@@ -116,13 +116,13 @@ def _package_dir() -> Path:
     return _PACKAGES
 
 
-def _aoti(model: nn.Module | torch.export.ExportedProgram, example_input: torch.Tensor,
+def _aoti(model: nn.Module | torch.export.ExportedProgram, example_input: model_io.Inputs,
           package: str | Path | None) -> Callable:
     path = Path(package) if package is not None else None
     if path is None or not path.is_file():
         with torch.no_grad():
             program = (model if isinstance(model, torch.export.ExportedProgram)
-                       else torch.export.export(model, (example_input.clone(),)))
+                       else model_io.export(model, example_input))
             scratch = _package_dir() / f"model-{next(_COUNTER)}.pt2"
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(scratch), inductor_configs={"freezing": True})

@@ -1,5 +1,10 @@
 """Drivers of a compression search: task, study spec, backends, front, export, CLI."""
 
+if "." not in __name__:  # this folder, imported by its own name from a checkout on sys.path
+    from paretoslim.search._aside import step_aside
+
+    __package__ = step_aside(__name__, __path__[0])
+
 from ._errors import ParetoslimError
 from ._export import export_trial
 from ._front import render_front, write_front

@@ -18,11 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from ..kernels import dense_execution, sparse_execution
-from ..spaces import (
-    Recipe,
-    compress,
-    export_dynamic_batch,
-)
+from ..spaces import Recipe, compress, model_io
 from ._errors import ParetoslimError
 from ._spec import StudySpec
 from ._store import METRICS_ATTR, RECIPE_ATTR
@@ -62,8 +58,9 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dynamic = _save_program(model, task.example_input, out / MODEL_FILE)
-    onnx = _save_onnx(model, task.example_input, out / ONNX_FILE, dynamic)
+    program, dynamic, sequence = _exported(model, task.example_input)
+    torch.export.save(program, str(out / MODEL_FILE))
+    onnx = _save_onnx(program, out / ONNX_FILE)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     latency = settings.latency
     exported = {
@@ -72,6 +69,7 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         "recorded": recorded,
         "export_quality": quality,
         "dynamic_batch": dynamic,
+        "dynamic_sequence": sequence,
         "onnx": onnx,
         "sparse_execution": execution,
         "model_file_mb": (out / MODEL_FILE).stat().st_size / 1e6,
@@ -87,7 +85,7 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
                  else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
     (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
-                                       dynamic, tuple(task.example_input.shape), execution)
+                                       dynamic, _shapes(task.example_input), execution)
                                  + onnx_line)
     return out
 
@@ -124,19 +122,30 @@ def _as_measured(model: torch.nn.Module, recorded: dict[str, Any]
     return dense, "none" if dense is model else "densified"
 
 
-def _save_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> bool:
-    """Save a torch.export program; True if its batch dimension is dynamic."""
+def _exported(model: torch.nn.Module, example: model_io.Inputs
+              ) -> tuple[torch.export.ExportedProgram, bool, bool]:
+    """The model's torch.export program, as dynamic as the model allows, and whether its
+    batch and its sequence dimensions (of token-id inputs) are dynamic."""
     model.eval()
+    tokens = any(t.dim() == 2 and not t.is_floating_point()
+                 for t in model_io.tensors(example))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            program = export_dynamic_batch(model, example)
-            dynamic = True
-        except Exception:  # some models specialize the batch size; export that shape
-            program = torch.export.export(model, (example,))
-            dynamic = False
-        torch.export.save(program, str(path))
-    return dynamic
+        if tokens:
+            with contextlib.suppress(Exception):
+                return model_io.export(model, example, dynamic=True, sequence=True), True, True
+        with contextlib.suppress(Exception):  # some models specialize the batch size
+            return model_io.export(model, example, dynamic=True), True, False
+        return model_io.export(model, example), False, False
+
+
+def _shapes(example: model_io.Inputs) -> str:
+    """The example input's shapes, as the model card names them."""
+    if isinstance(example, torch.Tensor):
+        return str(tuple(example.shape))
+    if isinstance(example, dict):
+        return ", ".join(f"{k} {tuple(t.shape)}" for k, t in example.items())
+    return ", ".join(str(tuple(t.shape)) for t in example)
 
 
 def load_program(path: str | Path) -> torch.nn.Module:
@@ -245,9 +254,9 @@ def _payloads(archive: zipfile.ZipFile, top: str) -> dict[str, bool]:
     return found
 
 
-def _save_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path,
-               dynamic: bool) -> str:
-    """Write an ONNX file if the exporter handles the model; return what happened."""
+def _save_onnx(program: torch.export.ExportedProgram, path: Path) -> str:
+    """Write an ONNX file of the exported program (its dynamic dimensions kept) if the
+    exporter handles it; return what happened."""
     try:
         import onnxscript  # noqa: F401
     except ImportError:
@@ -260,11 +269,7 @@ def _save_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path,
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic else None
-            if dynamic and example.shape[0] == 1:  # export specializes size-1 dimensions
-                example = example.expand(2, *example.shape[1:]).contiguous()
-            torch.onnx.export(model, (example,), str(path), dynamo=True,
-                              dynamic_shapes=shapes, verbose=False)
+            torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
     except Exception as exc:  # the exporter covers fp32 and bf16, not PT2E int8 graphs
         path.unlink(missing_ok=True)
         return f"skipped: the ONNX exporter failed ({type(exc).__name__})"
@@ -284,7 +289,7 @@ def _environment() -> dict[str, Any]:
 
 
 def _card(study: str, number: int, recipe: Recipe, m: dict[str, Any], quality: float,
-          dynamic: bool, shape: tuple[int, ...], execution: str) -> str:
+          dynamic: bool, shape: str, execution: str) -> str:
     def row(label: str, key: str, base_key: str, unit: str, fmt: str) -> str:
         value, base = m.get(key), m.get(base_key)
         if value is None or base is None:

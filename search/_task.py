@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..spaces import model_io
 from ._errors import ParetoslimError
 
 Metric = Callable[[nn.Module, Iterable], float]
@@ -24,8 +25,11 @@ class Task:
     """What a search compresses and how quality is judged.
 
     ``model`` is the trained fp32 teacher; ``train`` and ``val`` are re-iterable collections
-    of ``(inputs, targets)`` batches; ``example_input`` is one batch of inputs used for
-    latency and export. ``metric(model, val)`` returns a quality where higher is better
+    of batches, each ``(inputs, targets)`` or a Hugging Face style dict with a ``labels``
+    entry; ``example_input`` is one batch of inputs used for latency and export. Inputs are a
+    tensor, a tuple of tensors (positional arguments) or a dict of tensors (keyword
+    arguments); the model may return a tensor, a tuple (its first element is the prediction)
+    or an output with ``logits``. ``metric(model, val)`` returns a quality where higher is better
     (default: classification accuracy). ``calibration`` holds the batches used to calibrate
     static quantization (default: the first batches of ``train``). ``student(width, depth)``
     builds a task-specific student (default: students are derived from the teacher).
@@ -34,7 +38,7 @@ class Task:
     model: nn.Module
     train: Iterable
     val: Iterable
-    example_input: torch.Tensor
+    example_input: model_io.Inputs
     metric: Metric | None = None
     calibration: Iterable | None = None
     student: StudentFactory | None = None
@@ -46,11 +50,11 @@ class Task:
             raise TypeError(
                 f"Task.model must be a torch.nn.Module. Got {type(self.model).__name__} instead."
             )
-        if not isinstance(self.example_input, torch.Tensor):
-            raise TypeError(
-                "Task.example_input must be a torch.Tensor. "
-                f"Got {type(self.example_input).__name__} instead."
-            )
+        problem = model_io.input_error(self.example_input)
+        if problem is not None:
+            raise TypeError(f"Task.example_input: {problem}.")
+        if isinstance(self.example_input, list):
+            self.example_input = tuple(self.example_input)
         for name in ("metric", "student"):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -83,23 +87,31 @@ def load_task(reference: str, base_dir: Path | None = None, options: dict | None
     return task
 
 
-def check_model_accepts_input(model: nn.Module, example_input: torch.Tensor, where: str) -> None:
+def check_model_accepts_input(model: nn.Module, example_input: model_io.Inputs,
+                              where: str) -> None:
     """Run the model once on the example input; raise ParetoslimError if it does not fit."""
     model.eval()
     try:
         with torch.no_grad():
-            output = model(example_input)
+            output = model_io.call(model, example_input)
     except Exception as exc:
         raise ParetoslimError(
-            f"{where}: the model cannot run on example_input of shape "
-            f"{tuple(example_input.shape)} ({type(exc).__name__}: {exc}); make example_input "
-            "one batch shaped like the model's real input"
+            f"{where}: the model cannot run on example_input {_described(example_input)} "
+            f"({type(exc).__name__}: {exc}); make example_input one batch shaped like the "
+            "model's real input"
         ) from exc
-    if not isinstance(output, torch.Tensor):
-        raise ParetoslimError(
-            f"{where}: the model returned {type(output).__name__}; paretoslim needs a model "
-            "whose forward returns one tensor"
-        )
+    try:
+        model_io.logits(output)
+    except TypeError as exc:
+        raise ParetoslimError(f"{where}: {exc}") from None
+
+
+def _described(inputs: model_io.Inputs) -> str:
+    shapes = [f"{k}={tuple(t.shape)}" if isinstance(inputs, dict) else f"{tuple(t.shape)}"
+              for k, t in (inputs.items() if isinstance(inputs, dict)
+                           else enumerate(model_io.tensors(inputs)))]
+    return f"of shape {shapes[0]}" if isinstance(inputs, torch.Tensor) else \
+        f"({', '.join(shapes)})"
 
 
 def _resolve_factory(reference: str, base_dir: Path | None) -> Callable[..., Any]:

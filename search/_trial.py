@@ -30,6 +30,7 @@ from ..spaces import (
     Stopped,
     compress,
     count_parameters,
+    model_io,
 )
 from ._fingerprint import structure_fingerprint
 from ._spec import FinetuneSpec, LatencySpec, StoppingSpec, StudySpec
@@ -120,9 +121,9 @@ class Baseline:
             self.slices[samples] = quality_of(task, task.model, val_slice(task, samples))
         return self.slices[samples]
 
-    def reference_program(self, teacher: nn.Module, x: torch.Tensor) -> bytes:
-        """The teacher exported for ``x``'s shape (see ``program_bytes``)."""
-        key = (tuple(x.shape), x.dtype)
+    def reference_program(self, teacher: nn.Module, x: model_io.Inputs) -> bytes:
+        """The teacher exported for ``x``'s shapes (see ``program_bytes``)."""
+        key = model_io.signature(x)
         if key not in self.programs:
             self.programs[key] = program_bytes(teacher, x)
         return self.programs[key]
@@ -153,7 +154,7 @@ def val_slice(task: Task, samples: int) -> list:
     batches, count = [], 0
     for batch in task.val:
         batches.append(batch)
-        count += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+        count += len(model_io.split_batch(batch)[1])
         if count >= samples:
             break
     return batches
@@ -166,13 +167,12 @@ def calibration_batches(task: Task) -> Iterable:
     return list(islice(iter(task.train), CALIBRATION_BATCHES))
 
 
-def latency_input(task: Task, batch_size: int) -> torch.Tensor:
-    """The example input resized along dim 0 to ``batch_size`` (0 keeps it)."""
+def latency_input(task: Task, batch_size: int) -> model_io.Inputs:
+    """A copy of the example input resized along dim 0 to ``batch_size`` (0 keeps it)."""
     x = task.example_input
-    if batch_size == 0 or batch_size == x.shape[0]:
-        return x.clone()
-    repeats = math.ceil(batch_size / x.shape[0])
-    return x.repeat(repeats, *([1] * (x.dim() - 1)))[:batch_size].clone()
+    if batch_size == 0 or batch_size == model_io.batch_size(x):
+        return model_io.clone(x)
+    return model_io.with_batch(x, batch_size)
 
 
 def measure_baseline(task: Task) -> Baseline:
@@ -385,11 +385,14 @@ class _Trial:
         latency = self.settings.latency
         timing = {"target": latency.target, "lowering": latency.lowering,
                   "threads": latency.threads, "batch": self._batch()}
+        if not isinstance(self.task.example_input, torch.Tensor):  # names, other dimensions
+            timing["inputs"] = repr(model_io.signature(latency_input(
+                self.task, latency.batch_size)))
         return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
 
     def _batch(self) -> int:
         """The batch size latency is timed at."""
-        return int(latency_input(self.task, self.settings.latency.batch_size).shape[0])
+        return model_io.batch_size(latency_input(self.task, self.settings.latency.batch_size))
 
     def _skip_if_dominated(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
         """Compress the structure first (untrained) when the guide can use it: with an

@@ -1,6 +1,11 @@
 """What can be done to a model: the registered techniques, their configs (the Recipe's
 sections), the joint search space and ``compress``, which applies a Recipe."""
 
+if "." not in __name__:  # this folder, imported by its own name from a checkout on sys.path
+    from paretoslim.search._aside import step_aside
+
+    __package__ = step_aside(__name__, __path__[0])
+
 # Technique modules register themselves on import, in this order of files; the pipeline
 # order is each technique's ``order``.
 from ._student import StudentConfig  # isort: skip
@@ -11,6 +16,7 @@ from ._quantize import QuantizationConfig  # isort: skip
 from ._distill import DistillationConfig  # isort: skip
 from ._cluster import WeightSharingConfig  # isort: skip
 from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
+from . import _model_io as model_io  # inputs, batches and outputs in every form
 from ._apply import compress
 from ._attention import UnfusedAttention, prune_heads
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
@@ -58,6 +64,7 @@ __all__ = [
     "QUANT_SCHEMES",
     "SPARSE_MODULES",
     "Bf16Model",
+    "model_io",
     "BudgetExceeded",
     "Choice",
     "Config",

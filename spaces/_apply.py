@@ -9,12 +9,13 @@ from functools import partial
 import torch
 from torch import nn
 
+from ._model_io import Inputs
 from ._recipe import Recipe
 from ._technique import Context, Technique, techniques
 from ._training import Deadline
 
 
-def compress(teacher: nn.Module, recipe: Recipe, *, example_input: torch.Tensor,
+def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
              train: Iterable, calibration: Iterable | None, finetune_steps: int,
              learning_rate: float, seed: int,
              student_factory: Callable[[float, float], nn.Module] | None = None,

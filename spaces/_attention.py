@@ -71,20 +71,7 @@ class UnfusedAttention(nn.Module):
 
     def keep_heads(self, heads: Sequence[int]) -> None:
         """Keep only ``heads`` (indices among the current heads, at least one), in place."""
-        heads = sorted(set(heads))
-        if not heads or heads[0] < 0 or heads[-1] >= self.num_heads:
-            raise ValueError(f"heads to keep must be a non-empty subset of "
-                             f"range({self.num_heads}). Got {heads}.")
-        size = self.q_proj.out_features // self.num_heads
-        rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
-        with torch.no_grad():
-            for layer in (self.q_proj, self.k_proj, self.v_proj):
-                layer.weight = nn.Parameter(layer.weight[rows].clone())
-                if layer.bias is not None:
-                    layer.bias = nn.Parameter(layer.bias[rows].clone())
-                layer.out_features = len(rows)
-            self.out_proj.weight = nn.Parameter(self.out_proj.weight[:, rows].clone())
-            self.out_proj.in_features = len(rows)
+        heads = _slice_heads(self, heads)
         self.kept_heads = tuple(self.kept_heads[h] for h in heads)
         self.num_heads = len(heads)
 
@@ -139,6 +126,101 @@ class UnfusedAttention(nn.Module):
         return mask
 
 
+def _slice_heads(attention, heads: Sequence[int]) -> list[int]:
+    """Cut the rows of ``heads`` (kept, sorted) from the attention's q / k / v projections
+    and the matching columns from its ``out_proj``; return the kept heads."""
+    heads = sorted(set(heads))
+    if not heads or heads[0] < 0 or heads[-1] >= attention.num_heads:
+        raise ValueError(f"heads to keep must be a non-empty subset of "
+                         f"range({attention.num_heads}). Got {heads}.")
+    size = attention.q_proj.out_features // attention.num_heads
+    rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
+    with torch.no_grad():
+        for layer in (attention.q_proj, attention.k_proj, attention.v_proj):
+            layer.weight = nn.Parameter(layer.weight[rows].clone())
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias[rows].clone())
+            layer.out_features = len(rows)
+        out = attention.out_proj
+        out.weight = nn.Parameter(out.weight[:, rows].clone())
+        out.in_features = len(rows)
+    return heads
+
+
+# q / k / v projections of Hugging Face self-attention modules, their output projection
+# when the module holds it, and the attributes holding their head count and head size:
+# BERT, RoBERTa and their kin (the output in the sibling ``output.dense``); DistilBERT;
+# models in transformers' newer style (ViT among them)
+_HF_PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
+                   ("q_proj", "k_proj", "v_proj"))
+_HF_OUTPUTS = ("out_lin", "o_proj", "out_proj")
+_HF_HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads")
+_HF_HEAD_SIZES = ("attention_head_size", "head_dim")
+
+
+class HFHeads:
+    """The heads of a Hugging Face ``transformers`` self-attention module, as removable
+    units: its q / k / v projections and its output projection (its own, else the sibling
+    ``output.dense`` of BERT-style models). Removing heads, or shrinking every head evenly,
+    keeps the module's head count and head size attributes in step; the attention's
+    scaling stays the trained one."""
+
+    def __init__(self, module: nn.Module, projections: list[nn.Linear], out: nn.Linear,
+                 count: str, size: str):
+        self.module, self.out_proj = module, out
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self._count, self._size = count, size
+
+    @property
+    def num_heads(self) -> int:
+        return int(getattr(self.module, self._count))
+
+    def keep_heads(self, heads: Sequence[int]) -> None:
+        """Keep only ``heads`` (indices among the current heads, at least one), in place."""
+        heads = _slice_heads(self, heads)
+        setattr(self.module, self._count, len(heads))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the module's head size (and total) from its query projection's width, after
+        Torch-Pruning shrank every head evenly."""
+        width = self.q_proj.out_features
+        setattr(self.module, self._size, width // self.num_heads)
+        if hasattr(self.module, "all_head_size"):
+            self.module.all_head_size = width
+
+
+def hf_attentions(model: nn.Module) -> list[HFHeads]:
+    """The Hugging Face self-attention modules of ``model`` (see ``HFHeads``)."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, module in modules.items():
+        if isinstance(module, UnfusedAttention | nn.MultiheadAttention):
+            continue
+        count = _attribute(module, _HF_HEAD_COUNTS)
+        size = _attribute(module, _HF_HEAD_SIZES)
+        if count is None or size is None:
+            continue
+        for names in _HF_PROJECTIONS:
+            layers = [getattr(module, n, None) for n in names]
+            if not all(isinstance(layer, nn.Linear) for layer in layers):
+                continue
+            out = next((getattr(module, n) for n in _HF_OUTPUTS
+                        if isinstance(getattr(module, n, None), nn.Linear)), None)
+            if out is None:
+                parent = modules.get(name.rpartition(".")[0])
+                out = getattr(getattr(parent, "output", None), "dense", None)
+            if isinstance(out, nn.Linear):
+                found.append(HFHeads(module, layers, out, count, size))
+            break
+    return found
+
+
+def _attribute(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that ``module`` holds as an int attribute."""
+    return next((n for n in names if isinstance(vars(module).get(n), int)), None)
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -166,7 +248,7 @@ def _by_head(attention: UnfusedAttention, tensors: Sequence[torch.Tensor]) -> to
     return torch.cat([t.reshape(h, -1) for t in (q, k, v, columns)], dim=1)
 
 
-def head_importance(attention: UnfusedAttention, criterion: str) -> torch.Tensor:
+def head_importance(attention: UnfusedAttention | HFHeads, criterion: str) -> torch.Tensor:
     """One score per head from its q / k / v rows and ``out_proj`` columns: their L2 or L1
     norm, or for ``taylor`` the sum of |w * dL/dw| (gradients must be present)."""
     layers = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
@@ -184,17 +266,19 @@ def prune_heads(model: nn.Module, ratio: float, *, global_ranking: bool,
     """Remove ``ratio`` of the attention heads, whole, in place; return how many went.
 
     Every ``nn.MultiheadAttention`` becomes an ``UnfusedAttention`` first (the residual
-    stream keeps its width). Heads are ranked by ``criterion`` (``l2`` / ``l1`` norm of
+    stream keeps its width); the self-attention of Hugging Face encoders loses heads in
+    place (``HFHeads``). Heads are ranked by ``criterion`` (``l2`` / ``l1`` norm of
     the head's weights, ``taylor`` with gradients of ``loss``; ``bn_scale`` ranks heads
     by L2, attention having no BatchNorm): across all attention modules, each module's
     scores divided by their mean, when ``global_ranking``; else ``ratio`` of each
     module's heads go (halves round up). Every module keeps at least one head. Raises
     ValueError when the model has no multi-head attention.
     """
-    modules = unfuse_attention(model)
+    modules: list = unfuse_attention(model) + hf_attentions(model)
     if not modules:
         raise ValueError(f"removing attention heads needs multi-head attention "
-                         f"(nn.MultiheadAttention), and {type(model).__name__} has none")
+                         f"(nn.MultiheadAttention or a Hugging Face transformers encoder), "
+                         f"and {type(model).__name__} has none")
     if ratio == 0:
         return 0
     if criterion == "taylor":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._config import Config, param
+from ._model_io import Inputs, call, predict
 from ._structure import output_layers
 from ._technique import Context, Technique, register, techniques
 from ._training import Deadline, count_parameters, cycle, distillation_loss
@@ -19,7 +20,7 @@ from ._training import Deadline, count_parameters, cycle, distillation_loss
 class _Features:
     """The input of a model's output layer, captured on every forward."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, role: str):
+    def __init__(self, model: nn.Module, example: Inputs, role: str):
         layers = output_layers(model, example)
         if not layers:
             raise ValueError(f"feature distillation needs the {role} to end in a Linear / "
@@ -66,8 +67,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
             student.eval()
             taps = (_Features(teacher, first_inputs, "teacher"),
                     _Features(student, first_inputs, "student"))
-            teacher(first_inputs)
-            student(first_inputs)
+            call(teacher, first_inputs)
+            call(student, first_inputs)
             student.train()
         t_dim, s_dim = taps[0].take().shape[1], taps[1].take().shape[1]
         projection = nn.Linear(s_dim, t_dim, bias=False)
@@ -108,8 +109,8 @@ def _train(student, teacher, batches, steps, config, learning_rate, params, feat
     while step < cosine.steps:
         inputs, targets = next(batches)
         with torch.no_grad():
-            teacher_logits = teacher(inputs)
-        loss = distillation_loss(student(inputs), teacher_logits, targets, config)
+            teacher_logits = predict(teacher, inputs)
+        loss = distillation_loss(predict(student, inputs), teacher_logits, targets, config)
         if features is not None:
             (t_tap, s_tap), projection = features
             loss = loss + config.feature_weight * F.mse_loss(projection(s_tap.take()),

@@ -81,7 +81,8 @@ def _factorized(layer: nn.Module, fraction: float, energy: float, conv: str
     """The factorized replacement of ``layer``, or None when it would not be cheaper."""
     if type(layer) is nn.Linear:
         m, n = layer.out_features, layer.in_features
-    elif type(layer) is nn.Conv2d and layer.groups == 1:
+    elif (type(layer) is nn.Conv2d and layer.groups == 1
+          and tuple(layer.stride) != tuple(layer.kernel_size)):
         m = layer.out_channels
         n = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     else:
@@ -114,7 +115,8 @@ def factorize(model: nn.Module, rank_fraction: float, energy: float = 1.0,
     The rank is ``rank_for(singular values, rank_fraction, energy)``; convolutions use
     ``svd`` (k x k conv to r channels, then 1 x 1) or ``tucker2``. A layer stays dense
     when the factorization would not reduce its cost (for SVD: rank >= mn / (m + n));
-    grouped convolutions, the layers in ``skip`` and the layers inside
+    grouped convolutions, patch embeddings (a convolution whose stride is its kernel size:
+    vision transformers read its weight), the layers in ``skip`` and the layers inside
     ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` / ``MultiheadAttention`` (their forward
     reads the weights directly) stay dense. Returns the model and the
     number of layers factorized; ``rank_fraction == energy == 1`` changes nothing.

@@ -16,14 +16,16 @@ from torch import nn
 
 from ._config import Config, param
 from ._domains import Choice
+from ._model_io import Inputs, call, clone, export, logits, predict, to_floating
 from ._schemes import Scheme, quantize, register_scheme, scheme, scheme_names
 from ._structure import run_with_hooks
 from ._technique import Context, Technique, register
 
 
 class Bf16Model(nn.Module):
-    """Runs a bf16 copy of a model on float32 inputs and returns float32 outputs.
+    """Runs a bf16 copy of a model on float32 inputs and returns its logits in float32.
 
+    Floating-point inputs are cast to bf16, integer ones (token ids) are passed as they are.
     The submodules named in ``keep_float`` stay float32 (their inputs are cast up, their
     outputs back down).
     """
@@ -34,8 +36,10 @@ class Bf16Model(nn.Module):
         for name in keep_float:
             self.model.set_submodule(name, _Float32(self.model.get_submodule(name).float()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(torch.bfloat16)).float()
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        args = tuple(to_floating(a, torch.bfloat16) for a in args)
+        kwargs = {k: to_floating(t, torch.bfloat16) for k, t in kwargs.items()}
+        return logits(self.model(*args, **kwargs)).float()
 
 
 class _Float32(nn.Module):
@@ -47,6 +51,29 @@ class _Float32(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x.float()).to(x.dtype)
+
+
+def _floating(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    return not isinstance(value, torch.Tensor) or value.is_floating_point()
+
+
+def _float_only_quantizer():
+    """The x86 Inductor quantizer, leaving integer arithmetic alone (e.g. the position ids
+    RoBERTa computes from its token ids): observers cannot take integer tensors."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    class FloatOnly(X86InductorQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                annotation = node.meta.get("quantization_annotation")
+                if annotation is not None and not all(
+                        _floating(n) for n in [node, *annotation.input_qspec_map]):
+                    del node.meta["quantization_annotation"]
+            return model
+
+    return FloatOnly()
 
 
 def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
@@ -62,15 +89,15 @@ def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
         weight = dataclasses.replace(config.weight, qscheme=torch.per_tensor_symmetric,
                                      ch_axis=None, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, weight=weight)
-    quantizer = xiq.X86InductorQuantizer()
+    quantizer = _float_only_quantizer()
     quantizer.set_global(config)
     for name in sorted(keep):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
 
 
-def _pt2e_static(model: nn.Module, example_input: torch.Tensor,
-                 calibration: list[torch.Tensor], granularity: str,
+def _pt2e_static(model: nn.Module, example_input: Inputs,
+                 calibration: list[Inputs], granularity: str,
                  keep: frozenset[str]) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
@@ -80,11 +107,11 @@ def _pt2e_static(model: nn.Module, example_input: torch.Tensor,
         prepared = prepare_pt2e(exported, _quantizer(False, granularity, keep))
         with torch.no_grad():
             for inputs in calibration:
-                prepared(inputs)
+                call(prepared, inputs)
     return _convert(prepared)
 
 
-def prepare_qat(model: nn.Module, example_input: torch.Tensor, *,
+def prepare_qat(model: nn.Module, example_input: Inputs, *,
                 granularity: str = "per_channel", keep_float: Iterable[str] = ()
                 ) -> torch.fx.GraphModule:
     """The model exported with fake quantization inserted (PT2E ``prepare_qat_pt2e``), in
@@ -173,17 +200,14 @@ def _owner(gm: torch.fx.GraphModule, name: str) -> tuple[nn.Module, str]:
     return (gm.get_submodule(owner_path) if owner_path else gm), attr
 
 
-def export_dynamic_batch(model: nn.Module, example_input: torch.Tensor
+def export_dynamic_batch(model: nn.Module, example_input: Inputs
                          ) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension (dim 0).
+    """``torch.export`` with a dynamic batch dimension (dim 0 of every input tensor).
 
     A batch of one is traced as two copies, since export specializes size-1 dimensions.
     Raises what ``torch.export`` raises when the model fixes its batch size.
     """
-    if example_input.shape[0] == 1:
-        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    return torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+    return export(model, example_input, dynamic=True)
 
 
 def drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
@@ -385,9 +409,9 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
                          f"torch.fx could not trace this model: {exc}") from exc
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _outputs(model: nn.Module, x: Inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(x.clone()).float()
+        return predict(model, clone(x)).float()
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -400,8 +424,8 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def float_layers(model: nn.Module, example_input: torch.Tensor, rule: str,
-                 inputs: list[torch.Tensor], scheme_name: str, cluster_bits: int) -> list[str]:
+def float_layers(model: nn.Module, example_input: Inputs, rule: str,
+                 inputs: list[Inputs], scheme_name: str, cluster_bits: int) -> list[str]:
     """Names of the Linear / Conv layers kept at float precision under ``rule``.
 
     ``first_last``: the first and the last layer called. ``sensitive``: the quarter of the
@@ -423,12 +447,12 @@ def float_layers(model: nn.Module, example_input: torch.Tensor, rule: str,
                          f"Got {rule!r} instead.")
     levels = 2 ** cluster_bits if cluster_bits else scheme(scheme_name).levels
     with torch.no_grad():
-        reference = [model(x).float() for x in inputs]
+        reference = [predict(model, x).float() for x in inputs]
         scores = []
         for layer in called:
             original = layer.weight.detach().clone()
             layer.weight.copy_(_rounded(original, levels))
-            error = sum(_relative_error(model(x).float(), ref)
+            error = sum(_relative_error(predict(model, x).float(), ref)
                         for x, ref in zip(inputs, reference, strict=True))
             layer.weight.copy_(original)
             scores.append(error)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-import torch
 from torch import nn
+
+from ._model_io import Inputs, batch_inputs
 
 
 class Scheme:
@@ -29,8 +30,8 @@ class Scheme:
     levels: ClassVar[int | None] = None
     tolerance: ClassVar[float] = 1e-3
 
-    def convert(self, model: nn.Module, example_input: torch.Tensor,
-                calibration: list[torch.Tensor], granularity: str,
+    def convert(self, model: nn.Module, example_input: Inputs,
+                calibration: list[Inputs], granularity: str,
                 keep: frozenset[str]) -> nn.Module:
         raise NotImplementedError
 
@@ -58,7 +59,7 @@ def scheme(name: str) -> Scheme:
     return _SCHEMES[name]
 
 
-def quantize(model: nn.Module, scheme_name: str, example_input: torch.Tensor,
+def quantize(model: nn.Module, scheme_name: str, example_input: Inputs,
              calibration: Iterable | None = None, *, granularity: str = "per_channel",
              keep_float: Iterable[str] = ()) -> nn.Module:
     """Return ``model`` (eval mode) in the scheme named ``scheme_name``; the input model may
@@ -70,7 +71,7 @@ def quantize(model: nn.Module, scheme_name: str, example_input: torch.Tensor,
         raise ValueError(f"granularity must be 'per_channel' or 'per_tensor'. "
                          f"Got {granularity!r} instead.")
     model.eval()
-    inputs = ([b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+    inputs = ([batch_inputs(b) for b in calibration]
               if calibration is not None else [example_input])
     return scheme(scheme_name).convert(model, example_input, inputs, granularity,
                                        frozenset(keep_float))

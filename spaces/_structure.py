@@ -11,7 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._attention import UnfusedAttention
+from ._attention import UnfusedAttention, hf_attentions
+from ._model_io import Inputs, logits, predict
 from ._training import Loss
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -20,19 +21,19 @@ _ROOTS = [nn.modules.conv._ConvNd, nn.Linear]
 
 
 def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callable,
-                   example_input: torch.Tensor) -> torch.Tensor:
-    """``model(example_input)`` without gradients, with ``hook`` a forward hook of each of
-    ``modules`` during that call only; returns the output."""
+                   example_input: Inputs) -> torch.Tensor:
+    """The model's logits on ``example_input`` without gradients, with ``hook`` a forward
+    hook of each of ``modules`` during that call only."""
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
-            return model(example_input)
+            return predict(model, example_input)
     finally:
         for h in handles:
             h.remove()
 
 
-def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+def output_layers(model: nn.Module, example_input: Inputs) -> list[nn.Module]:
     """The Linear/Conv layers whose outputs are the model's outputs (never pruned).
 
     Falls back to the last Linear/Conv called when the output is produced by another op.
@@ -74,13 +75,15 @@ def _heads(model: nn.Module) -> int:
 
 
 def _head_groups(model: nn.Module) -> dict[nn.Module, int]:
-    """The q / k / v projections of each ``UnfusedAttention`` with its head count: their
-    outputs shrink by the same dimensions in every head."""
-    return {layer: m.num_heads for m in model.modules() if isinstance(m, UnfusedAttention)
+    """The q / k / v projections of each ``UnfusedAttention`` and Hugging Face
+    self-attention with its head count: their outputs shrink by the same dimensions in
+    every head."""
+    attentions = [m for m in model.modules() if isinstance(m, UnfusedAttention)]
+    return {layer: m.num_heads for m in attentions + hf_attentions(model)
             for layer in (m.q_proj, m.k_proj, m.v_proj)}
 
 
-def prune_channels(model: nn.Module, example_input: torch.Tensor, ratio: float, *,
+def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
                    global_ranking: bool, round_to: int | None = None, criterion: str = "l2",
                    layer_ratios: dict[nn.Module, float] | None = None,
                    loss: Loss | None = None) -> nn.Module:
@@ -120,17 +123,20 @@ def prune_channels(model: nn.Module, example_input: torch.Tensor, ratio: float, 
             ignored_layers=output_layers(model, example_input),
             round_to=step if step > 1 else None,
             num_heads=_head_groups(model),
+            output_transform=logits,
         )
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
             loss(model).backward()
         pruner.step()
         model.zero_grad(set_to_none=True)
+    for attention in hf_attentions(model):
+        attention.refresh()
     model.train(was_training)
     return model
 
 
-def sensitivity_ratios(model: nn.Module, example_input: torch.Tensor, ratio: float,
+def sensitivity_ratios(model: nn.Module, example_input: Inputs, ratio: float,
                        loss: Loss) -> dict[str, float]:
     """Per-layer pruning ratios scaled inversely to each group's measured sensitivity.
 
@@ -145,7 +151,8 @@ def sensitivity_ratios(model: nn.Module, example_input: torch.Tensor, ratio: flo
     roots = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(model, example_input)
+        graph = tp.DependencyGraph().build_dependency(model, example_input,
+                                                      output_transform=logits)
         ignored = output_layers(model, example_input)
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
             roots.append(names[group[0].dep.target.module])
@@ -164,7 +171,7 @@ def sensitivity_ratios(model: nn.Module, example_input: torch.Tensor, ratio: flo
     return dict(zip(roots, ratios.tolist(), strict=True))
 
 
-def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float,
+def derive_student(teacher: nn.Module, example_input: Inputs, width: float,
                    depth: float = 1.0, round_to: int | None = None) -> nn.Module:
     """A copy of the teacher with ``depth`` of its repeated blocks (see ``drop_blocks``),
     slimmed uniformly to ``width`` of its channels; weights inherited."""
@@ -177,7 +184,7 @@ def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float
     return student
 
 
-def repeated_blocks(model: nn.Module, example_input: torch.Tensor
+def repeated_blocks(model: nn.Module, example_input: Inputs
                     ) -> dict[str, list[int]]:
     """Containers holding repeated blocks: ``{container name: indices of its blocks}``.
 
@@ -188,6 +195,8 @@ def repeated_blocks(model: nn.Module, example_input: torch.Tensor
     shapes: dict[nn.Module, bool] = {}
 
     def hook(module, inputs, output):
+        if isinstance(output, tuple | list) and output:  # e.g. (hidden states, attention)
+            output = output[0]
         same = (len(inputs) >= 1 and isinstance(inputs[0], torch.Tensor)
                 and isinstance(output, torch.Tensor) and inputs[0].shape == output.shape)
         shapes[module] = shapes.get(module, True) and same
@@ -210,7 +219,7 @@ def repeated_blocks(model: nn.Module, example_input: torch.Tensor
     return found
 
 
-def drop_blocks(model: nn.Module, example_input: torch.Tensor, depth: float) -> int:
+def drop_blocks(model: nn.Module, example_input: Inputs, depth: float) -> int:
     """Keep ``depth`` (rounded up, at least one) of each run of repeated blocks, evenly
     spaced, and remove the others, in place; return how many blocks were removed.
 

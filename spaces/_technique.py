@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ._model_io import Inputs, batch_inputs, predict
 from ._training import Deadline, cycle, distillation_loss
 
 LOSS_BATCHES = 4  # training batches behind Taylor gradients and sensitivity measurements
@@ -96,7 +97,7 @@ class Context:
 
     recipe: Any
     teacher: nn.Module
-    example_input: torch.Tensor
+    example_input: Inputs
     train: Iterable
     calibration: Iterable | None
     finetune_steps: int
@@ -128,12 +129,13 @@ class Context:
         if not self._loss_cache:
             for inputs, targets in islice(cycle(self.train), LOSS_BATCHES):
                 with torch.no_grad():
-                    self._loss_cache.append((inputs, targets, self.teacher(inputs)))
+                    self._loss_cache.append((inputs, targets, predict(self.teacher, inputs)))
         config = self.recipe.distillation
-        total = sum(distillation_loss(model(x), t, y, config) for x, y, t in self._loss_cache)
+        total = sum(distillation_loss(predict(model, x), t, y, config)
+                    for x, y, t in self._loss_cache)
         return total / len(self._loss_cache)
 
-    def calibration_inputs(self, count: int) -> list[torch.Tensor]:
+    def calibration_inputs(self, count: int) -> list[Inputs]:
         """The inputs of the first ``count`` calibration batches, topped up from ``train``
         (read once per count)."""
         if count not in self._calibration_cache:
@@ -141,8 +143,7 @@ class Context:
                        if self.calibration is not None else [])
             if len(batches) < count:
                 batches += list(islice(cycle(self.train), count - len(batches)))
-            self._calibration_cache[count] = [b[0] if isinstance(b, (tuple, list)) else b
-                                              for b in batches]
+            self._calibration_cache[count] = [batch_inputs(b) for b in batches]
         return self._calibration_cache[count]
 
     def run(self, model: nn.Module) -> nn.Module:

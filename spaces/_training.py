@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._model_io import split_batch
+
 Loss = Callable[[nn.Module], torch.Tensor]
 """A scalar loss of a model on fixed data (for gradients and sensitivity measurements)."""
 
@@ -60,8 +62,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def cycle(batches: Iterable) -> Iterator:
-    """Endless batches; collections with ``set_epoch`` restart at epoch 0 so a fine-tune
-    sees the same data order whatever ran before it (DataLoaders follow the seeded RNG)."""
+    """Endless ``(inputs, targets)`` pairs of ``batches`` (any task batch form); collections
+    with ``set_epoch`` restart at epoch 0 so a fine-tune sees the same data order whatever
+    ran before it (DataLoaders follow the seeded RNG)."""
     epoch = 0
     while True:
         empty = True
@@ -70,6 +73,6 @@ def cycle(batches: Iterable) -> Iterator:
         epoch += 1
         for batch in batches:
             empty = False
-            yield batch
+            yield split_batch(batch)
         if empty:
             raise ValueError("the training data yielded no batches")
