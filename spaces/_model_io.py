@@ -196,7 +196,7 @@ def export(model: nn.Module, inputs: Inputs, *, dynamic: bool = False,
     else:
         inputs = clone(inputs)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    length = torch.export.Dim("sequence", min=2, max=1 << 16)
+    length = torch.export.Dim.AUTO  # its range as the model allows (position tables)
 
     def dims(t: torch.Tensor) -> dict[int, Any]:
         found: dict[int, Any] = {0: batch}

@@ -219,7 +219,7 @@ def test_trial_job_times_sparse_layers_dense_or_through_sparse_mm():
 
 @pytest.mark.parametrize("recorded", ["sparse", "densified"])
 def test_export_writes_the_execution_that_was_measured(tmp_path, recorded):
-    from paretoslim.search._export import _as_measured, _save_program, load_program
+    from paretoslim.search._export import _as_measured, _exported, load_program
 
     model = _pruned_mlp(0.9)
     x = torch.randn(4, 64)
@@ -227,7 +227,7 @@ def test_export_writes_the_execution_that_was_measured(tmp_path, recorded):
         expected = model(x)
     deployable, execution = _as_measured(model, {"sparse_execution": recorded})
     assert execution == recorded
-    _save_program(deployable, x, tmp_path / "model.pt2")
+    torch.export.save(_exported(deployable, x)[0], str(tmp_path / "model.pt2"))
     loaded = load_program(tmp_path / "model.pt2")  # safe loading knows the sparse operator
     targets = {str(n.target) for n in loaded.graph.nodes if n.op == "call_function"}
     assert any("sparse_linear" in t for t in targets) == (recorded == "sparse")

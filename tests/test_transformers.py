@@ -1,0 +1,236 @@
+"""Hugging Face transformers compressed as they are: keyword inputs, output objects, heads,
+FFN and layers removed, every technique on tiny randomly initialised encoders."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from paretoslim.evaluators import size_mb
+from paretoslim.search import ParetoslimError, Task
+from paretoslim.search._task import check_model_accepts_input
+from paretoslim.spaces import Recipe, compress, model_io, prune_channels
+from paretoslim.spaces._attention import hf_attentions
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = 3
+
+
+def _text_batch(n: int = 8, length: int = 12, vocab: int = 100) -> dict:
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, -3:] = 0  # one padded row
+    return {"input_ids": torch.randint(2, vocab, (n, length)), "attention_mask": mask,
+            "labels": torch.randint(0, LABELS, (n,))}
+
+
+def _image_batch(n: int = 8) -> dict:
+    return {"pixel_values": torch.randn(n, 1, 16, 16), "labels": torch.randint(0, LABELS, (n,))}
+
+
+ENCODERS = {
+    "bert": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=LABELS)), _text_batch),
+    "distilbert": (lambda: transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4,
+                                      hidden_dim=64, max_position_embeddings=64,
+                                      num_labels=LABELS)), _text_batch),
+    "roberta": (lambda: transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=64, num_labels=LABELS,
+                                   pad_token_id=1)), _text_batch),
+    "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, num_labels=LABELS)), _image_batch),
+}
+
+
+def _encoder(name: str):
+    torch.manual_seed(0)
+    make, batch = ENCODERS[name]
+    return make().eval(), batch
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _heads(model) -> list[int]:
+    return [a.num_heads for a in hf_attentions(model)]
+
+
+# each technique alone; what must hold of the compressed model beside its outputs
+TECHNIQUES = {
+    "heads": ({"pruning": {"heads": 0.5}}, lambda old, new, facts: sum(_heads(new)) == 4),
+    "channels": ({"pruning": {"ratio": 0.5}},
+                 lambda old, new, facts: size_mb(new) < 0.8 * size_mb(old)),
+    "width": ({"student": {"width": 0.5}},
+              lambda old, new, facts: size_mb(new) < 0.8 * size_mb(old)),
+    "depth": ({"student": {"depth": 0.5}}, lambda old, new, facts: facts["blocks_removed"] == 1),
+    "low_rank": ({"low_rank": {"rank_fraction": 0.25}},
+                 lambda old, new, facts: size_mb(new) < size_mb(old)),
+    "sparsity": ({"sparsity": {"ratio": 0.5}},
+                 lambda old, new, facts: size_mb(new) < size_mb(old)),
+    "weight_sharing": ({"weight_sharing": {"bits": 4}},
+                       lambda old, new, facts: size_mb(new) < size_mb(old)),
+    "int8_dynamic": ({"quantization": {"scheme": "int8_dynamic"}},
+                     lambda old, new, facts: size_mb(new) < size_mb(old)),
+    "int8_static": ({"quantization": {"scheme": "int8_static"}},
+                    lambda old, new, facts: size_mb(new) < size_mb(old)),
+    "bf16": ({"quantization": {"scheme": "bf16"}},
+             lambda old, new, facts: size_mb(new) < 0.6 * size_mb(old)),
+    "feature_distillation": ({"distillation": {"feature_weight": 0.5}},
+                             lambda old, new, facts: True),
+}
+
+
+@pytest.mark.parametrize("technique", sorted(TECHNIQUES))
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_each_technique_compresses_each_encoder_as_it_is(encoder, technique):
+    model, batch = _encoder(encoder)
+    recipe, holds = TECHNIQUES[technique]
+    train = [batch() for _ in range(3)]
+    x = _inputs(batch(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed, facts = compress(model, Recipe.from_dict(recipe), example_input=x,
+                                     train=train, calibration=None, finetune_steps=2,
+                                     learning_rate=1e-3, seed=0)
+        out = model_io.predict(compressed, x)
+    assert out.shape == (2, LABELS) and torch.isfinite(out).all()
+    assert holds(model, compressed, facts)
+    assert _heads(model) == [4, 4]  # the teacher is left as it was
+
+
+@pytest.mark.parametrize("encoder", ["bert", "distilbert", "vit"])
+def test_removed_heads_compute_what_the_model_computes_with_those_heads_silenced(encoder):
+    model, batch = _encoder(encoder)
+    x = _inputs(batch(4))
+    silenced = copy.deepcopy(model)
+    with torch.no_grad():
+        for attention in hf_attentions(silenced):  # heads 0 and 2 give zero values
+            size = attention.v_proj.out_features // attention.num_heads
+            for head in (0, 2):
+                attention.v_proj.weight[head * size:(head + 1) * size] = 0
+                attention.v_proj.bias[head * size:(head + 1) * size] = 0
+        expected = model_io.predict(silenced, x)
+        for attention in hf_attentions(model):
+            attention.keep_heads([1, 3])
+        actual = model_io.predict(model, x)
+    assert _heads(model) == [2, 2]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["bert", "vit"])
+def test_channel_pruning_shrinks_every_head_evenly_and_the_ffn(encoder):
+    model, batch = _encoder(encoder)
+    x = _inputs(batch(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_channels(model, x, 0.5, global_ranking=False)
+    for attention in hf_attentions(model):
+        size = getattr(attention.module, attention._size)
+        assert attention.q_proj.out_features == attention.num_heads * size == 16
+    ffn = [m for n, m in model.named_modules()
+           if n.endswith(("intermediate.dense", "mlp.fc1"))]  # the residual stream halves too
+    assert len(ffn) == 2 and all((m.in_features, m.out_features) == (16, 32) for m in ffn)
+    assert model_io.predict(model, x).shape == (2, LABELS)
+
+
+def test_inputs_outputs_and_batches_in_every_form():
+    bert, _ = _encoder("bert")
+    batch = _text_batch(4)
+    inputs, targets = model_io.split_batch(batch)
+    assert set(inputs) == {"input_ids", "attention_mask"} and targets is batch["labels"]
+    assert model_io.split_batch((torch.ones(2, 3), torch.zeros(2)))[0].shape == (2, 3)
+    with pytest.raises(ValueError, match="'labels'"):
+        model_io.split_batch(inputs)
+    output = model_io.call(bert, inputs)
+    assert not isinstance(output, torch.Tensor)
+    assert model_io.logits(output) is output.logits
+    assert model_io.logits((output.logits, None)) is output.logits
+    assert model_io.logits({"logits": output.logits}) is output.logits
+    with pytest.raises(TypeError, match="logits"):
+        model_io.logits("text")
+    grown = model_io.with_batch(inputs, 10)
+    assert model_io.batch_size(grown) == 10 and torch.equal(grown["input_ids"][4:8],
+                                                            inputs["input_ids"])
+    cast = model_io.to_floating({"ids": inputs["input_ids"], "x": torch.ones(2)},
+                                torch.bfloat16)
+    assert cast["ids"].dtype == torch.long and cast["x"].dtype == torch.bfloat16
+    pair = (torch.ones(2, 3), torch.ones(2, 3))
+    assert model_io.call(lambda a, b: a + b, pair).sum() == 12
+    assert model_io.input_error([torch.ones(1), "x"]) is not None
+    assert model_io.input_error({"a": torch.ones(1)}) is None
+
+
+def test_an_exported_encoder_takes_any_batch_and_sequence_length():
+    model, _ = _encoder("bert")
+    x = _inputs(_text_batch(1, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = model_io.export(model, x, dynamic=True, sequence=True)
+    longer = _inputs(_text_batch(3, 20))
+    with torch.no_grad():
+        got = model_io.call(program.module(), longer)
+        expected = model_io.predict(model, longer)
+    assert isinstance(got, torch.Tensor)  # logits alone: loads without transformers
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_task_takes_keyword_inputs_and_output_objects():
+    model, batch = _encoder("distilbert")
+    task = Task(model=model, train=[batch()], val=[batch()], example_input=_inputs(batch(1)))
+    check_model_accepts_input(task.model, task.example_input, where="task")
+    with pytest.raises(TypeError, match="dict of inputs must map argument names to tensors"):
+        Task(model=model, train=[], val=[], example_input={"input_ids": [1, 2]})
+
+    class Words(torch.nn.Module):
+        def forward(self, x):
+            return "not logits"
+
+    with pytest.raises(ParetoslimError, match="expected a tensor"):
+        check_model_accepts_input(Words(), torch.ones(1), where="task")
+
+
+def test_an_encoder_trial_is_compiled_timed_and_counted_at_batch_one():
+    from paretoslim.search import LatencySpec, TrialSettings, measure_baseline, run_trial
+
+    model, batch = _encoder("bert")
+    task = Task(model=model, train=[batch() for _ in range(3)], val=[batch(), batch()],
+                example_input=_inputs(batch(4)))
+    settings = TrialSettings(latency=LatencySpec(min_calls=20, min_seconds=0.0,
+                                                 batch_size=1))
+    result = run_trial(task, Recipe.from_dict({"quantization": {"scheme": "int8_static"}}),
+                       settings, measure_baseline(task))
+    assert result.failure is None, result.failure
+    assert result.metrics["speedup"] > 0 and result.metrics["compression"] > 1
+    assert result.metrics["latency_batch_size"] == 1
+
+
+def test_the_checkout_folders_step_aside_for_packages_of_their_names(tmp_path):
+    real = tmp_path / "kernels"
+    real.mkdir()
+    (real / "__init__.py").write_text("__version__ = '9.9'\n")
+    probe = ("import transformers\n"
+             "from transformers import BertModel, ViTForImageClassification\n"
+             "import kernels, spaces, evaluators\n"
+             "print(kernels.__version__, getattr(spaces, '__version__', None))\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["9.9", "None"]
+    alone = subprocess.run([sys.executable, "-c", "import transformers.models.bert.modeling_bert"],
+                           cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
