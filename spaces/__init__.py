@@ -15,6 +15,7 @@ from ._unstructured import Sparsifier, SparsityConfig  # isort: skip
 from ._quantize import QuantizationConfig  # isort: skip
 from ._distill import DistillationConfig  # isort: skip
 from ._cluster import WeightSharingConfig  # isort: skip
+from ._embedding import EmbeddingConfig, compress_embeddings  # isort: skip
 from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
 from . import _model_io as model_io  # inputs, batches and outputs in every form
 from ._apply import compress
@@ -73,6 +74,7 @@ __all__ = [
     "Context",
     "Deadline",
     "DistillationConfig",
+    "EmbeddingConfig",
     "Domain",
     "Fixed",
     "FloatRange",
@@ -94,6 +96,7 @@ __all__ = [
     "WeightSharingConfig",
     "cluster_weights",
     "compress",
+    "compress_embeddings",
     "convert_qat",
     "count_parameters",
     "default_domains",
