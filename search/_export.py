@@ -76,7 +76,8 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         "scheme": recipe.quantization.scheme,
         "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
                  "options": spec.task_options},
-        "latency": {"batch_size": latency.batch_size, "threads": latency.threads,
+        "latency": {"batch_size": latency.batch_size,
+                    "sequence_length": latency.sequence_length, "threads": latency.threads,
                     "min_calls": latency.min_calls, "min_seconds": latency.min_seconds,
                     "max_spread": latency.max_spread, "lowering": latency.lowering},
         "environment": _environment(),
@@ -127,8 +128,7 @@ def _exported(model: torch.nn.Module, example: model_io.Inputs
     """The model's torch.export program, as dynamic as the model allows, and whether its
     batch and its sequence dimensions (of token-id inputs) are dynamic."""
     model.eval()
-    tokens = any(t.dim() == 2 and not t.is_floating_point()
-                 for t in model_io.tensors(example))
+    tokens = any(model_io.token_like(t) for t in model_io.tensors(example))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if tokens:

@@ -27,6 +27,7 @@ SAMPLERS = ("nsga2", "tpe", "gp", "random")
 BACKENDS = ("optuna", "ray")
 MAX_THREADS = 1024
 MAX_BATCH = 1 << 16  # the largest batch an exported program accepts
+MAX_SEQUENCE = 1 << 16
 MAX_SEED = 2**32 - 1  # numpy's seed range, which the samplers use
 # a study name is a file name: its journal is runs/NAME/journal.log
 _SAFE_NAME = re.compile(r"[^\W][\w.+ -]{0,99}")
@@ -68,11 +69,13 @@ class FinetuneSpec:
 
 @dataclass(frozen=True)
 class LatencySpec:
-    """How latency is measured: target, batch size (0: the example input's), threads, calls,
-    and the spread of the speedup across rounds above which a measurement is repeated."""
+    """How latency is measured: target, batch size (0: the example input's), sequence length
+    of token inputs (0: the example input's), threads, calls, and the spread of the speedup
+    across rounds above which a measurement is repeated."""
 
     target: str = "cpu-x86"
     batch_size: int = 0
+    sequence_length: int = 0
     threads: int = 1
     min_calls: int = 300
     min_seconds: float = 1.0
@@ -85,6 +88,7 @@ class LatencySpec:
         _one_of("target", self.target, TARGETS)
         _one_of("lowering", self.lowering, BACKENDS)
         _in_range("batch_size", self.batch_size, 0, MAX_BATCH)
+        _in_range("sequence_length", self.sequence_length, 0, MAX_SEQUENCE)
         _in_range("threads", self.threads, 1, MAX_THREADS)
         _in_range("min_calls", self.min_calls, 10, 10**7)
         _in_range("min_seconds", self.min_seconds, 0.0, 600.0)

@@ -167,12 +167,15 @@ def calibration_batches(task: Task) -> Iterable:
     return list(islice(iter(task.train), CALIBRATION_BATCHES))
 
 
-def latency_input(task: Task, batch_size: int) -> model_io.Inputs:
-    """A copy of the example input resized along dim 0 to ``batch_size`` (0 keeps it)."""
-    x = task.example_input
-    if batch_size == 0 or batch_size == model_io.batch_size(x):
-        return model_io.clone(x)
-    return model_io.with_batch(x, batch_size)
+def latency_input(task: Task, latency: LatencySpec) -> model_io.Inputs:
+    """A copy of the example input resized to the latency settings' batch size along dim 0
+    and, for token inputs, to their sequence length along dim 1 (0 keeps either)."""
+    x = model_io.clone(task.example_input)
+    if latency.batch_size and latency.batch_size != model_io.batch_size(x):
+        x = model_io.with_batch(x, latency.batch_size)
+    if latency.sequence_length:
+        x = model_io.with_sequence(x, latency.sequence_length)
+    return x
 
 
 def measure_baseline(task: Task) -> Baseline:
@@ -186,7 +189,7 @@ def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettin
                 baseline: Baseline) -> LatencyJob:
     """The job timing ``model`` against the teacher at the settings' batch size."""
     latency = settings.latency
-    x = latency_input(task, latency.batch_size)
+    x = latency_input(task, latency)
     sparse = sparse_execution(model)
     return LatencyJob(
         program=program_bytes(dense_execution(model), x),
@@ -386,13 +389,12 @@ class _Trial:
         timing = {"target": latency.target, "lowering": latency.lowering,
                   "threads": latency.threads, "batch": self._batch()}
         if not isinstance(self.task.example_input, torch.Tensor):  # names, other dimensions
-            timing["inputs"] = repr(model_io.signature(latency_input(
-                self.task, latency.batch_size)))
+            timing["inputs"] = repr(model_io.signature(latency_input(self.task, latency)))
         return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
 
     def _batch(self) -> int:
         """The batch size latency is timed at."""
-        return model_io.batch_size(latency_input(self.task, self.settings.latency.batch_size))
+        return model_io.batch_size(latency_input(self.task, self.settings.latency))
 
     def _skip_if_dominated(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
         """Compress the structure first (untrained) when the guide can use it: with an

@@ -21,7 +21,8 @@ from ._task import Task, load_task
 from ._trial import latency_input, quality_of
 
 DEFAULT_TOLERANCE = 0.002
-_LATENCY_KEYS = ("batch_size", "threads", "min_calls", "min_seconds", "max_spread", "lowering")
+_LATENCY_KEYS = ("batch_size", "sequence_length", "threads", "min_calls", "min_seconds",
+                 "max_spread", "lowering")
 
 
 def verify_artifact(directory: str | Path, task: Task | StudySpec | str | None = None, *,
@@ -125,7 +126,7 @@ def _measure(model: Any, task: Task, meta: dict[str, Any], min_calls: int | None
     latency: LatencySpec = meta["latency"]
     quality = quality_of(task, model)
     size = size_mb(model)
-    x = latency_input(task, latency.batch_size)
+    x = latency_input(task, latency)
     task.model.eval()
     timing = run_isolated(LatencyJob(
         program=program_bytes(model, x), reference=program_bytes(task.model, x), example=x,

@@ -141,6 +141,23 @@ def with_batch(inputs: Inputs, size: int) -> Inputs:
     return map_tensors(inputs, resize)
 
 
+def token_like(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one row of tokens per example: 2-D and integral (token ids,
+    attention masks, token types)."""
+    return t.dim() == 2 and not t.is_floating_point()
+
+
+def with_sequence(inputs: Inputs, length: int) -> Inputs:
+    """``inputs`` with its token tensors (``token_like``) cut or repeated along dim 1 to
+    ``length`` (a fresh copy)."""
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if not token_like(t):
+            return t.clone()
+        repeats = -(-length // t.shape[1])
+        return t.repeat(1, repeats)[:, :length].clone()
+    return map_tensors(inputs, resize)
+
+
 def signature(inputs: Inputs) -> tuple:
     """Names, shapes and dtypes of ``inputs``: what a compiled program is specialised to."""
     if isinstance(inputs, Mapping):
@@ -200,7 +217,7 @@ def export(model: nn.Module, inputs: Inputs, *, dynamic: bool = False,
 
     def dims(t: torch.Tensor) -> dict[int, Any]:
         found: dict[int, Any] = {0: batch}
-        if sequence and t.dim() == 2 and not t.is_floating_point() and t.shape[1] > 1:
+        if sequence and token_like(t) and t.shape[1] > 1:
             found[1] = length
         return found
 

@@ -257,3 +257,17 @@ def test_stored_embedding_tables_look_up_what_the_table_holds():
     assert shared.codes.shape == (50, 4) and shared.codes.dtype == torch.uint8
     torch.testing.assert_close(shared(ids), table(ids))
     torch.testing.assert_close(shared.weight, table.weight)
+
+
+def test_latency_inputs_take_the_batch_and_sequence_length_of_the_settings():
+    from paretoslim.search import LatencySpec
+    from paretoslim.search._trial import latency_input
+
+    model, batch = _encoder("bert")
+    task = Task(model=model, train=[batch()], val=[batch()], example_input=_inputs(batch(4)))
+    x = latency_input(task, LatencySpec(batch_size=1, sequence_length=30))
+    assert {k: tuple(t.shape) for k, t in x.items()} == {"input_ids": (1, 30),
+                                                          "attention_mask": (1, 30)}
+    assert torch.equal(x["input_ids"][0, 12:24], task.example_input["input_ids"][0])
+    same = latency_input(task, LatencySpec())
+    assert model_io.equal(same, task.example_input) and same is not task.example_input
