@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
+import sys
+import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from paretoslim.evaluators import CACHE_ENV
 from paretoslim.search import ParetoslimError
 
 __all__ = ["IDX_DTYPES", "TensorBatches", "find_idx_split", "read_idx"]
@@ -99,7 +104,8 @@ def find_idx_split(directory: str | Path, prefix: str) -> Path:
 
 
 class TensorBatches:
-    """Re-iterable ``(inputs, targets)`` batches over two in-memory tensors.
+    """Re-iterable ``(inputs, targets)`` batches over in-memory tensors: ``inputs`` is a
+    tensor, or a dict of tensors of one length (keyword inputs, batched alike).
 
     Every iteration is one epoch and yields fresh tensors (never views of the data), the
     last partial batch included. With ``shuffle=True``, epoch ``k`` (counted from 0 per
@@ -109,21 +115,24 @@ class TensorBatches:
 
     def __init__(
         self,
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | Mapping[str, torch.Tensor],
         targets: torch.Tensor,
         batch_size: int,
         shuffle: bool = False,
         seed: int = 0,
     ) -> None:
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        columns = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+        if not all(isinstance(c, torch.Tensor) for c in columns) or not isinstance(
+                targets, torch.Tensor):
             raise TypeError(
                 "The 'inputs' and 'targets' parameters of TensorBatches must be tensors. "
                 f"Got {type(inputs).__name__} and {type(targets).__name__} instead."
             )
-        if inputs.ndim == 0 or targets.ndim == 0 or len(inputs) != len(targets):
+        if targets.ndim == 0 or any(c.ndim == 0 or len(c) != len(targets) for c in columns):
             raise ValueError(
                 "The 'inputs' and 'targets' parameters of TensorBatches must have the same "
-                f"length. Got shapes {tuple(inputs.shape)} and {tuple(targets.shape)} instead."
+                f"length. Got shapes {[tuple(c.shape) for c in columns]} and "
+                f"{tuple(targets.shape)} instead."
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
@@ -138,11 +147,11 @@ class TensorBatches:
         self._epoch = 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.inputs) / self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     @property
     def num_samples(self) -> int:
-        return len(self.inputs)
+        return len(self.targets)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (only changes the order when shuffling)."""
@@ -153,8 +162,8 @@ class TensorBatches:
         self._epoch += 1
         return self._batches(epoch)
 
-    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.inputs)
+    def _batches(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor]]:
+        n = self.num_samples
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=generator)
@@ -162,10 +171,45 @@ class TensorBatches:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self.inputs.index_select(0, index), self.targets.index_select(0, index)
+            inputs = ({k: v.index_select(0, index) for k, v in self.inputs.items()}
+                      if isinstance(self.inputs, Mapping)
+                      else self.inputs.index_select(0, index))
+            yield inputs, self.targets.index_select(0, index)
 
     def __repr__(self) -> str:
         return (
-            f"TensorBatches(samples={len(self.inputs)}, batch_size={self.batch_size}, "
+            f"TensorBatches(samples={self.num_samples}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, seed={self.seed})"
         )
+
+
+def save_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` whole or not at all (a temporary file renamed); a cache
+    that cannot be written is reported in one line, not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must stay readable
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        say(
+            f"warning: cannot write the teacher cache {path} ({exc}); it will be retrained "
+            f"next time (set ${CACHE_ENV} to a writable directory)"
+        )
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -7,7 +7,6 @@ import itertools
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +23,14 @@ from paretoslim.evaluators import CACHE_ENV
 from paretoslim.evaluators import accuracy as top1_accuracy
 from paretoslim.evaluators import cache_dir as shared_cache_dir
 from paretoslim.search import ParetoslimError, Task
-from paretoslim.studies._data import TensorBatches, find_idx_split, read_idx
+from paretoslim.studies._data import (
+    TensorBatches,
+    find_idx_split,
+    first_line,
+    read_idx,
+    save_atomic,
+    say,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -289,7 +295,7 @@ def train_teacher(
     finally:
         torch.set_flush_denormal(False)
     accuracy = top1_accuracy(model, test_batches)
-    _say(
+    say(
         f"Fashion-MNIST teacher: test accuracy {accuracy:.2%} "
         f"({_count_parameters(model):,} parameters, {config.epochs} epochs, "
         f"{time.perf_counter() - start:.0f} s on {torch.get_num_threads()} threads)"
@@ -336,7 +342,7 @@ def _fit(
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         bar.close()
         if progress and not redraw:
-            _say(f"teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
+            say(f"teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
                  f"({time.perf_counter() - started:.0f} s)")
     model.eval()
 
@@ -392,7 +398,7 @@ def load_or_train_teacher(
     test_batches = TensorBatches(test_inputs, test_targets, 1000)
     model, accuracy = train_teacher(train_batches, test_batches, config, progress=progress)
     metadata = {**key, "test_accuracy": accuracy, "parameters": _count_parameters(model)}
-    _save_atomic(cache_file, {"metadata": metadata, "state_dict": model.state_dict()})
+    save_atomic(cache_file, {"metadata": metadata, "state_dict": model.state_dict()})
     return model, accuracy
 
 
@@ -406,61 +412,31 @@ def _load_cached(
         metadata, state_dict = payload["metadata"], payload["state_dict"]
         accuracy = float(metadata["test_accuracy"])
     except Exception as exc:
-        _say(
+        say(
             f"warning: cached teacher {cache_file} is unreadable "
-            f"({type(exc).__name__}: {_first_line(exc)}); retraining"
+            f"({type(exc).__name__}: {first_line(exc)}); retraining"
         )
         return None
     stale = sorted(k for k in key if metadata.get(k) != key[k])
     if stale:
-        _say(f"cached teacher {cache_file} is stale ({', '.join(stale)} changed); retraining")
+        say(f"cached teacher {cache_file} is stale ({', '.join(stale)} changed); retraining")
         return None
     model = config.build()
     try:
         model.load_state_dict(state_dict, strict=True)
     except Exception as exc:
-        _say(
+        say(
             f"cached teacher {cache_file} does not fit the model "
-            f"({type(exc).__name__}: {_first_line(exc)}); retraining"
+            f"({type(exc).__name__}: {first_line(exc)}); retraining"
         )
         return None
     model.eval()
-    _say(f"Fashion-MNIST teacher: loaded from cache {cache_file} (test accuracy {accuracy:.2%})")
+    say(f"Fashion-MNIST teacher: loaded from cache {cache_file} (test accuracy {accuracy:.2%})")
     return model, accuracy
-
-
-def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must stay readable
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        _say(
-            f"warning: cannot write the teacher cache {path} ({exc}); it will be retrained "
-            f"next time (set ${CACHE_ENV} to a writable directory)"
-        )
 
 
 def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- task

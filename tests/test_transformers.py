@@ -271,3 +271,73 @@ def test_latency_inputs_take_the_batch_and_sequence_length_of_the_settings():
     assert torch.equal(x["input_ids"][0, 12:24], task.example_input["input_ids"][0])
     same = latency_input(task, LatencySpec())
     assert model_io.equal(same, task.example_input) and same is not task.example_input
+
+
+WORDS = ["good", "great", "fine", "moving", "bad", "dull", "awful", "boring", "film", "plot",
+         "the", "a", "is", "was", "very", "not"]
+
+
+@pytest.fixture
+def tiny_text_study(tmp_path):
+    """A tiny BERT folder (weights and tokenizer, as a package would install them) and a
+    CSV of 150 labelled snippets, in the study's data format."""
+    import csv
+    import random
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    rng = random.Random(0)
+    rows = []
+    for i in range(150):
+        fresh = i % 2 == 0
+        words = rng.sample(WORDS[:4] if fresh else WORDS[4:8], 2) + rng.sample(WORDS[8:], 3)
+        rows.append({"category": "fresh" if fresh else "rotten", "text": " ".join(words),
+                     "movie_name": "m"})
+    rows.append({"category": "plot", "text": "a plot summary", "movie_name": "m"})
+    data = tmp_path / "reviews.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["category", "text", "movie_name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"data_file": str(data), "model_dir": str(folder), "cache_dir": str(tmp_path)}
+
+
+def test_the_text_study_fine_tunes_its_teacher_once_and_rebuilds_a_corrupt_cache(
+        tiny_text_study, capsys):
+    from paretoslim.studies import text_classification as study
+
+    task = study.make_task(**tiny_text_study, batch_size=8, val_batch_size=16)
+    assert "test accuracy" in capsys.readouterr().err
+    cache = Path(task.extras["teacher_cache"])
+    assert cache.is_file() and set(task.example_input) == {"input_ids", "attention_mask"}
+    assert task.example_input["input_ids"].shape == (8, study.DEFAULT_TEACHER.max_length)
+    inputs, targets = next(iter(task.train))
+    assert targets.shape == (8,) and set(targets.tolist()) <= {0, 1}
+    assert sum(len(t) for _, t in task.val) == 30  # a fifth of the 150 distinct snippets
+
+    again = study.make_task(**tiny_text_study, batch_size=8, val_batch_size=16)
+    assert "loaded from cache" in capsys.readouterr().err
+    x = task.example_input
+    torch.testing.assert_close(model_io.predict(again.model, x), model_io.predict(task.model, x))
+
+    cache.write_bytes(b"not a checkpoint")
+    study.make_task(**tiny_text_study, batch_size=8, val_batch_size=16)
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "test accuracy" in err
+
+
+def test_the_text_study_names_what_to_install_when_its_data_is_missing(tmp_path):
+    from paretoslim.studies import text_classification as study
+
+    (tmp_path / "empty.csv").write_text("category,text\nfresh,only one label here\n")
+    with pytest.raises(ParetoslimError, match="expected columns text and category"):
+        study.load_reviews(tmp_path / "empty.csv")
+    with pytest.raises(ParetoslimError, match="not a Hugging Face model folder"):
+        study.encoder_dir(tmp_path)
