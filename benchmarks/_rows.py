@@ -1,4 +1,4 @@
-"""What the Fashion-MNIST benchmarks share: trial settings and one JSON line per row."""
+"""What the benchmarks share: trial settings and one JSON line per row."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ from typing import IO, Any
 from paretoslim.search import FinetuneSpec, LatencySpec, TrialSettings
 
 
-def trial_settings(steps: int, min_calls: int) -> TrialSettings:
-    """Trials as the benchmarks run them: batch 64 timed on one thread, no time budget."""
-    return TrialSettings(FinetuneSpec(steps=steps, trial_timeout_s=None),
-                         LatencySpec(batch_size=64, threads=1, min_calls=min_calls))
+def trial_settings(steps: int, min_calls: int, batch_size: int = 64,
+                   learning_rate: float | None = None) -> TrialSettings:
+    """Trials as the benchmarks run them: timed on one thread at ``batch_size`` (64: the
+    Fashion-MNIST study's), no time budget."""
+    finetune = FinetuneSpec(steps=steps, trial_timeout_s=None)
+    if learning_rate is not None:
+        finetune = FinetuneSpec(steps=steps, trial_timeout_s=None, learning_rate=learning_rate)
+    return TrialSettings(finetune, LatencySpec(batch_size=batch_size, threads=1,
+                                               min_calls=min_calls))
 
 
 def record(log: IO[str], name: str, recipe: dict | None, failure: str | None,

@@ -1,5 +1,6 @@
 """Each compression technique alone at a few settings, and combinations, on the Fashion-MNIST
-teacher: quality, speedup (lowered and timed like a study trial) and compression."""
+teacher (or, with ``--study text``, the text study's MiniLM-L6 teacher at batch 1): quality,
+speedup (lowered and timed like a study trial) and compression."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from _rows import record, trial_settings
 
 from paretoslim.search import measure_baseline, run_trial
 from paretoslim.spaces import Recipe
-from paretoslim.studies.fashion_mnist import make_task
 
 RECIPES: dict[str, dict] = {
     # single techniques
@@ -53,9 +53,31 @@ RECIPES: dict[str, dict] = {
         "weight_sharing": {"bits": 4}},
 }
 
+# the text study's encoder (MiniLM-L6 on Rotten Tomatoes snippets), timed at batch 1
+TEXT_RECIPES: dict[str, dict] = {
+    "heads 0.5 removed": {"pruning": {"heads": 0.5}},
+    "channels 0.25 (heads, FFN, hidden)": {"pruning": {"ratio": 0.25}},
+    "depth 0.5 (3 of 6 layers)": {"student": {"depth": 0.5}},
+    "low rank 0.5 (SVD)": {"low_rank": {"rank_fraction": 0.5}},
+    "bf16": {"quantization": {"scheme": "bf16"}},
+    "int8 dynamic": {"quantization": {"scheme": "int8_dynamic"}},
+    "int8 static": {"quantization": {"scheme": "int8_static"}},
+    "embedding int8": {"embedding": {"form": "int8"}},
+    "embedding k-means 4 bits": {"embedding": {"form": "kmeans4"}},
+    "k-means 4 bits": {"weight_sharing": {"bits": 4}},
+    # combinations
+    "int8 dynamic + embedding k-means 4 bits": {"quantization": {"scheme": "int8_dynamic"},
+                                                "embedding": {"form": "kmeans4"}},
+    "depth 0.5 + int8 dynamic + embedding k-means 4 bits": {
+        "student": {"depth": 0.5}, "quantization": {"scheme": "int8_dynamic"},
+        "embedding": {"form": "kmeans4"}},
+}
+STUDIES = {"fashion_mnist": (RECIPES, 64, None), "text": (TEXT_RECIPES, 1, 1e-4)}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--study", choices=sorted(STUDIES), default="fashion_mnist")
     parser.add_argument("--steps", type=int, default=300, help="fine-tune steps per recipe")
     parser.add_argument("--only", nargs="*", help="substrings of recipe names to run")
     parser.add_argument("--recipe", action="append", default=[],
@@ -65,14 +87,19 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    recipes = {name: r for name, r in RECIPES.items()
+    table, batch_size, learning_rate = STUDIES[args.study]
+    recipes = {name: r for name, r in table.items()
                if not args.only or any(s in name for s in args.only)}
     for text in args.recipe:
         recipe = Recipe.from_json(text)
         recipes[recipe.short()] = recipe.to_dict()
+    if args.study == "text":
+        from paretoslim.studies.text_classification import make_task
+    else:
+        from paretoslim.studies.fashion_mnist import make_task
     task = make_task()
     baseline = measure_baseline(task)
-    settings = trial_settings(args.steps, args.min_calls)
+    settings = trial_settings(args.steps, args.min_calls, batch_size, learning_rate)
     print(f"teacher: quality {baseline.quality:.4f}, size {baseline.size_mb:.3f} MB, "
           f"{baseline.parameters} parameters", flush=True)
     print("| recipe | quality | drop (pt) | speedup | compression | size (MB) |")

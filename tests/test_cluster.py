@@ -17,6 +17,8 @@ from optuna.trial import TrialState
 from paretoslim.search import load_spec
 from paretoslim.search._store import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
 
+pytestmark = pytest.mark.xdist_group("cluster")  # one worker: servers, process counts
+
 CLI = [sys.executable, "-m", "paretoslim.search.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
