@@ -1,7 +1,7 @@
 """How good a compressed model is: quality, size and latency measured on the real artifact."""
 
 if "." not in __name__:  # this folder, imported by its own name from a checkout on sys.path
-    from paretoslim.search._aside import step_aside
+    from paretoslim.spaces._aside import step_aside
 
     __package__ = step_aside(__name__, __path__[0])
 

@@ -1,7 +1,7 @@
 """Drivers of a compression search: task, study spec, backends, front, export, CLI."""
 
 if "." not in __name__:  # this folder, imported by its own name from a checkout on sys.path
-    from paretoslim.search._aside import step_aside
+    from paretoslim.spaces._aside import step_aside
 
     __package__ = step_aside(__name__, __path__[0])
 

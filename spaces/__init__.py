@@ -2,7 +2,7 @@
 sections), the joint search space and ``compress``, which applies a Recipe."""
 
 if "." not in __name__:  # this folder, imported by its own name from a checkout on sys.path
-    from paretoslim.search._aside import step_aside
+    from paretoslim.spaces._aside import step_aside
 
     __package__ = step_aside(__name__, __path__[0])
 
