@@ -135,8 +135,6 @@ class SpeedupMeasurement:
 
 def _bound(fn: Callable, example: model_io.Inputs) -> Callable[[], object]:
     """``fn`` applied to ``example`` as a call without arguments (no dispatch when timed)."""
-    if isinstance(example, torch.Tensor):
-        return partial(fn, example)
     args, kwargs = model_io.export_arguments(example)
     return partial(fn, *args, **kwargs)
 

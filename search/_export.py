@@ -86,7 +86,8 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
                  else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
     (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
-                                       dynamic, _shapes(task.example_input), execution)
+                                       dynamic, model_io.shapes(task.example_input),
+                                       execution)
                                  + onnx_line)
     return out
 
@@ -137,15 +138,6 @@ def _exported(model: torch.nn.Module, example: model_io.Inputs
         with contextlib.suppress(Exception):  # some models specialize the batch size
             return model_io.export(model, example, dynamic=True), True, False
         return model_io.export(model, example), False, False
-
-
-def _shapes(example: model_io.Inputs) -> str:
-    """The example input's shapes, as the model card names them."""
-    if isinstance(example, torch.Tensor):
-        return str(tuple(example.shape))
-    if isinstance(example, dict):
-        return ", ".join(f"{k} {tuple(t.shape)}" for k, t in example.items())
-    return ", ".join(str(tuple(t.shape)) for t in example)
 
 
 def load_program(path: str | Path) -> torch.nn.Module:

@@ -96,7 +96,8 @@ def check_model_accepts_input(model: nn.Module, example_input: model_io.Inputs,
             output = model_io.call(model, example_input)
     except Exception as exc:
         raise ParetoslimError(
-            f"{where}: the model cannot run on example_input {_described(example_input)} "
+            f"{where}: the model cannot run on example_input of shape "
+            f"{model_io.shapes(example_input)} "
             f"({type(exc).__name__}: {exc}); make example_input one batch shaped like the "
             "model's real input"
         ) from exc
@@ -105,13 +106,6 @@ def check_model_accepts_input(model: nn.Module, example_input: model_io.Inputs,
     except TypeError as exc:
         raise ParetoslimError(f"{where}: {exc}") from None
 
-
-def _described(inputs: model_io.Inputs) -> str:
-    shapes = [f"{k}={tuple(t.shape)}" if isinstance(inputs, dict) else f"{tuple(t.shape)}"
-              for k, t in (inputs.items() if isinstance(inputs, dict)
-                           else enumerate(model_io.tensors(inputs)))]
-    return f"of shape {shapes[0]}" if isinstance(inputs, torch.Tensor) else \
-        f"({', '.join(shapes)})"
 
 
 def _resolve_factory(reference: str, base_dir: Path | None) -> Callable[..., Any]:

@@ -386,10 +386,11 @@ class _Trial:
 
     def _fingerprint(self, model: nn.Module) -> str:
         latency = self.settings.latency
+        x = latency_input(self.task, latency)
         timing = {"target": latency.target, "lowering": latency.lowering,
-                  "threads": latency.threads, "batch": self._batch()}
-        if not isinstance(self.task.example_input, torch.Tensor):  # names, other dimensions
-            timing["inputs"] = repr(model_io.signature(latency_input(self.task, latency)))
+                  "threads": latency.threads, "batch": model_io.batch_size(x)}
+        if not isinstance(x, torch.Tensor):  # names, other dimensions
+            timing["inputs"] = repr(model_io.signature(x))
         return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
 
     def _batch(self) -> int:

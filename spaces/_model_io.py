@@ -158,6 +158,14 @@ def with_sequence(inputs: Inputs, length: int) -> Inputs:
     return map_tensors(inputs, resize)
 
 
+def shapes(inputs: Inputs) -> str:
+    """The shapes of ``inputs`` as messages and model cards name them: ``(2, 3)``, or
+    ``input_ids (1, 40), attention_mask (1, 40)``."""
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k} {tuple(t.shape)}" for k, t in inputs.items())
+    return ", ".join(str(tuple(t.shape)) for t in tensors(inputs))
+
+
 def signature(inputs: Inputs) -> tuple:
     """Names, shapes and dtypes of ``inputs``: what a compiled program is specialised to."""
     if isinstance(inputs, Mapping):
