@@ -65,6 +65,8 @@ TEXT_RECIPES: dict[str, dict] = {
     # structure, then the distillation fine-tune
     "heads 0.5 removed": {"pruning": {"heads": 0.5}},
     "depth 0.5 (3 of 6 layers)": {"student": {"depth": 0.5}},
+    "depth 0.5, hidden-state distillation": {"student": {"depth": 0.5},
+                                             "distillation": {"hidden_weight": 1.0}},
     "channels 0.25 (heads, FFN, hidden)": {"pruning": {"ratio": 0.25}},
     "low rank 0.5 (SVD)": {"low_rank": {"rank_fraction": 0.5}},
 }
@@ -78,12 +80,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="substrings of recipe names to run")
     parser.add_argument("--recipe", action="append", default=[],
                         help="an extra recipe as JSON (e.g. from a study's front)")
+    parser.add_argument("--learning-rate", type=float, help="default: the study's table's")
+    parser.add_argument("--batch-size", type=int, help="timed batch; default: the study's")
     parser.add_argument("--min-calls", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("techniques.jsonl"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     table, batch_size, learning_rate = STUDIES[args.study]
+    learning_rate = args.learning_rate or learning_rate
+    batch_size = args.batch_size or batch_size
     recipes = {name: r for name, r in table.items()
                if not args.only or any(s in name for s in args.only)}
     for text in args.recipe:

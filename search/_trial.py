@@ -391,7 +391,10 @@ class _Trial:
                   "threads": latency.threads, "batch": model_io.batch_size(x)}
         if not isinstance(x, torch.Tensor):  # names, other dimensions
             timing["inputs"] = repr(model_io.signature(x))
-        return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
+        quantization = self.recipe.quantization
+        if quantization.activations != "asymmetric":  # zero points the kernels compensate
+            timing["activations"] = quantization.activations
+        return structure_fingerprint(model, quantization.scheme, timing)
 
     def _batch(self) -> int:
         """The batch size latency is timed at."""

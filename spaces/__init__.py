@@ -48,6 +48,7 @@ from ._sparse import (
 from ._structure import (
     derive_student,
     drop_blocks,
+    layer_groups,
     output_layers,
     prune_channels,
     repeated_blocks,
@@ -105,6 +106,7 @@ __all__ = [
     "distill",
     "distillation_loss",
     "drop_blocks",
+    "layer_groups",
     "export_dynamic_batch",
     "factorize",
     "factorize_conv2d",

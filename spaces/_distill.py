@@ -12,28 +12,101 @@ from torch import nn
 
 from ._config import Config, param
 from ._model_io import Inputs, call, predict
-from ._structure import output_layers
+from ._structure import output_layers, repeated_blocks
 from ._technique import Context, Technique, register, techniques
 from ._training import Deadline, count_parameters, cycle, distillation_loss
 
 
-class _Features:
-    """The input of a model's output layer, captured on every forward."""
+class _Tap:
+    """A module's input (``output=False``) or output, captured on every forward."""
 
-    def __init__(self, model: nn.Module, example: Inputs, role: str):
-        layers = output_layers(model, example)
-        if not layers:
-            raise ValueError(f"feature distillation needs the {role} to end in a Linear / "
-                             "Conv layer whose input it can match")
+    def __init__(self, module: nn.Module, output: bool):
         self.value: torch.Tensor | None = None
-        self.handle = layers[0].register_forward_pre_hook(self._capture)
+        self.handle = (module.register_forward_hook(self._output) if output
+                       else module.register_forward_pre_hook(self._input))
 
-    def _capture(self, _module, inputs):
+    def _input(self, _module, inputs):
         self.value = inputs[0].flatten(1)
+
+    def _output(self, _module, _inputs, output):
+        self.value = output[0] if isinstance(output, tuple | list) else output
 
     def take(self) -> torch.Tensor:
         value, self.value = self.value, None
         return value
+
+
+def _penultimate(model: nn.Module, example: Inputs, role: str) -> list[_Tap]:
+    layers = output_layers(model, example)
+    if not layers:
+        raise ValueError(f"feature distillation needs the {role} to end in a Linear / "
+                         "Conv layer whose input it can match")
+    return [_Tap(layers[0], output=False)]
+
+
+def _block_pairs(teacher: nn.Module, student: nn.Module, example: Inputs
+                 ) -> list[tuple[nn.Module, nn.Module]]:
+    """(teacher block, student block) pairs for hidden-state matching: in each container
+    of the teacher's repeated blocks, the student's children of the same class there (a
+    depth student may keep a single one); student block ``j`` of ``S`` is matched with
+    teacher block ``linspace(0, T - 1, S)[j]``, the one ``drop_blocks`` keeps in its place."""
+    pairs = []
+    for name, indices in sorted(repeated_blocks(teacher, example).items()):
+        t_blocks = [teacher.get_submodule(name)[i] for i in indices]
+        try:
+            container = student.get_submodule(name)
+        except AttributeError:
+            continue
+        s_blocks = [c for c in container.children() if type(c) is type(t_blocks[0])]
+        if not 0 < len(s_blocks) <= len(t_blocks):
+            continue
+        positions = torch.linspace(0, len(t_blocks) - 1, len(s_blocks)).round().long()
+        pairs += [(t_blocks[p], s) for p, s in zip(positions.tolist(), s_blocks, strict=True)]
+    if not pairs:
+        raise ValueError("hidden-state distillation needs repeated blocks (e.g. encoder "
+                         "layers) that the teacher and the student share by name")
+    return pairs
+
+
+class _Projection(nn.Module):
+    """Maps the student's features to the teacher's width along the channel axis (the last
+    one, or the second of image-like 4-D tensors); the identity when the widths agree."""
+
+    def __init__(self, student: torch.Tensor, teacher: torch.Tensor):
+        super().__init__()
+        self.axis = 1 if teacher.dim() == 4 else -1
+        s_dim, t_dim = student.shape[self.axis], teacher.shape[self.axis]
+        self.linear = None if s_dim == t_dim else nn.Linear(s_dim, t_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear is None:
+            return x
+        return self.linear(x.movedim(self.axis, -1)).movedim(-1, self.axis)
+
+
+class _Matching:
+    """Teacher and student taps with a projection each, and their mean squared error."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, first_inputs: Inputs,
+                 taps: list[tuple[_Tap, _Tap]]):
+        self.taps = taps
+        with torch.no_grad():
+            was_training = student.training
+            student.eval()
+            call(teacher, first_inputs)
+            call(student, first_inputs)
+            student.train(was_training)
+        self.projections = nn.ModuleList(_Projection(s.take(), t.take()) for t, s in taps)
+
+    def loss(self) -> torch.Tensor:
+        errors = [F.mse_loss(p(s.take()), t.take())
+                  for (t, s), p in zip(self.taps, self.projections, strict=True)]
+        return sum(errors) / len(errors)
+
+    def remove(self) -> None:
+        for pair in self.taps:
+            for tap in pair:
+                tap.handle.remove()
 
 
 def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: int,
@@ -44,8 +117,11 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
 
     The loss is ``distillation_loss`` on the logits plus, when ``config.feature_weight``
     is positive, that weight times the mean squared error between the teacher's
-    penultimate features (the input of its output layer) and the student's, mapped by a
-    learned linear projection that is discarded afterwards. AdamW with a cosine-decayed
+    penultimate features (the input of its output layer) and the student's, and when
+    ``config.hidden_weight`` is positive, that weight times the mean over matched repeated
+    blocks (``_block_pairs``, e.g. encoder layers) of the error between their outputs
+    (TinyBERT's hidden-state loss); features of another width pass through a learned
+    linear projection that is discarded afterwards. AdamW with a cosine-decayed
     learning rate; deterministic for a given seed and data order. ``on_step(step, loss)``
     runs after each optimizer step; when it returns a larger step count, the fine-tune is
     extended to that many steps, the learning rate decaying from its current value to zero
@@ -60,27 +136,26 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     batches = cycle(train)
-    features = None
-    if config.feature_weight > 0:
-        first_inputs, _ = next(cycle(train))
-        with torch.no_grad():
-            student.eval()
-            taps = (_Features(teacher, first_inputs, "teacher"),
-                    _Features(student, first_inputs, "student"))
-            call(teacher, first_inputs)
-            call(student, first_inputs)
-            student.train()
-        t_dim, s_dim = taps[0].take().shape[1], taps[1].take().shape[1]
-        projection = nn.Linear(s_dim, t_dim, bias=False)
-        params += list(projection.parameters())
-        features = (taps, projection)
+    first_inputs, _ = next(cycle(train))
+    matchings: list[tuple[float, _Matching]] = []
     try:
-        _train(student, teacher, batches, steps, config, learning_rate, params, features,
+        if config.feature_weight > 0:
+            taps = list(zip(_penultimate(teacher, first_inputs, "teacher"),
+                            _penultimate(student, first_inputs, "student"), strict=True))
+            matchings.append((config.feature_weight,
+                              _Matching(teacher, student, first_inputs, taps)))
+        if config.hidden_weight > 0:
+            taps = [(_Tap(t, output=True), _Tap(s, output=True))
+                    for t, s in _block_pairs(teacher, student, first_inputs)]
+            matchings.append((config.hidden_weight,
+                              _Matching(teacher, student, first_inputs, taps)))
+        for _, matching in matchings:
+            params += list(matching.projections.parameters())
+        _train(student, teacher, batches, steps, config, learning_rate, params, matchings,
                deadline, on_step)
     finally:
-        if features is not None:
-            for tap in features[0]:
-                tap.handle.remove()
+        for _, matching in matchings:
+            matching.remove()
     student.eval()
     return student
 
@@ -100,7 +175,7 @@ class _Cosine:
         self.start, self.factor, self.steps = k, self(k), steps
 
 
-def _train(student, teacher, batches, steps, config, learning_rate, params, features,
+def _train(student, teacher, batches, steps, config, learning_rate, params, matchings,
            deadline, on_step) -> None:
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     cosine = _Cosine(steps)
@@ -111,10 +186,8 @@ def _train(student, teacher, batches, steps, config, learning_rate, params, feat
         with torch.no_grad():
             teacher_logits = predict(teacher, inputs)
         loss = distillation_loss(predict(student, inputs), teacher_logits, targets, config)
-        if features is not None:
-            (t_tap, s_tap), projection = features
-            loss = loss + config.feature_weight * F.mse_loss(projection(s_tap.take()),
-                                                             t_tap.take())
+        for weight, matching in matchings:
+            loss = loss + weight * matching.loss()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"distillation loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -133,12 +206,16 @@ def _train(student, teacher, batches, steps, config, learning_rate, params, feat
 class DistillationConfig(Config):
     """Recovery fine-tune loss: alpha * T^2 * KL(soft targets at T) + (1 - alpha) * CE,
     plus ``feature_weight`` * MSE between the teacher's penultimate features and the
-    student's through a learned linear projection (0: response distillation only)."""
+    student's, plus ``hidden_weight`` * MSE between the outputs of matched repeated blocks
+    (encoder layers), each through a learned linear projection when widths differ
+    (0: response distillation only)."""
 
     temperature: float = param(4.0, low=0.0, high=100.0, low_open=True)
     alpha: float = param(0.9, low=0.0, high=1.0)
     feature_weight: float = param(0.0, low=0.0, high=100.0, off=True,
                                   note="penultimate-feature matching")
+    hidden_weight: float = param(0.0, low=0.0, high=100.0, off=True,
+                                 note="hidden-state matching of repeated blocks")
 
 
 @register
@@ -178,4 +255,5 @@ class FineTune(Technique):
         return model
 
     def label(self, config: DistillationConfig) -> str:
-        return f"feat={config.feature_weight:g}" if config.feature_weight else ""
+        return " ".join([f"feat={config.feature_weight:g}"] * bool(config.feature_weight)
+                        + [f"hidden={config.hidden_weight:g}"] * bool(config.hidden_weight))

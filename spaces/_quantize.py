@@ -76,8 +76,9 @@ def _float_only_quantizer():
     return FloatOnly()
 
 
-def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
-    """The x86 Inductor quantizer, per-channel or per-tensor weights, ``keep`` left float."""
+def _quantizer(qat: bool, granularity: str, keep: frozenset[str], activations: str):
+    """The x86 Inductor quantizer, per-channel or per-tensor weights, ``keep`` left float,
+    uint8 activations with fitted zero points (``asymmetric``) or zero point 127."""
     import torchao.quantization.pt2e as pt2e
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 
@@ -89,6 +90,10 @@ def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
         weight = dataclasses.replace(config.weight, qscheme=torch.per_tensor_symmetric,
                                      ch_axis=None, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, weight=weight)
+    if activations == "symmetric":
+        config = dataclasses.replace(config, **{
+            role: dataclasses.replace(getattr(config, role), qscheme=torch.per_tensor_symmetric)
+            for role in ("input_activation", "output_activation")})
     quantizer = _float_only_quantizer()
     quantizer.set_global(config)
     for name in sorted(keep):
@@ -98,13 +103,13 @@ def _quantizer(qat: bool, granularity: str, keep: frozenset[str]):
 
 def _pt2e_static(model: nn.Module, example_input: Inputs,
                  calibration: list[Inputs], granularity: str,
-                 keep: frozenset[str]) -> nn.Module:
+                 keep: frozenset[str], activations: str) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = export_dynamic_batch(copy.deepcopy(model), example_input).module()
-        prepared = prepare_pt2e(exported, _quantizer(False, granularity, keep))
+        prepared = prepare_pt2e(exported, _quantizer(False, granularity, keep, activations))
         with torch.no_grad():
             for inputs in calibration:
                 call(prepared, inputs)
@@ -112,8 +117,8 @@ def _pt2e_static(model: nn.Module, example_input: Inputs,
 
 
 def prepare_qat(model: nn.Module, example_input: Inputs, *,
-                granularity: str = "per_channel", keep_float: Iterable[str] = ()
-                ) -> torch.fx.GraphModule:
+                granularity: str = "per_channel", keep_float: Iterable[str] = (),
+                activations: str = "asymmetric") -> torch.fx.GraphModule:
     """The model exported with fake quantization inserted (PT2E ``prepare_qat_pt2e``), in
     train mode, for the fine-tune; ``convert_qat`` turns it into the int8 model. Parameter
     names are those of ``model``."""
@@ -125,7 +130,7 @@ def prepare_qat(model: nn.Module, example_input: Inputs, *,
         warnings.simplefilter("ignore")
         exported = export_dynamic_batch(copy.deepcopy(model), example_input).module()
         prepared = prepare_qat_pt2e(exported, _quantizer(True, granularity,
-                                                         frozenset(keep_float)))
+                                                         frozenset(keep_float), activations))
     allow_exported_model_train_eval(prepared)
     prepared.train()
     return prepared
@@ -233,7 +238,7 @@ def graph_reads(gm: torch.fx.GraphModule, name: str) -> bool:
 class Fp32(Scheme):
     name = "fp32"
 
-    def convert(self, model, example_input, calibration, granularity, keep):
+    def convert(self, model, example_input, calibration, granularity, keep, activations):
         return model
 
 
@@ -241,7 +246,7 @@ class Fp32(Scheme):
 class Bf16(Scheme):
     name, levels, tolerance = "bf16", 0, 5e-2
 
-    def convert(self, model, example_input, calibration, granularity, keep):
+    def convert(self, model, example_input, calibration, granularity, keep, activations):
         return Bf16Model(model, keep)
 
 
@@ -251,7 +256,7 @@ class Int8Dynamic(Scheme):
 
     name, integer_weights, levels, tolerance = "int8_dynamic", True, 256, 1e-1
 
-    def convert(self, model, example_input, calibration, granularity, keep):
+    def convert(self, model, example_input, calibration, granularity, keep, activations):
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
         config = Int8DynamicActivationInt8WeightConfig(granularity=torchao_granularity(
@@ -267,8 +272,9 @@ class Int8Static(Scheme):
     name, integer_weights, calibrated, qat = "int8_static", True, True, True
     levels, tolerance = 256, 1e-1
 
-    def convert(self, model, example_input, calibration, granularity, keep):
-        return _pt2e_static(model, example_input, calibration, granularity, keep)
+    def convert(self, model, example_input, calibration, granularity, keep, activations):
+        return _pt2e_static(model, example_input, calibration, granularity, keep,
+                            activations)
 
 
 def torchao_granularity(granularity: str):
@@ -289,6 +295,7 @@ def torchao_quantize(model: nn.Module, config, keep: frozenset[str]) -> nn.Modul
 
 KeepFloat = Literal["none", "first_last", "sensitive"]
 Granularity = Literal["per_channel", "per_tensor"]
+Activations = Literal["asymmetric", "symmetric"]
 
 
 @dataclass(frozen=True)
@@ -299,7 +306,10 @@ class QuantizationConfig(Config):
     ``calibration_batches`` for calibrated schemes; ``qat`` trains int8_static with fake
     quantization during the fine-tune, then converts; ``keep_float`` leaves layers at
     float precision (none, first and last, or the most sensitive quarter measured on
-    calibration data).
+    calibration data); static int8 ``activations`` are uint8 with a zero point fitted to
+    each tensor (``asymmetric``) or fixed at 127 (``symmetric``, the Intel Neural
+    Compressor flow: the same zero point everywhere, a range symmetric around it), which
+    some CPUs run faster and others slower.
     """
 
     scheme: str = param("fp32", choices=scheme_names)
@@ -309,6 +319,8 @@ class QuantizationConfig(Config):
     qat: bool = param(False, note="fake quantization during the fine-tune "
                                   "(`int8_static`)")
     keep_float: KeepFloat = param("none", choices=("none", "first_last", "sensitive"))
+    activations: Activations = param("asymmetric", choices=("asymmetric", "symmetric"),
+                                     note="static int8")
 
 
 @register
@@ -332,7 +344,8 @@ class Quantization(Technique):
         def convert(trained: nn.Module, _ctx: Context) -> nn.Module:
             compressed = quantize(trained, config.scheme, ctx.example_input,
                                   ctx.calibration_inputs(config.calibration_batches),
-                                  granularity=config.granularity, keep_float=ctx.float_layers)
+                                  granularity=config.granularity, keep_float=ctx.float_layers,
+                                  activations=config.activations)
             ctx.facts["quantization_error"] = _relative_error(
                 _outputs(compressed, ctx.example_input), reference[0])
             if scheme(config.scheme).calibrated:
@@ -364,7 +377,7 @@ class Quantization(Technique):
 
         ctx.later(80, "quantize", convert)
         return prepare_qat(model, ctx.example_input, granularity=config.granularity,
-                           keep_float=ctx.float_layers)
+                           keep_float=ctx.float_layers, activations=config.activations)
 
     @staticmethod
     def _float_layers(model: nn.Module, config: QuantizationConfig, ctx: Context) -> list[str]:
@@ -387,11 +400,13 @@ class Quantization(Technique):
             config, qat=qat,
             granularity=config.granularity if s.integer_weights else "per_channel",
             calibration_batches=config.calibration_batches if s.calibrated and not qat else 8,
+            activations=config.activations if s.calibrated else "asymmetric",
             keep_float=config.keep_float if rounded else "none")
 
     def label(self, config: QuantizationConfig) -> str:
         text = config.scheme + ("_qat" if config.qat else "")
         text += "/tensor" if config.granularity == "per_tensor" else ""
+        text += "/sym" if config.activations == "symmetric" else ""
         return text + (f" keep={config.keep_float}" if config.keep_float != "none" else "")
 
 

@@ -18,9 +18,10 @@ class Scheme:
     ``qat``: it can be trained with fake quantization; ``levels``: the weight levels a
     cheap sensitivity proxy rounds to (0: bf16 rounding; None: none, nothing is rounded);
     ``tolerance``: the largest relative output difference accepted between the lowered
-    and the eager model. ``convert(model, example_input, calibration, granularity, keep)``
-    returns the model in this scheme (the input may be modified); ``keep`` names layers
-    left in float; ``calibration`` is a list of input batches.
+    and the eager model. ``convert(model, example_input, calibration, granularity, keep,
+    activations)`` returns the model in this scheme (the input may be modified); ``keep``
+    names layers left in float; ``calibration`` is a list of input batches;
+    ``activations`` (``asymmetric`` or ``symmetric``) is for schemes that quantize them.
     """
 
     name: ClassVar[str]
@@ -32,7 +33,7 @@ class Scheme:
 
     def convert(self, model: nn.Module, example_input: Inputs,
                 calibration: list[Inputs], granularity: str,
-                keep: frozenset[str]) -> nn.Module:
+                keep: frozenset[str], activations: str) -> nn.Module:
         raise NotImplementedError
 
 
@@ -61,17 +62,22 @@ def scheme(name: str) -> Scheme:
 
 def quantize(model: nn.Module, scheme_name: str, example_input: Inputs,
              calibration: Iterable | None = None, *, granularity: str = "per_channel",
-             keep_float: Iterable[str] = ()) -> nn.Module:
+             keep_float: Iterable[str] = (), activations: str = "asymmetric") -> nn.Module:
     """Return ``model`` (eval mode) in the scheme named ``scheme_name``; the input model may
     be modified. ``calibration`` batches (or their inputs) feed calibrated schemes
     (default: ``example_input``); ``granularity`` of integer weights is ``per_channel``
     (per output channel / row) or ``per_tensor``; the layers named in ``keep_float``
-    (module names of ``model``) stay in float."""
+    (module names of ``model``) stay in float; static int8 ``activations`` are uint8 with
+    a zero point fitted to each tensor's range (``asymmetric``) or fixed at 127
+    (``symmetric``)."""
     if granularity not in ("per_channel", "per_tensor"):
         raise ValueError(f"granularity must be 'per_channel' or 'per_tensor'. "
                          f"Got {granularity!r} instead.")
+    if activations not in ("asymmetric", "symmetric"):
+        raise ValueError(f"activations must be 'asymmetric' or 'symmetric'. "
+                         f"Got {activations!r} instead.")
     model.eval()
     inputs = ([batch_inputs(b) for b in calibration]
               if calibration is not None else [example_input])
     return scheme(scheme_name).convert(model, example_input, inputs, granularity,
-                                       frozenset(keep_float))
+                                       frozenset(keep_float), activations)

@@ -219,22 +219,62 @@ def repeated_blocks(model: nn.Module, example_input: Inputs
     return found
 
 
-def drop_blocks(model: nn.Module, example_input: Inputs, depth: float) -> int:
-    """Keep ``depth`` (rounded up, at least one) of each run of repeated blocks, evenly
-    spaced, and remove the others, in place; return how many blocks were removed.
+def layer_groups(model: nn.Module, example_input: Inputs) -> dict[str, list[range]]:
+    """Single layers a plain network can drop: ``{Sequential name: child index ranges}``.
 
-    Raises ValueError when ``depth < 1`` and the model has no repeated blocks (give the
-    task a student factory for such models).
+    A group is a child of an ``nn.Sequential`` holding a Linear / Conv whose output has
+    its input's shape (e.g. a 3x3 convolution keeping channels and resolution), with the
+    weightless shape-keeping children after it (its norm and activation). Groups that
+    produce the model's output are never listed.
+    """
+    shapes: dict[nn.Module, tuple] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(output, tuple | list) and output:
+            output = output[0]
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes.setdefault(module, (inputs[0].shape, output.shape))
+
+    containers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
+    children = [c for _, m in containers for c in m]
+    run_with_hooks(model, children, hook, example_input)
+    outputs = set(output_layers(model, example_input))
+    found = {}
+    for name, container in containers:
+        groups, i = [], 0
+        while i < len(container):
+            child, shape = container[i], shapes.get(container[i])
+            weighted = any(isinstance(x, _PRUNABLE) for x in child.modules())
+            if not (weighted and shape and shape[0] == shape[1]):
+                i += 1
+                continue
+            stop = i + 1
+            while stop < len(container) and shapes.get(container[stop]) == shape and not any(
+                    isinstance(x, _PRUNABLE) for x in container[stop].modules()):
+                stop += 1
+            if not any(m in outputs for c in container[i:stop] for m in c.modules()):
+                groups.append(range(i, stop))
+            i = stop
+        if groups:
+            found[name] = groups
+    return found
+
+
+def drop_blocks(model: nn.Module, example_input: Inputs, depth: float) -> int:
+    """Keep ``depth`` of the model's repeated blocks, or else of its single droppable
+    layers, evenly spaced, and remove the others, in place; return how many were removed.
+
+    Repeated blocks (``repeated_blocks``): ``ceil(depth * n)`` of each run are kept, at
+    least one. Single layers (``layer_groups``, for a network without repeated blocks):
+    ``floor(depth * n)`` of the model's ``n`` are kept, so any depth below 1 drops one.
+    Raises ValueError when ``depth < 1`` and the model has neither (give the task a
+    student factory for such models).
     """
     if depth >= 1.0:
         return 0
     found = repeated_blocks(model, example_input)
     if not found:
-        raise ValueError(
-            f"student depth {depth:g} < 1 needs repeated shape-preserving blocks (e.g. "
-            f"residual blocks or encoder layers in a Sequential / ModuleList), and "
-            f"{type(model).__name__} has none; give the task a student(width, depth) factory"
-        )
+        return _drop_layers(model, example_input, depth)
     removed = 0
     for name, blocks in found.items():
         container = model.get_submodule(name)
@@ -257,3 +297,26 @@ def drop_blocks(model: nn.Module, example_input: Inputs, depth: float) -> int:
             owner.num_layers = len(kept)  # nn.TransformerEncoder counts its layers
         removed += len(drop)
     return removed
+
+
+def _drop_layers(model: nn.Module, example_input: Inputs, depth: float) -> int:
+    found = layer_groups(model, example_input)
+    groups = [(name, g) for name, gs in found.items() for g in gs]
+    if not groups:
+        raise ValueError(
+            f"student depth {depth:g} < 1 needs repeated shape-preserving blocks (e.g. "
+            f"residual blocks or encoder layers in a Sequential / ModuleList) or layers "
+            f"that keep their input's shape, and {type(model).__name__} has neither; give "
+            f"the task a student(width, depth) factory")
+    keep_count = math.floor(depth * len(groups) + 1e-9)
+    positions = (torch.linspace(0, len(groups) - 1, keep_count).round().long().tolist()
+                 if keep_count else [])
+    dropped = [groups[i] for i in range(len(groups)) if i not in set(positions)]
+    for name, group in sorted(dropped, key=lambda x: (x[0], -x[1].start)):
+        container = model.get_submodule(name)
+        kept = [c for i, c in enumerate(container) if i not in group]
+        for key in list(container._modules):
+            del container._modules[key]
+        for i, c in enumerate(kept):
+            container.add_module(str(i), c)
+    return len(dropped)

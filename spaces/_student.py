@@ -20,15 +20,17 @@ class StudentConfig(Config):
 
     width: float = param(1.0, low=0.0, high=1.0, low_open=True)
     depth: float = param(1.0, low=0.0, high=1.0, low_open=True,
-                         note="share of repeated blocks kept")
+                         note="share of repeated blocks (else of "
+                              "shape-keeping layers) kept")
 
 
 @register
 class Student(Technique):
     """The task's student factory when it has one, else the teacher with ``depth`` of its
-    repeated blocks kept and slimmed uniformly to ``width`` (weights inherited). Multi-head
-    attention is unfused into separate q / k / v / output Linear layers, so every later
-    technique treats them like any other layer (int8 would leave the fused one float)."""
+    repeated blocks (or, without them, of its shape-keeping layers) kept and slimmed
+    uniformly to ``width`` (weights inherited). Multi-head attention is unfused into
+    separate q / k / v / output Linear layers, so every later technique treats them like
+    any other layer (int8 would leave the fused one float)."""
 
     section, config, order, stage = "student", StudentConfig, 10, "student"
     searched = {"width": FloatRange(0.5, 1.0, 0.125)}

@@ -16,7 +16,7 @@ from ._schemes import Scheme, register_scheme
 class Int8WeightOnly(Scheme):
     name, integer_weights, levels, tolerance = "int8_weight_only", True, 256, 1e-1
 
-    def convert(self, model, example_input, calibration, granularity, keep):
+    def convert(self, model, example_input, calibration, granularity, keep, activations):
         from torchao.quantization import Int8WeightOnlyConfig
 
         config = Int8WeightOnlyConfig(granularity=torchao_granularity(granularity))

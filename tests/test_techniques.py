@@ -32,6 +32,7 @@ from paretoslim.spaces import (
     factorize,
     factorize_tucker2,
     float_layers,
+    layer_groups,
     prune_channels,
     prune_heads,
     quantize,
@@ -303,9 +304,48 @@ def test_depth_drops_repeated_blocks(tasks, kind, container, before, after):
     assert student(task.example_input).shape == task.model(task.example_input).shape
 
 
-def test_depth_without_repeated_blocks_is_a_clear_error(tasks):
-    with pytest.raises(ValueError, match="repeated"):
-        derive_student(tasks["mlp"].model, tasks["mlp"].example_input, 1.0, depth=0.5)
+class _PlainCNN(nn.Module):
+    """Conv stages without repeated blocks: one 3x3 conv keeps channels and resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(16, 16))
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def test_a_plain_network_drops_its_shape_keeping_layers_with_their_norm_and_activation():
+    model, x = _PlainCNN().eval(), torch.randn(2, 1, 8, 8)
+    # the last Linear keeps its shape too, but it produces the output
+    assert layer_groups(model, x) == {"features": [range(4, 7)]}
+    student = derive_student(model, x, 1.0, depth=0.9)  # any depth below 1 drops one
+    assert [type(m).__name__ for m in student.features][3:6] == ["MaxPool2d", "Conv2d", "ReLU"]
+    assert student.features[4].in_channels == 8 and student(x).shape == (2, 16)
+    assert len(derive_student(model, x, 1.0, depth=1.0).features) == len(model.features)
+
+
+def test_depth_of_several_single_layers_keeps_the_floor_evenly_spaced(tasks):
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(8, 8), nn.ReLU())],
+                          nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    assert layer_groups(model, x) == {"": [range(0, 2), range(2, 4), range(4, 6)]}
+    kept = derive_student(model, x, 1.0, depth=0.67)  # floor(2.01) = 2 of 3: first, last
+    linears = [m for m in kept if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    assert torch.equal(linears[0].weight, model[0].weight)
+    assert torch.equal(linears[1].weight, model[4].weight)
+    assert len(derive_student(model, x, 1.0, depth=0.5)) == len(model) - 4
+
+
+def test_depth_without_repeated_blocks_or_droppable_layers_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    with pytest.raises(ValueError, match="repeated.*neither"):
+        derive_student(model, torch.randn(2, 16), 1.0, depth=0.5)
 
 
 # ----------------------------------------------------------------------------- unstructured
@@ -455,6 +495,26 @@ def test_int8_static_granularity_and_float_layers(tasks, granularity):
     reference = task.model(x)
     assert ((quantized(x) - reference).abs().max() / reference.abs().max()) < 0.1
     assert size_mb(quantized) < 0.8 * size_mb(task.model)
+
+
+@pytest.mark.parametrize("activations", ["asymmetric", "symmetric"])
+def test_int8_static_activations_take_fitted_or_fixed_zero_points(tasks, activations):
+    from paretoslim.kernels import lower
+
+    task = tasks["mlp"]
+    quantized = quantize(copy.deepcopy(task.model), "int8_static", task.example_input,
+                         task.train[:4], activations=activations)
+    quantize_op = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    zero_points = {int(n.args[2]) for n in quantized.graph.nodes if n.target is quantize_op}
+    if activations == "symmetric":
+        assert zero_points == {127}  # the middle of uint8
+    else:  # ReLU outputs start at zero; the network input is centred elsewhere
+        assert 0 in zero_points and 127 not in zero_points
+    x = task.val[0][0]
+    lowered = lower(quantized, x, "int8_static", "aoti")  # raises when outputs differ
+    assert (lowered.fn(x).argmax(1) == task.model(x).argmax(1)).float().mean() > 0.9
+    with pytest.raises(ValueError, match="activations"):
+        quantize(copy.deepcopy(task.model), "int8_static", x, activations="signed")
 
 
 def test_qat_trains_fake_quantized_then_converts_to_int8(tasks):

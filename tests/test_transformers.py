@@ -16,8 +16,17 @@ import transformers
 from paretoslim.evaluators import size_mb
 from paretoslim.search import ParetoslimError, Task
 from paretoslim.search._task import check_model_accepts_input
-from paretoslim.spaces import Recipe, compress, model_io, prune_channels
+from paretoslim.spaces import (
+    DistillationConfig,
+    Recipe,
+    compress,
+    derive_student,
+    distill,
+    model_io,
+    prune_channels,
+)
 from paretoslim.spaces._attention import hf_attentions
+from paretoslim.spaces._distill import _block_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = 3
@@ -93,6 +102,9 @@ TECHNIQUES = {
         facts["compressed_embeddings"] >= 1 and size_mb(new) < size_mb(old))),
     "feature_distillation": ({"distillation": {"feature_weight": 0.5}},
                              lambda old, new, facts: True),
+    "hidden_distillation": ({"student": {"depth": 0.5}, "pruning": {"ratio": 0.25},
+                             "distillation": {"hidden_weight": 1.0}},
+                            lambda old, new, facts: facts["blocks_removed"] == 1),
 }
 
 
@@ -148,6 +160,67 @@ def test_channel_pruning_shrinks_every_head_evenly_and_the_ffn(encoder):
            if n.endswith(("intermediate.dense", "mlp.fc1"))]  # the residual stream halves too
     assert len(ffn) == 2 and all((m.in_features, m.out_features) == (16, 32) for m in ffn)
     assert model_io.predict(model, x).shape == (2, LABELS)
+
+
+def _layers(model):
+    return model.bert.encoder.layer
+
+
+def _last_hidden_error(teacher, student, x) -> float:
+    """Mean squared error between the teacher's and the student's last encoder outputs."""
+    taken = {}
+    hooks = [layers[-1].register_forward_hook(
+        lambda _m, _i, out, key=key: taken.__setitem__(key, out[0] if isinstance(
+            out, tuple) else out)) for key, layers in (("t", _layers(teacher)),
+                                                        ("s", _layers(student)))]
+    with torch.no_grad():
+        model_io.call(teacher, x), model_io.call(student, x)
+    for hook in hooks:
+        hook.remove()
+    return float(torch.nn.functional.mse_loss(taken["s"], taken["t"]))
+
+
+def test_hidden_state_distillation_pulls_the_kept_layers_towards_the_teachers():
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=LABELS)).eval()
+    train = [_text_batch() for _ in range(4)]
+    x = _inputs(_text_batch(16))
+    student = derive_student(teacher, x, 1.0, depth=0.5)  # keeps layers 0 and 3
+    pairs = _block_pairs(teacher, student, x)
+    assert [(t, s) for t, s in pairs] == [(_layers(teacher)[0], _layers(student)[0]),
+                                          (_layers(teacher)[3], _layers(student)[1])]
+    # the student's second layer starts from the teacher's last, fed another input
+    errors = {}
+    for weight in (0.0, 10.0):
+        trained = distill(copy.deepcopy(student), teacher, train, steps=40,
+                          config=DistillationConfig(hidden_weight=weight),
+                          learning_rate=1e-3, seed=0)
+        errors[weight] = _last_hidden_error(teacher, trained, x)
+    assert errors[10.0] < 0.5 * errors[0.0]
+    assert not any(layer._forward_hooks for layer in _layers(teacher))
+
+
+def test_hidden_states_of_another_width_are_matched_through_a_projection():
+    model, batch = _encoder("bert")
+    x = _inputs(batch(4))
+    narrow = copy.deepcopy(model)
+    prune_channels(narrow, x, 0.5, global_ranking=False)
+    losses = []
+    distill(narrow, model, [batch() for _ in range(3)], steps=20,
+            config=DistillationConfig(hidden_weight=1.0, alpha=1.0), learning_rate=1e-3,
+            seed=0, on_step=lambda _step, loss: losses.append(loss))
+    assert _layers(narrow)[0].output.dense.out_features < 32  # hidden width 32 shrank
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_hidden_state_distillation_needs_blocks_both_models_share():
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="repeated blocks"):
+        distill(copy.deepcopy(teacher), teacher, [(torch.randn(8, 4), torch.zeros(8).long())],
+                steps=1, config=DistillationConfig(hidden_weight=1.0), learning_rate=1e-3,
+                seed=0)
 
 
 def test_inputs_outputs_and_batches_in_every_form():
