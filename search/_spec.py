@@ -117,7 +117,10 @@ class StoppingSpec:
     up to ``promotions`` trials of the study whose projection at the last rung falls short
     of the limit by less than ``promote_margin``, and whose structure would extend the
     feasible front,
-    fine-tune for ``promote_steps`` in all instead (a promotion)."""
+    fine-tune for ``promote_steps`` in all instead (a promotion). With ``halving`` (eta, at
+    least 2; 0: off), a trial at a rung goes on only while it ranks in the best 1 / eta of
+    the study's trials at that rung (successive halving on non-dominated rank of slice
+    quality, latency and size of the structure: ``halving_reason``)."""
 
     enabled: bool = True
     rungs: list = field(default_factory=lambda: [0.25, 0.5])
@@ -128,9 +131,14 @@ class StoppingSpec:
     promote_steps: int = 0
     promotions: int = 2
     promote_margin: float = 0.01
+    halving: int = 0
 
     def __post_init__(self) -> None:
         _at_least("promote_steps", self.promote_steps, 0)
+        if isinstance(self.halving, bool) or not isinstance(self.halving, int) or not (
+                self.halving == 0 or self.halving >= 2):
+            raise ValueError(f"halving must be 0 (off) or an integer >= 2. "
+                             f"Got {self.halving!r}.")
         _at_least("promotions", self.promotions, 0)
         _in_range("promote_margin", self.promote_margin, 0.0, 1.0)
         rungs = tuple(self.rungs)

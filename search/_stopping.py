@@ -3,6 +3,7 @@ the feasible region, measured at rungs on a fixed held-out slice."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,3 +55,45 @@ def promotion_reason(curve: Sequence[Rung], limit: float, margin: float) -> str 
     last = curve[-1]
     return (f"promoted at fine-tune step {last.step}/{last.steps}: projected {projected:.4f}, "
             f"short of the feasible {limit:.4f} by less than {margin:g}")
+
+
+@dataclass(frozen=True)
+class RungPoint:
+    """A trial at a rung: its slice quality there (``fraction`` of the planned fine-tune)
+    and the latency and size of its structure."""
+
+    fraction: float
+    quality: float
+    latency_ms: float
+    size_mb: float
+
+    def dominates(self, other: RungPoint) -> bool:
+        at_least = (self.quality >= other.quality and self.latency_ms <= other.latency_ms
+                    and self.size_mb <= other.size_mb)
+        return at_least and (self.quality, self.latency_ms, self.size_mb) != (
+            other.quality, other.latency_ms, other.size_mb)
+
+
+def halving_reason(point: RungPoint, earlier: Sequence[RungPoint], eta: int) -> str | None:
+    """Successive halving on non-dominated rank: why the trial at ``point`` should stop,
+    or None. The trials that reached the same rung (``point`` and the ``earlier`` ones at
+    its fraction) are sorted into non-dominated fronts by slice quality (higher is better),
+    latency and size (lower); the trial goes on while fewer than ``ceil(n / eta)`` of the
+    ``n`` lie in fronts ahead of its own. Fewer than ``eta`` trials at the rung stop none."""
+    peers = [p for p in earlier if math.isclose(p.fraction, point.fraction)]
+    n = len(peers) + 1
+    if eta < 2 or n < eta:
+        return None
+    keep = math.ceil(n / eta)
+    remaining, ahead = [point, *peers], 0
+    while True:
+        front = [p for p in remaining if not any(q.dominates(p) for q in remaining)]
+        if any(p is point for p in front):
+            break
+        ahead += len(front)
+        remaining = [p for p in remaining if all(p is not f for f in front)]
+    if ahead < keep:
+        return None
+    return (f"stopped by successive halving at {point.fraction:g} of the fine-tune: {ahead} "
+            f"of the {n} trials at this rung rank ahead of it by slice quality, latency and "
+            f"size (the best {keep} go on)")

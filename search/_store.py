@@ -20,6 +20,7 @@ from ._errors import ParetoslimError
 from ._private import fail_trial, finish_trial
 from ._sampling import make_sampler
 from ._spec import StudySpec, WorkerSpec, check_study_name, load_spec
+from ._stopping import RungPoint
 from ._trial import LATENCY_FIGURES, Guide, TrialResult
 
 # user attributes of a trial
@@ -433,7 +434,23 @@ def guide_data(study: optuna.Study, spec: StudySpec, ends_at: float | None = Non
             best.append([t.number, metrics["latency_ms"], metrics["size_mb"]])
     promoted = sum("promoted" in t.user_attrs[METRICS_ATTR] for t in finished)
     return {"timed": timed, "best": best, "feasible": feasible, "promoted": promoted,
-            "ends_at": ends_at}
+            "ends_at": ends_at, "rung_points": _rung_points(finished, spec.finetune.steps)}
+
+
+def _rung_points(trials: list, steps: int) -> list[list[float]]:
+    """``[fraction, slice quality, latency_ms, size_mb]`` of each rung after the start of
+    every finished trial whose structure was timed."""
+    points = []
+    for t in trials:
+        metrics = t.user_attrs[METRICS_ATTR]
+        if not (metrics.get("rungs") and "latency_ms" in metrics and "size_mb" in metrics):
+            continue
+        for entry in metrics["rungs"].split(","):
+            step, quality = entry.split(":")
+            if 0 < int(step) < steps:
+                points.append([int(step) / steps, float(quality), metrics["latency_ms"],
+                               metrics["size_mb"]])
+    return points
 
 
 def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
@@ -454,7 +471,8 @@ def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
     return Guide(stopping=spec.stopping, max_quality_drop=spec.constraints.max_quality_drop,
                  known_latency=data["timed"].get, dominated=dominated if best else None,
                  promotions_left=spec.stopping.promotions - data.get("promoted", 0),
-                 extends_front=extends_front, ends_at=data.get("ends_at") or math.inf)
+                 extends_front=extends_front, ends_at=data.get("ends_at") or math.inf,
+                 rung_points=tuple(RungPoint(*p) for p in data.get("rung_points", ())))
 
 
 def is_feasible(spec: StudySpec, result: TrialResult) -> bool:

@@ -34,7 +34,7 @@ from ..spaces import (
 )
 from ._fingerprint import structure_fingerprint
 from ._spec import FinetuneSpec, LatencySpec, StoppingSpec, StudySpec
-from ._stopping import Rung, promotion_reason, stop_reason
+from ._stopping import Rung, RungPoint, halving_reason, promotion_reason, stop_reason
 from ._task import Task
 
 CALIBRATION_BATCHES = 8
@@ -88,6 +88,7 @@ class Guide:
     ``extends_front(latency_ms, size_mb)`` says whether a feasible point of that latency
     and size would be faster or smaller than every feasible trial so far; ``ends_at``
     (``time.time()``) is when the run's time budget ends: no promotion runs past it.
+    ``rung_points`` are the study's earlier trials at their rungs, for successive halving.
     """
 
     stopping: StoppingSpec | None = None
@@ -97,6 +98,7 @@ class Guide:
     promotions_left: int = 0
     extends_front: Callable[[float, float], bool] = lambda _latency, _size: True
     ends_at: float = math.inf
+    rung_points: tuple[RungPoint, ...] = ()
 
 
 Measure = Callable[[LatencyJob], LatencyReport]
@@ -346,10 +348,21 @@ class _Trial:
         promoted = self._promotion(step, steps, limit)
         if promoted is not None:
             return promoted
-        reason = stop_reason(self.curve, limit, stopping.slack)
+        reason = stop_reason(self.curve, limit, stopping.slack) or self._halving(step, steps)
         if reason is not None:
             raise Stopped(reason, {"stopped_at_step": step, "finetune_steps": steps})
         return None
+
+    def _halving(self, step: int, steps: int) -> str | None:
+        """Why successive halving stops the trial at this rung, or None; the structure's
+        latency and size are recorded for the ranking of later trials."""
+        eta = self.guide.stopping.halving
+        if eta < 2 or step == 0 or step >= steps or self.structure is None:
+            return None
+        latency, size = self._structure_latency(), size_mb(self.structure)
+        self.partial.update(latency, size_mb=size)
+        point = RungPoint(step / steps, self.curve[-1].quality, latency["latency_ms"], size)
+        return halving_reason(point, self.guide.rung_points, eta)
 
     def _promotion(self, step: int, steps: int, limit: float) -> int | None:
         """The longer fine-tune of a trial at its last rung projected near the quality limit
@@ -391,10 +404,7 @@ class _Trial:
                   "threads": latency.threads, "batch": model_io.batch_size(x)}
         if not isinstance(x, torch.Tensor):  # names, other dimensions
             timing["inputs"] = repr(model_io.signature(x))
-        quantization = self.recipe.quantization
-        if quantization.activations != "asymmetric":  # zero points the kernels compensate
-            timing["activations"] = quantization.activations
-        return structure_fingerprint(model, quantization.scheme, timing)
+        return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
 
     def _batch(self) -> int:
         """The batch size latency is timed at."""
@@ -410,7 +420,8 @@ class _Trial:
         skips = stopping is not None and stopping.skip_dominated and dominated is not None
         promotes = (stopping is not None and self.guide.promotions_left > 0
                     and stopping.promote_steps > self.settings.finetune.steps)
-        if (stopping is None or not stopping.enabled or not (skips or promotes)
+        halves = stopping is not None and stopping.halving >= 2
+        if (stopping is None or not stopping.enabled or not (skips or promotes or halves)
                 or self.settings.finetune.steps == 0):
             return None
         self.stage("structure")

@@ -1,6 +1,13 @@
 """The stopping rule: a hopeless curve is stopped, a promising one is not."""
 
-from paretoslim.search._stopping import Rung, projected_quality, promotion_reason, stop_reason
+from paretoslim.search._stopping import (
+    Rung,
+    RungPoint,
+    halving_reason,
+    projected_quality,
+    promotion_reason,
+    stop_reason,
+)
 
 LIMIT = 0.924  # teacher 0.934 on the slice, at most 1 point lower
 
@@ -64,3 +71,30 @@ def test_a_curve_far_below_the_limit_is_not_promoted():
     far = curve((0, 0.5), (100, 0.88), (200, 0.885))  # projects 0.895, 2.9 points short
     assert promotion_reason(far, LIMIT, 0.01) is None
     assert promotion_reason(far, LIMIT, 0.05) is not None
+
+
+def point(quality, latency, size, fraction=0.25):
+    return RungPoint(fraction, quality, latency, size)
+
+
+def test_halving_stops_a_trial_ranked_behind_the_best_share_of_its_rung():
+    # fronts: {0.92, 0.80 (fastest)}, then 0.91 (behind 0.92 on every axis), then 0.90
+    earlier = [point(0.92, 1.0, 0.1), point(0.91, 1.5, 0.2), point(0.80, 0.5, 0.05)]
+    behind = point(0.90, 2.0, 0.3)
+    reason = halving_reason(behind, earlier, 2)  # the best 2 of 4 go on
+    assert reason is not None and "3 of the 4 trials" in reason and "best 2 go on" in reason
+    assert halving_reason(point(0.915, 1.2, 0.15), earlier, 2) is not None  # 2 ahead
+    assert halving_reason(point(0.915, 1.2, 0.15), earlier[:2], 2) is None  # 1 ahead of 3
+    # a trade-off point (fastest, worst quality) is on the first front: it goes on
+    assert halving_reason(point(0.70, 0.1, 0.01), earlier, 2) is None
+    # eta 4: only the best one of 4 goes on
+    assert halving_reason(point(0.915, 1.2, 0.15), earlier, 4) is not None
+
+
+def test_halving_compares_only_the_same_rung_and_waits_for_eta_trials():
+    earlier = [point(0.92, 1.0, 0.1), point(0.95, 0.5, 0.05, fraction=0.5)]
+    assert halving_reason(point(0.80, 2.0, 0.3), earlier, 3) is None  # 2 at this rung
+    assert halving_reason(point(0.80, 2.0, 0.3), earlier, 2) is not None
+    assert halving_reason(point(0.80, 2.0, 0.3), earlier, 0) is None  # off
+    equal = point(0.92, 1.0, 0.1)
+    assert halving_reason(equal, earlier, 2) is None  # an equal point is not dominated

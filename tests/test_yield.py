@@ -5,6 +5,7 @@ from _tiny import TASK_FILE, tiny_task
 from optuna.trial import TrialState
 
 from paretoslim.search import (
+    ParetoslimError,
     TrialSettings,
     load_spec,
     measure_baseline,
@@ -80,24 +81,34 @@ def test_a_trial_above_the_quality_limit_is_not_timed(mlp):
     assert measure.calls == 0 and result.metrics["quality_drop"] > 0
 
 
-def test_latency_is_reused_for_an_identical_structure_only(mlp):
+@pytest.mark.parametrize("scheme", ["fp32", "int8_static"])
+def test_latency_is_reused_for_an_identical_structure_only(mlp, scheme):
+    # int8 static: calibration sets other scales for other weights, the kernels are the same
     task, baseline = mlp
     measure = FakeMeasure()
-    first = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.25}}), _settings(4),
-                      baseline, measure=measure)
+
+    def recipe(ratio, **distillation):
+        return Recipe.from_dict({"pruning": {"ratio": ratio}, "distillation": distillation,
+                                 "quantization": {"scheme": scheme}})
+
+    first = run_trial(task, recipe(0.25), _settings(4), baseline, measure=measure)
     fingerprint = first.metrics["structure"]
     cached = {fingerprint: {**{k: first.metrics[k] for k in LATENCY_FIGURES
                                if k in first.metrics}, "latency_cached_from": 0}}
     guide = Guide(known_latency=cached.get)
-    same = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.25},
-                                             "distillation": {"temperature": 2.0}}),
-                     _settings(4), baseline, measure=measure, guide=guide)
+    same = run_trial(task, recipe(0.25, temperature=2.0), _settings(4), baseline,
+                     measure=measure, guide=guide)
     assert measure.calls == 1 and same.metrics["latency_cached_from"] == 0
     assert same.metrics["structure"] == fingerprint
-    other = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(4),
-                      baseline, measure=measure, guide=guide)
+    other = run_trial(task, recipe(0.5), _settings(4), baseline, measure=measure, guide=guide)
     assert measure.calls == 2 and "latency_cached_from" not in other.metrics
     assert other.metrics["structure"] != fingerprint
+    if scheme == "int8_static":  # a zero point in use or not is another kernel
+        symmetric = run_trial(task, Recipe.from_dict({
+            "pruning": {"ratio": 0.25},
+            "quantization": {"scheme": scheme, "activations": "symmetric"}}),
+            _settings(4), baseline, measure=measure, guide=guide)
+        assert symmetric.metrics["structure"] != fingerprint
 
 
 def test_a_dominated_candidate_skips_its_fine_tune(mlp):
@@ -290,6 +301,50 @@ def test_the_study_guide_counts_promotions_and_knows_the_feasible_extremes():
     assert guide.promotions_left == 1
     assert guide.extends_front(1.5, 0.3) and guide.extends_front(3.0, 0.15)
     assert not guide.extends_front(2.0, 0.2)  # the infeasible trial does not count
+
+
+@pytest.mark.parametrize("earlier, stopped", [
+    ((1.0, 1e-3, 1e-6), True),   # two earlier trials ahead on every axis at this rung
+    ((0.0, 1e3, 1e3), False)])   # two behind on every axis
+def test_successive_halving_stops_a_trial_outranked_at_its_rung(mlp, earlier, stopped):
+    from paretoslim.search._stopping import RungPoint
+
+    task, baseline = mlp
+    measure = FakeMeasure()
+    points = tuple(RungPoint(0.25, *earlier) for _ in range(2))
+    guide = Guide(stopping=StoppingSpec(rungs=[0.25, 0.5], slice_samples=128, halving=2),
+                  max_quality_drop=100.0, rung_points=points)
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure, guide=guide)
+    assert measure.calls == 1  # the structure, timed once: at the rung, kept for the end
+    if stopped:
+        assert result.stopped.startswith("stopped by successive halving at 0.25")
+        assert result.metrics["stopped_at_step"] == 10
+        assert {"latency_ms", "size_mb"} <= result.metrics.keys()  # ranks later trials
+    else:
+        assert result.ok and result.metrics["finetune_steps"] == 40
+        assert result.metrics["latency_timed_before_finetune"]
+
+
+def test_the_study_guide_holds_each_timed_trial_at_its_rungs():
+    import optuna
+
+    from paretoslim.search._stopping import RungPoint
+    from paretoslim.search._store import METRICS_ATTR, guide_data, guide_for
+
+    spec = parse_spec({"task": "t.py:f", "finetune": {"steps": 800},
+                       "stopping": {"halving": 3}})
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for metrics in ({"quality_drop": 0.0, "latency_ms": 2.0, "size_mb": 0.2,
+                     "rungs": "0:0.5,200:0.9,400:0.92"},
+                    {"quality_drop": 0.0, "latency_ms": 1.0, "size_mb": 0.1}):  # no rungs
+        trial = study.ask()
+        trial.set_user_attr(METRICS_ATTR, metrics)
+        study.tell(trial, [1.0, metrics["latency_ms"], metrics["size_mb"]])
+    guide = guide_for(spec, guide_data(study, spec))
+    assert guide.rung_points == (RungPoint(0.25, 0.9, 2.0, 0.2), RungPoint(0.5, 0.92, 2.0, 0.2))
+    with pytest.raises(ParetoslimError, match="stopping.halving must be 0"):
+        parse_spec({"task": "t.py:f", "stopping": {"halving": 1}})
 
 
 def test_a_time_budget_ends_the_run_after_the_trial_running_then(tmp_path, monkeypatch):
