@@ -40,6 +40,8 @@ ARMS = {
     "tpe": {"sampler": {"name": "tpe"}},
     "gp": {"sampler": {"name": "gp"}},
     "nsga2": {"sampler": {"name": "nsga2"}},
+    # the default with successive halving on non-dominated rank at the rungs
+    "halving": {"stopping": {"halving": 2}},
 }
 
 

@@ -239,8 +239,10 @@ def layer_groups(model: nn.Module, example_input: Inputs) -> dict[str, list[rang
     children = [c for _, m in containers for c in m]
     run_with_hooks(model, children, hook, example_input)
     outputs = set(output_layers(model, example_input))
-    found = {}
+    found, claimed = {}, set()
     for name, container in containers:
+        if container in claimed:  # inside a group found in an outer Sequential
+            continue
         groups, i = [], 0
         while i < len(container):
             child, shape = container[i], shapes.get(container[i])
@@ -254,6 +256,7 @@ def layer_groups(model: nn.Module, example_input: Inputs) -> dict[str, list[rang
                 stop += 1
             if not any(m in outputs for c in container[i:stop] for m in c.modules()):
                 groups.append(range(i, stop))
+                claimed.update(m for c in container[i:stop] for m in c.modules())
             i = stop
         if groups:
             found[name] = groups
@@ -283,14 +286,7 @@ def drop_blocks(model: nn.Module, example_input: Inputs, depth: float) -> int:
         keep = {blocks[p] for p in positions}
         drop = set(blocks) - keep
         kept = [c for i, c in enumerate(container) if i not in drop]
-        if isinstance(container, nn.Sequential):
-            for key in list(container._modules):
-                del container._modules[key]
-            for i, c in enumerate(kept):
-                container.add_module(str(i), c)
-        else:
-            container._modules.clear()
-            container.extend(kept)
+        _keep_children(container, kept)
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         if hasattr(owner, "num_layers") and attr == "layers":
@@ -314,9 +310,12 @@ def _drop_layers(model: nn.Module, example_input: Inputs, depth: float) -> int:
     dropped = [groups[i] for i in range(len(groups)) if i not in set(positions)]
     for name, group in sorted(dropped, key=lambda x: (x[0], -x[1].start)):
         container = model.get_submodule(name)
-        kept = [c for i, c in enumerate(container) if i not in group]
-        for key in list(container._modules):
-            del container._modules[key]
-        for i, c in enumerate(kept):
-            container.add_module(str(i), c)
+        _keep_children(container, [c for i, c in enumerate(container) if i not in group])
     return len(dropped)
+
+
+def _keep_children(container: nn.Sequential | nn.ModuleList, kept: list[nn.Module]) -> None:
+    """Leave ``kept`` as the container's children, renumbered from 0."""
+    container._modules.clear()
+    for i, child in enumerate(kept):
+        container.add_module(str(i), child)
