@@ -57,9 +57,10 @@ def enqueue_seeds(study: optuna.Study, spec: StudySpec) -> int:
 def auto_seeds(spec: StudySpec) -> list[dict[str, Any]]:
     """Informative first recipes, at most a generation (``sampler.population_size``): the
     best-kept numeric scheme alone; each structural technique at half its range with it;
-    then width and pruning together, each at the far end of its range, and the far width
-    with half the pruning. Parameters a
-    seed does not set take their default (the technique off) where the domain allows."""
+    the far width with half the pruning (the small, fast compound, early enough that a
+    promotion to a longer fine-tune still fits the time budget); then width and pruning
+    together at half, and each at the far end of its range. Parameters a seed does not set
+    take their default (the technique off) where the domain allows."""
     searched = spec.space.searched()
     base = {name: _strength(name, domain, 0.0) for name, domain in searched.items()}
     scheme = base.get(_SCHEME)
@@ -69,10 +70,10 @@ def auto_seeds(spec: StudySpec) -> list[dict[str, Any]]:
     structural = [n for n in _STRUCTURAL if n in searched]
     plans: list[dict[str, float]] = [{}]
     plans += [{name: 0.5} for name in structural]
-    plans += [{name: 0.5 for name in structural[:2]}] if len(structural) >= 2 else []
+    if len(structural) >= 2:
+        plans += [{structural[0]: 1.0, structural[1]: 0.5},
+                  {name: 0.5 for name in structural[:2]}]
     plans += [{name: 1.0} for name in structural[:2]]
-    if len(structural) >= 2:  # the far width with half the pruning: the small, fast compound
-        plans += [{structural[0]: 1.0, structural[1]: 0.5}]
     seeds: list[dict[str, Any]] = []
     for plan in plans:
         params = dict(base) | ({_SCHEME: scheme} if scheme is not None else {})

@@ -136,8 +136,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     batches = cycle(train)
-    first_inputs, _ = next(cycle(train))
     matchings: list[tuple[float, _Matching]] = []
+    if config.feature_weight > 0 or config.hidden_weight > 0:
+        first_inputs, _ = next(cycle(train))
     try:
         if config.feature_weight > 0:
             taps = list(zip(_penultimate(teacher, first_inputs, "teacher"),

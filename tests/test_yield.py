@@ -200,6 +200,9 @@ def test_auto_seeds_start_with_informative_recipes_inside_the_space():
             "quantization.scheme": "int8_static"} in seeds
     assert {"student.width": 0.5, "pruning.ratio": 0.0,
             "quantization.scheme": "int8_static"} in seeds
+    # the small, fast compound comes right after the single techniques
+    assert seeds[3] == {"student.width": 0.5, "pruning.ratio": 0.3,
+                        "quantization.scheme": "int8_static"}
     for seed in seeds:
         spec.space.recipe(seed)  # every seed is a valid point of the space
 
