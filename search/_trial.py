@@ -294,6 +294,7 @@ class _Trial:
     partial: dict[str, Any] = field(default_factory=dict)
     curve: list = field(default_factory=list)
     structure: nn.Module | None = None  # the compressed structure before its fine-tune
+    structure_size: float | None = None  # its size_mb, once read
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
     finetune_started: float = 0.0
 
@@ -359,7 +360,7 @@ class _Trial:
         eta = self.guide.stopping.halving
         if eta < 2 or step == 0 or step >= steps or self.structure is None:
             return None
-        latency, size = self._structure_latency(), size_mb(self.structure)
+        latency, size = self._structure_latency(), self._structure_size()
         self.partial.update(latency, size_mb=size)
         point = RungPoint(step / steps, self.curve[-1].quality, latency["latency_ms"], size)
         return halving_reason(point, self.guide.rung_points, eta)
@@ -376,7 +377,7 @@ class _Trial:
         reason = promotion_reason(self.curve, limit, stopping.promote_margin)
         if reason is None:
             return None
-        size, latency = size_mb(self.structure), self._structure_latency()
+        size, latency = self._structure_size(), self._structure_latency()
         if not self.guide.extends_front(latency["latency_ms"], size):
             return None
         self.partial.update(latency, promoted=reason)  # kept should the trial stop
@@ -432,12 +433,18 @@ class _Trial:
         known = self.guide.known_latency(self._fingerprint(structure))
         if known is None or not skips:
             return None
-        size = size_mb(structure)
+        size = self._structure_size()
         winner = dominated(known["latency_ms"], size)
         if winner is not None:
             self.partial.update(known, size_mb=size)
             raise Stopped(f"dominated before its fine-tune by {winner}")
         return None
+
+    def _structure_size(self) -> float:
+        """The size of the trial's structure (serialized once)."""
+        if self.structure_size is None:
+            self.structure_size = size_mb(self.structure)
+        return self.structure_size
 
     def _structure_latency(self) -> dict[str, Any]:
         """The latency figures of the trial's structure: an identical structure's, or timed

@@ -12,7 +12,7 @@ from torch import nn
 
 from ._config import Config, param
 from ._model_io import Inputs, call, predict
-from ._structure import output_layers, repeated_blocks
+from ._structure import evenly_spaced, output_layers, repeated_blocks
 from ._technique import Context, Technique, register, techniques
 from ._training import Deadline, count_parameters, cycle, distillation_loss
 
@@ -36,12 +36,13 @@ class _Tap:
         return value
 
 
-def _penultimate(model: nn.Module, example: Inputs, role: str) -> list[_Tap]:
+def _penultimate(model: nn.Module, example: Inputs, role: str) -> _Tap:
+    """A tap on the input of the model's output layer."""
     layers = output_layers(model, example)
     if not layers:
         raise ValueError(f"feature distillation needs the {role} to end in a Linear / "
                          "Conv layer whose input it can match")
-    return [_Tap(layers[0], output=False)]
+    return _Tap(layers[0], output=False)
 
 
 def _block_pairs(teacher: nn.Module, student: nn.Module, example: Inputs
@@ -60,8 +61,8 @@ def _block_pairs(teacher: nn.Module, student: nn.Module, example: Inputs
         s_blocks = [c for c in container.children() if type(c) is type(t_blocks[0])]
         if not 0 < len(s_blocks) <= len(t_blocks):
             continue
-        positions = torch.linspace(0, len(t_blocks) - 1, len(s_blocks)).round().long()
-        pairs += [(t_blocks[p], s) for p, s in zip(positions.tolist(), s_blocks, strict=True)]
+        positions = evenly_spaced(len(t_blocks), len(s_blocks))
+        pairs += [(t_blocks[p], s) for p, s in zip(positions, s_blocks, strict=True)]
     if not pairs:
         raise ValueError("hidden-state distillation needs repeated blocks (e.g. encoder "
                          "layers) that the teacher and the student share by name")
@@ -141,8 +142,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
         first_inputs, _ = next(cycle(train))
     try:
         if config.feature_weight > 0:
-            taps = list(zip(_penultimate(teacher, first_inputs, "teacher"),
-                            _penultimate(student, first_inputs, "student"), strict=True))
+            taps = [(_penultimate(teacher, first_inputs, "teacher"),
+                     _penultimate(student, first_inputs, "student"))]
             matchings.append((config.feature_weight,
                               _Matching(teacher, student, first_inputs, taps)))
         if config.hidden_weight > 0:

@@ -184,6 +184,36 @@ def derive_student(teacher: nn.Module, example_input: Inputs, width: float,
     return student
 
 
+def _call_shapes(model: nn.Module, modules: list[nn.Module], example_input: Inputs
+                 ) -> dict[nn.Module, list[tuple | None]]:
+    """Per module, the (input shape, output shape) of each of its calls on
+    ``example_input`` (None when either is not a tensor; of a tuple output, its first
+    element, e.g. the hidden states of an encoder layer)."""
+    shapes: dict[nn.Module, list[tuple | None]] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(output, tuple | list) and output:
+            output = output[0]
+        tensors = (inputs and isinstance(inputs[0], torch.Tensor)
+                   and isinstance(output, torch.Tensor))
+        shapes.setdefault(module, []).append(
+            (inputs[0].shape, output.shape) if tensors else None)
+
+    run_with_hooks(model, modules, hook, example_input)
+    return shapes
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return any(isinstance(m, _PRUNABLE) for m in module.modules())
+
+
+def evenly_spaced(count: int, keep: int) -> list[int]:
+    """``keep`` of the positions ``0 .. count - 1``, evenly spaced (first and last kept)."""
+    if keep <= 0:
+        return []
+    return torch.linspace(0, count - 1, keep).round().long().tolist()
+
+
 def repeated_blocks(model: nn.Module, example_input: Inputs
                     ) -> dict[str, list[int]]:
     """Containers holding repeated blocks: ``{container name: indices of its blocks}``.
@@ -192,24 +222,18 @@ def repeated_blocks(model: nn.Module, example_input: Inputs
     (a Linear / Conv inside), maps its input to an output of the same shape and shares
     its class with at least one such sibling; dropping it leaves the network valid.
     """
-    shapes: dict[nn.Module, bool] = {}
-
-    def hook(module, inputs, output):
-        if isinstance(output, tuple | list) and output:  # e.g. (hidden states, attention)
-            output = output[0]
-        same = (len(inputs) >= 1 and isinstance(inputs[0], torch.Tensor)
-                and isinstance(output, torch.Tensor) and inputs[0].shape == output.shape)
-        shapes[module] = shapes.get(module, True) and same
-
     containers = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Sequential, nn.ModuleList))]
-    children = [c for _, m in containers for c in m]
-    run_with_hooks(model, children, hook, example_input)
+    shapes = _call_shapes(model, [c for _, m in containers for c in m], example_input)
+
+    def keeps_shape(child: nn.Module) -> bool:
+        calls = shapes.get(child)
+        return bool(calls) and all(c is not None and c[0] == c[1] for c in calls)
+
     found = {}
     for name, container in containers:
         candidates = [i for i, c in enumerate(container)
-                      if shapes.get(c) and any(isinstance(x, _PRUNABLE) for x in c.modules())
-                      and not isinstance(c, _PRUNABLE)]
+                      if keeps_shape(c) and _holds_weights(c) and not isinstance(c, _PRUNABLE)]
         by_class: dict[type, list[int]] = {}
         for i in candidates:
             by_class.setdefault(type(container[i]), []).append(i)
@@ -227,17 +251,10 @@ def layer_groups(model: nn.Module, example_input: Inputs) -> dict[str, list[rang
     weightless shape-keeping children after it (its norm and activation). Groups that
     produce the model's output are never listed.
     """
-    shapes: dict[nn.Module, tuple] = {}
-
-    def hook(module, inputs, output):
-        if isinstance(output, tuple | list) and output:
-            output = output[0]
-        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            shapes.setdefault(module, (inputs[0].shape, output.shape))
-
     containers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
-    children = [c for _, m in containers for c in m]
-    run_with_hooks(model, children, hook, example_input)
+    calls = _call_shapes(model, [c for _, m in containers for c in m], example_input)
+    shapes = {m: next((c for c in pairs if c is not None), None)  # its first tensor call
+              for m, pairs in calls.items()}
     outputs = set(output_layers(model, example_input))
     found, claimed = {}, set()
     for name, container in containers:
@@ -245,14 +262,13 @@ def layer_groups(model: nn.Module, example_input: Inputs) -> dict[str, list[rang
             continue
         groups, i = [], 0
         while i < len(container):
-            child, shape = container[i], shapes.get(container[i])
-            weighted = any(isinstance(x, _PRUNABLE) for x in child.modules())
-            if not (weighted and shape and shape[0] == shape[1]):
+            shape = shapes.get(container[i])
+            if not (_holds_weights(container[i]) and shape and shape[0] == shape[1]):
                 i += 1
                 continue
             stop = i + 1
-            while stop < len(container) and shapes.get(container[stop]) == shape and not any(
-                    isinstance(x, _PRUNABLE) for x in container[stop].modules()):
+            while (stop < len(container) and shapes.get(container[stop]) == shape
+                   and not _holds_weights(container[stop])):
                 stop += 1
             if not any(m in outputs for c in container[i:stop] for m in c.modules()):
                 groups.append(range(i, stop))
@@ -282,8 +298,7 @@ def drop_blocks(model: nn.Module, example_input: Inputs, depth: float) -> int:
     for name, blocks in found.items():
         container = model.get_submodule(name)
         keep_count = max(1, math.ceil(depth * len(blocks)))
-        positions = torch.linspace(0, len(blocks) - 1, keep_count).round().long().tolist()
-        keep = {blocks[p] for p in positions}
+        keep = {blocks[p] for p in evenly_spaced(len(blocks), keep_count)}
         drop = set(blocks) - keep
         kept = [c for i, c in enumerate(container) if i not in drop]
         _keep_children(container, kept)
@@ -304,10 +319,8 @@ def _drop_layers(model: nn.Module, example_input: Inputs, depth: float) -> int:
             f"residual blocks or encoder layers in a Sequential / ModuleList) or layers "
             f"that keep their input's shape, and {type(model).__name__} has neither; give "
             f"the task a student(width, depth) factory")
-    keep_count = math.floor(depth * len(groups) + 1e-9)
-    positions = (torch.linspace(0, len(groups) - 1, keep_count).round().long().tolist()
-                 if keep_count else [])
-    dropped = [groups[i] for i in range(len(groups)) if i not in set(positions)]
+    kept = set(evenly_spaced(len(groups), math.floor(depth * len(groups) + 1e-9)))
+    dropped = [group for i, group in enumerate(groups) if i not in kept]
     for name, group in sorted(dropped, key=lambda x: (x[0], -x[1].start)):
         container = model.get_submodule(name)
         _keep_children(container, [c for i, c in enumerate(container) if i not in group])
