@@ -10,6 +10,7 @@ from ._job import (
     CACHE_ENV,
     LatencyJob,
     LatencyReport,
+    MeasurementCancelled,
     MeasurementError,
     cache_dir,
     program_bytes,
@@ -17,6 +18,7 @@ from ._job import (
     run_latency_job,
 )
 from ._latency import (
+    ComputeShare,
     LatencyStats,
     SpeedupMeasurement,
     measure_speedup,
@@ -30,9 +32,11 @@ from ._size import deployed_tensors, graph_reads, serialized_size_bytes, size_mb
 __all__ = [
     "BenchRow",
     "CACHE_ENV",
+    "ComputeShare",
     "LatencyJob",
     "LatencyReport",
     "LatencyStats",
+    "MeasurementCancelled",
     "MeasurementError",
     "SpeedupMeasurement",
     "accuracy",

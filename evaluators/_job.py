@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -41,11 +42,16 @@ COMPILE_ALLOWANCE_S = 600.0  # per program lowered (compiling takes 2-17 s; 60 s
 TIMING_CAP_S = 60.0  # ``time_interleaved`` stops a round of timing after this
 CALL_BOUND_S = 1.0  # the slowest single call of a model expected
 TIMING_ROUNDS = 3  # rounds of timing a job can take: two attempts and a sparse duel
+CANCEL_POLL_S = 0.2  # how soon a cancelled measurement's process is ended
 _PARENT_ENV = "PARETOSLIM_JOB_PARENT"  # the measuring process's parent, to die with it
 
 
 class MeasurementError(RuntimeError):
     """The measuring process died or could not run the job."""
+
+
+class MeasurementCancelled(MeasurementError):
+    """The measurement was no longer wanted: its process was ended."""
 
 
 @dataclass(frozen=True)
@@ -182,20 +188,22 @@ def _child_command(job_path: Path, out_path: Path) -> list[str]:
             str(job_path), str(out_path)]
 
 
-def run_isolated(job: LatencyJob, timeout_s: float | None = None) -> LatencyReport:
+def run_isolated(job: LatencyJob, timeout_s: float | None = None,
+                 cancel: threading.Event | None = None) -> LatencyReport:
     """``run_latency_job`` in a new Python process; its exceptions are raised here.
 
     The process runs in a process group of its own, ended with everything it started when
-    it exceeds ``timeout_s`` (default: ``job_timeout(job)``) or when this process is
-    interrupted (KeyboardInterrupt, e.g. Ctrl-C or SIGTERM); its temporary files are removed
-    either way. Raises MeasurementError when the process dies (e.g. a native crash) or
-    exceeds its time-out.
+    it exceeds ``timeout_s`` (default: ``job_timeout(job)``), when ``cancel`` is set (then
+    MeasurementCancelled is raised), or when this process is interrupted
+    (KeyboardInterrupt, e.g. Ctrl-C or SIGTERM); its temporary files are removed either
+    way. Raises MeasurementError when the process dies (e.g. a native crash) or exceeds
+    its time-out.
     """
     timeout_s = job_timeout(job) if timeout_s is None else timeout_s
     with tempfile.TemporaryDirectory(prefix="paretoslim-job-") as scratch:
         job_path, out_path = Path(scratch) / "job.pkl", Path(scratch) / "report.pkl"
         job_path.write_bytes(pickle.dumps(job))
-        code, stderr = _run_child(_child_command(job_path, out_path), timeout_s)
+        code, stderr = _run_child(_child_command(job_path, out_path), timeout_s, cancel)
         if not out_path.is_file():
             how = (f"was killed by signal {-code}" if code < 0
                    else f"exited with code {code}")
@@ -207,15 +215,20 @@ def run_isolated(job: LatencyJob, timeout_s: float | None = None) -> LatencyRepo
     return outcome
 
 
-def _run_child(command: list[str], timeout_s: float) -> tuple[int, str]:
+def _run_child(command: list[str], timeout_s: float,
+               cancel: threading.Event | None = None) -> tuple[int, str]:
     """Run ``command`` in a new session; its return code and standard error. The whole
-    process group is killed when it times out or this process is interrupted."""
+    process group is killed when it times out, ``cancel`` is set or this process is
+    interrupted."""
     with tempfile.TemporaryFile("w+") as errors:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors,
                                  start_new_session=True,
                                  env={**os.environ, _PARENT_ENV: str(os.getpid())})
         try:
-            code = child.wait(timeout=timeout_s)
+            code = _wait(child, timeout_s, cancel)
+        except MeasurementCancelled:
+            _kill_group(child)
+            raise
         except subprocess.TimeoutExpired:
             _kill_group(child)
             raise MeasurementError(
@@ -227,6 +240,21 @@ def _run_child(command: list[str], timeout_s: float) -> tuple[int, str]:
         _kill_group(child)  # what it left behind, e.g. compile workers
         errors.seek(0)
         return code, errors.read()
+
+
+def _wait(child: subprocess.Popen, timeout_s: float, cancel: threading.Event | None) -> int:
+    """``child.wait(timeout_s)``, raising MeasurementCancelled soon after ``cancel`` is set."""
+    if cancel is None:
+        return child.wait(timeout=timeout_s)
+    ends = time.monotonic() + timeout_s
+    while True:
+        if cancel.is_set():
+            raise MeasurementCancelled("the measurement was cancelled")
+        try:
+            return child.wait(timeout=max(0.0, min(CANCEL_POLL_S, ends - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= ends:
+                raise
 
 
 def _kill_group(child: subprocess.Popen, grace_s: float = 5.0) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import statistics
 import tempfile
@@ -55,6 +56,7 @@ def time_interleaved(fns: dict[str, Callable], example: model_io.Inputs,
                      min_calls: int = 300, min_seconds: float = 1.0,
                      max_seconds: float = 60.0,
                      block_medians: dict[str, list[float]] | None = None,
+                     enough: Callable[[dict[str, list[float]], int], bool] | None = None,
                      ) -> dict[str, LatencyStats]:
     """Time each callable on ``example`` (passed as ``model_io.call`` passes inputs) in
     alternating blocks of ``block`` calls.
@@ -64,19 +66,32 @@ def time_interleaved(fns: dict[str, Callable], example: model_io.Inputs,
     ``min_calls`` calls and ``min_seconds`` of total time, or after ``max_seconds``.
     Runs under ``torch.no_grad`` with ``threads`` threads, holding the machine's
     measurement lock. ``block_medians``, when given, receives each block's median per name,
-    in seconds.
+    in seconds. ``enough(block_medians, rounds)``, asked after each round from the
+    ``MIN_ROUNDS``-th on, may end the timing early; ``rounds`` is how many rounds the
+    calls and seconds above would take at the pace so far.
     """
     with measurement_lock():
         return _time_interleaved(fns, example, threads, warmup, block, min_calls,
-                                 min_seconds, max_seconds, block_medians)
+                                 min_seconds, max_seconds, block_medians, enough)
 
 
 _clock = time.perf_counter  # the timer of every measurement (a seam for the tests)
+MIN_ROUNDS = 5  # rounds of blocks before a timing may end early
+
+
+def _rounds_needed(samples: dict[str, list[float]], spent: dict[str, float], block: int,
+                   min_calls: int, min_seconds: float) -> int:
+    """The rounds after which every callable would have ``min_calls`` calls and
+    ``min_seconds`` of time, at its mean call time so far."""
+    calls = max(max(min_calls, math.ceil(min_seconds * len(samples[n]) / max(spent[n], 1e-12)))
+                for n in samples)
+    return math.ceil(calls / block)
 
 
 def _time_interleaved(fns, example, threads, warmup, block, min_calls, min_seconds,
-                      max_seconds, block_medians) -> dict[str, LatencyStats]:
+                      max_seconds, block_medians, enough) -> dict[str, LatencyStats]:
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    medians: dict[str, list[float]] = {} if block_medians is None else block_medians
     spent = dict.fromkeys(fns, 0.0)
     clock = _clock
     bound = {name: _bound(fn, example) for name, fn in fns.items()}
@@ -84,8 +99,9 @@ def _time_interleaved(fns, example, threads, warmup, block, min_calls, min_secon
         for fn in bound.values():
             for _ in range(warmup):
                 fn()
-        start = clock()
+        start, rounds = clock(), 0
         while True:
+            rounds += 1
             for name, fn in bound.items():
                 record = samples[name]
                 for _ in range(block):
@@ -94,11 +110,12 @@ def _time_interleaved(fns, example, threads, warmup, block, min_calls, min_secon
                     dt = clock() - t0
                     record.append(dt)
                     spent[name] += dt
-                if block_medians is not None:
-                    block_medians.setdefault(name, []).append(
-                        statistics.median(record[-block:]))
+                medians.setdefault(name, []).append(statistics.median(record[-block:]))
             done = all(len(samples[n]) >= min_calls and spent[n] >= min_seconds for n in fns)
             if done or clock() - start > max_seconds:
+                break
+            if enough is not None and rounds >= MIN_ROUNDS and enough(
+                    medians, _rounds_needed(samples, spent, block, min_calls, min_seconds)):
                 break
     return {name: _stats(record) for name, record in samples.items()}
 
@@ -106,19 +123,72 @@ def _time_interleaved(fns, example, threads, warmup, block, min_calls, min_secon
 LOCK_ENV = "PARETOSLIM_LOCK_DIR"
 
 
+def _lock_dir() -> Path:
+    directory = Path(os.environ.get(LOCK_ENV) or tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 @contextlib.contextmanager
 def measurement_lock() -> Iterator[None]:
-    """Hold this machine's latency lock: timings of concurrent trials never overlap.
+    """Hold this machine's latency lock: timings of concurrent trials never overlap, and
+    work in a ``ComputeShare`` (e.g. a fine-tune) waits at its next pause point.
 
-    The lock file lives in ``$PARETOSLIM_LOCK_DIR`` or the system's temporary directory,
+    The lock files live in ``$PARETOSLIM_LOCK_DIR`` or the system's temporary directory,
     shared by every paretoslim process on the machine.
     """
     from filelock import FileLock
 
-    directory = Path(os.environ.get(LOCK_ENV) or tempfile.gettempdir())
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _lock_dir()
     with FileLock(str(directory / "paretoslim-latency.lock")):
+        with _flock(directory / _GATE, exclusive=True), \
+                _flock(directory / _COMPUTE, exclusive=True):
+            yield
+
+
+_GATE, _COMPUTE = "paretoslim-gate.lock", "paretoslim-compute.lock"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on ``path`` (blocking; none where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
         yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class ComputeShare:
+    """Work of this process that must not run while the machine times a model.
+
+    Between two ``pause_point()`` calls the work holds a shared lock that
+    ``measurement_lock`` waits for; at a pause point it lets a waiting timing go first
+    (a turnstile, so a timing is never starved by work that pauses often). ``release()``
+    before blocking on a measurement, or when the work ends: a measurement that waits for
+    its own caller's share would wait forever.
+    """
+
+    def __init__(self) -> None:
+        self._held: contextlib.ExitStack | None = None
+
+    def pause_point(self) -> None:
+        self.release()
+        directory, held = _lock_dir(), contextlib.ExitStack()
+        with _flock(directory / _GATE, exclusive=False):
+            held.enter_context(_flock(directory / _COMPUTE, exclusive=False))
+        self._held = held
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
 
 @dataclass(frozen=True)
@@ -141,21 +211,25 @@ def _bound(fn: Callable, example: model_io.Inputs) -> Callable[[], object]:
 
 def measure_speedup(model: Callable, baseline: Callable, example: model_io.Inputs, *,
                     threads: int = 1, min_calls: int = 300, min_seconds: float = 1.0,
-                    max_spread: float = 0.05, attempts: int = 2) -> SpeedupMeasurement:
+                    max_spread: float = 0.05, attempts: int = 2,
+                    stop_when_steady: bool = True) -> SpeedupMeasurement:
     """Time ``model`` against ``baseline`` interleaved; re-measure when the ratio is unstable.
 
     ``speedup`` is baseline median / model median over all calls. ``speedup_spread`` is the
     relative interquartile range of the per-round ratios (baseline block median / model
     block median). Above ``max_spread`` the pair is measured again, up to ``attempts``
     times in all, keeping the steadiest attempt; ``noisy`` says the last word was still
-    above the limit.
+    above the limit. With ``stop_when_steady``, an attempt ends as soon as its ratio is
+    known as precisely as ``min_calls`` and ``min_seconds`` would give it at a spread of
+    ``max_spread`` (``steady_enough``): fewer calls on a quiet machine.
     """
     tries: list[SpeedupMeasurement] = []
     for _ in range(attempts):
         blocks: dict[str, list[float]] = {}
-        stats = time_interleaved({"model": model, "baseline": baseline}, example,
-                                 threads=threads, min_calls=min_calls,
-                                 min_seconds=min_seconds, block_medians=blocks)
+        stats = time_interleaved(
+            {"model": model, "baseline": baseline}, example, threads=threads,
+            min_calls=min_calls, min_seconds=min_seconds, block_medians=blocks,
+            enough=partial(steady_enough, max_spread=max_spread) if stop_when_steady else None)
         ratios = [b / m for b, m in zip(blocks["baseline"], blocks["model"], strict=True)
                   if m > 0]
         spread = _relative_iqr(ratios)
@@ -167,6 +241,16 @@ def measure_speedup(model: Callable, baseline: Callable, example: model_io.Input
             break
     steadiest = min(tries, key=lambda m: m.speedup_spread)
     return dataclasses.replace(steadiest, attempts=len(tries))
+
+
+def steady_enough(blocks: dict[str, list[float]], rounds: int, *, max_spread: float) -> bool:
+    """Whether the per-round ratios so far pin the speedup down as well as ``rounds``
+    rounds at a spread of ``max_spread`` would: the median's error falls as the spread over
+    the square root of the rounds, so k rounds suffice at a spread of
+    ``max_spread * sqrt(k / rounds)`` (a quarter of the rounds at half the spread)."""
+    ratios = [b / m for b, m in zip(blocks["baseline"], blocks["model"], strict=True) if m > 0]
+    return bool(ratios) and _relative_iqr(ratios) <= max_spread * math.sqrt(
+        len(ratios) / max(rounds, 1))
 
 
 def _relative_iqr(values: list[float]) -> float:

@@ -70,8 +70,9 @@ class FinetuneSpec:
 @dataclass(frozen=True)
 class LatencySpec:
     """How latency is measured: target, batch size (0: the example input's), sequence length
-    of token inputs (0: the example input's), threads, calls, and the spread of the speedup
-    across rounds above which a measurement is repeated."""
+    of token inputs (0: the example input's), threads, calls, the spread of the speedup
+    across rounds above which a measurement is repeated, and whether a trial's structure is
+    timed (untrained) while it fine-tunes (``overlap``)."""
 
     target: str = "cpu-x86"
     batch_size: int = 0
@@ -81,6 +82,7 @@ class LatencySpec:
     min_seconds: float = 1.0
     max_spread: float = 0.05
     lowering: str = "aoti"
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         from ..kernels import BACKENDS, TARGETS
@@ -107,20 +109,19 @@ class ConstraintsSpec:
 
 @dataclass(frozen=True)
 class StoppingSpec:
-    """Constraint-aware stopping. The fine-tune is checked at ``rungs`` (fractions of its
-    steps) on the first ``slice_samples`` of the validation data; a trial whose projected
-    quality stays below the feasible region by more than ``slack`` is stopped (the rule:
-    README, "Stopping early"). A trial whose figures are known before its fine-tune (an
-    identical structure timed earlier) and are dominated by a feasible trial of at least
-    the teacher's quality skips it (``skip_dominated``); one that ends above the quality
-    limit is not compiled and timed (``time_infeasible`` false). With ``promote_steps``,
-    up to ``promotions`` trials of the study whose projection at the last rung falls short
-    of the limit by less than ``promote_margin``, and whose structure would extend the
-    feasible front,
+    """Constraint-aware stopping. The fine-tune is checked at ``rungs`` (fractions of its steps)
+    on the first ``slice_samples`` of the validation data; a trial whose projected quality
+    stays below the feasible region by more than ``slack`` is stopped (the rule: README,
+    "Stopping early"). A trial whose figures are known before its fine-tune (an identical
+    structure timed earlier) and are dominated by a feasible trial of at least the teacher's
+    quality skips it (``skip_dominated``); one that ends above the quality limit is stopped
+    then, not timed after its fine-tune (``time_infeasible`` false). With ``promote_steps``, up
+    to ``promotions`` trials of the study whose projection at the last rung falls short of the
+    limit by less than ``promote_margin``, and whose structure would extend the feasible front,
     fine-tune for ``promote_steps`` in all instead (a promotion). With ``halving`` (eta, at
-    least 2; 0: off), a trial at a rung goes on only while it ranks in the best 1 / eta of
-    the study's trials at that rung (successive halving on non-dominated rank of slice
-    quality, latency and size of the structure: ``halving_reason``)."""
+    least 2; 0: off), a trial at a rung goes on only while it ranks in the best 1 / eta of the
+    study's trials at that rung (successive halving on non-dominated rank of slice quality,
+    latency and size of the structure: ``halving_reason``)."""
 
     enabled: bool = True
     rungs: list = field(default_factory=lambda: [0.25, 0.5])

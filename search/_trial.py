@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from ..evaluators import (
+    ComputeShare,
     LatencyJob,
     LatencyReport,
     accuracy,
@@ -242,6 +245,8 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
         return TrialResult(recipe, failure=reason, metrics={
             "traceback": traceback.format_exc(limit=6)[-2000:],
         })
+    finally:
+        trial.close()
     if isinstance(measured, TrialResult):
         return measured
     result = _result(recipe, settings, baseline, measured, started)
@@ -297,23 +302,34 @@ class _Trial:
     structure_size: float | None = None  # its size_mb, once read
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
     finetune_started: float = 0.0
+    share: ComputeShare = field(default_factory=ComputeShare)
+    pending: _Pending | None = None  # the structure, timed while the trial goes on
+
+    def close(self) -> None:
+        """End what the trial leaves running: a timing no longer wanted, the compute share."""
+        if self.pending is not None:
+            self.pending.abandon()
+            self.pending = None
+        self.share.release()
 
     def run(self) -> _Measured | TrialResult:
         """Compress (stopping at hopeless rungs), gate on quality, then time the model
         unless an identical structure was timed before. Raises for a failing recipe."""
         started = time.perf_counter()
         deadline = Deadline(self.settings.finetune.trial_timeout_s)
-        untrained = self._skip_if_dominated(deadline)
+        untrained = self._structure_first(deadline)
         compressed, facts = untrained or self._compress(deadline, self.settings.finetune.steps,
                                                         rungs=True)
         compress_seconds = time.perf_counter() - started
         facts = {**facts, **{k: self.partial[k] for k in ("rungs", "promoted")
                              if k in self.partial}}
         self.stage("quality")
+        self.share.pause_point()
         quality = quality_of(self.task, compressed)
         if not math.isfinite(quality):
             return TrialResult(self.recipe, failure=f"quality is {quality}")
         size = size_mb(compressed)
+        self.share.release()
         self.partial.update(quality=quality, size_mb=size,
                             quality_drop=quality_drop(self.baseline.quality, quality),
                             compress_s=compress_seconds, **_plain(facts))
@@ -326,14 +342,19 @@ class _Trial:
     def _compress(self, deadline: Deadline, steps: int, rungs: bool) -> tuple[nn.Module, dict]:
         finetune, stopping = self.settings.finetune, self.guide.stopping
         watch = rungs and stopping is not None and stopping.enabled
-        with torch_threads(finetune.threads or torch.get_num_threads()):
-            return compress(
-                self.task.model, self.recipe, example_input=self.task.example_input,
-                train=self.task.train, calibration=calibration_batches(self.task),
-                finetune_steps=steps, learning_rate=finetune.learning_rate,
-                seed=self.settings.seed, student_factory=self.task.student,
-                deadline=deadline, on_stage=self.stage,
-                rungs=stopping.rungs if watch else (), on_rung=self._rung if watch else None)
+        try:
+            with torch_threads(finetune.threads or torch.get_num_threads()):
+                return compress(
+                    self.task.model, self.recipe, example_input=self.task.example_input,
+                    train=self.task.train, calibration=calibration_batches(self.task),
+                    finetune_steps=steps, learning_rate=finetune.learning_rate,
+                    seed=self.settings.seed, student_factory=self.task.student,
+                    deadline=deadline, on_stage=self.stage,
+                    rungs=stopping.rungs if watch else (),
+                    on_rung=self._rung if watch else None,
+                    between_steps=self.share.pause_point)
+        finally:
+            self.share.release()
 
     def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
         """Record the slice quality at a rung; promote a near miss (its new step count), or
@@ -396,7 +417,7 @@ class _Trial:
         drop = quality_drop(self.baseline.quality, quality)
         if drop > self.guide.max_quality_drop:
             raise Stopped(f"quality drop {drop:.4f} above the limit "
-                          f"{self.guide.max_quality_drop:g}: not compiled and timed")
+                          f"{self.guide.max_quality_drop:g} after its fine-tune")
 
     def _fingerprint(self, model: nn.Module) -> str:
         latency = self.settings.latency
@@ -411,33 +432,38 @@ class _Trial:
         """The batch size latency is timed at."""
         return model_io.batch_size(latency_input(self.task, self.settings.latency))
 
-    def _skip_if_dominated(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
-        """Compress the structure first (untrained) when the guide can use it: with an
-        identical structure timed before, skip a fine-tune that could not give a point off
-        the feasible front (its size and latency are known without it); keep it for the
-        promotion rule. Returns the compressed model when the recipe needs no fine-tune
-        (it is then final)."""
+    def _structure_first(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
+        """Compress the structure first (untrained) when that saves work: time it on a
+        thread of its own while it fine-tunes (``latency.overlap``); with an identical
+        structure timed before, skip a fine-tune that could not give a point off the
+        feasible front (its size and latency are known without it); keep it for the
+        promotion and halving rules. Returns the compressed model when the recipe needs no
+        fine-tune (it is then final)."""
         stopping, dominated = self.guide.stopping, self.guide.dominated
-        skips = stopping is not None and stopping.skip_dominated and dominated is not None
-        promotes = (stopping is not None and self.guide.promotions_left > 0
+        stops = stopping is not None and stopping.enabled
+        skips = stops and stopping.skip_dominated and dominated is not None
+        promotes = (stops and self.guide.promotions_left > 0
                     and stopping.promote_steps > self.settings.finetune.steps)
-        halves = stopping is not None and stopping.halving >= 2
-        if (stopping is None or not stopping.enabled or not (skips or promotes or halves)
-                or self.settings.finetune.steps == 0):
+        halves = stops and stopping.halving >= 2
+        overlaps = self.settings.latency.overlap
+        if self.settings.finetune.steps == 0 or not (overlaps or skips or promotes or halves):
             return None
         self.stage("structure")
         structure, facts = self._compress(deadline, 1, rungs=False)
         if facts.get("finetune_steps", 0) == 0:
             return structure, facts  # nothing to fine-tune: this is the trial's model
         self.structure = structure
-        known = self.guide.known_latency(self._fingerprint(structure))
-        if known is None or not skips:
-            return None
-        size = self._structure_size()
-        winner = dominated(known["latency_ms"], size)
-        if winner is not None:
-            self.partial.update(known, size_mb=size)
-            raise Stopped(f"dominated before its fine-tune by {winner}")
+        fingerprint = self._fingerprint(structure)
+        known = self.guide.known_latency(fingerprint)
+        if known is not None and skips:
+            size = self._structure_size()
+            winner = dominated(known["latency_ms"], size)
+            if winner is not None:
+                self.partial.update(known, size_mb=size)
+                raise Stopped(f"dominated before its fine-tune by {winner}")
+        if known is None and overlaps:
+            self.stage("export")
+            self.pending = _Pending(fingerprint, self._job(structure), self.measure)
         return None
 
     def _structure_size(self) -> float:
@@ -448,16 +474,10 @@ class _Trial:
 
     def _structure_latency(self) -> dict[str, Any]:
         """The latency figures of the trial's structure: an identical structure's, or timed
-        now on the untrained copy (dense kernels do not depend on the weights' values) and
-        kept for the trained model."""
-        model = self.structure
-        fingerprint = self._fingerprint(model)
-        known = self.guide.known_latency(fingerprint) or self.timed.get(fingerprint)
-        if known is None:
-            self.stage("latency of the structure")
-            known = self._measure(model)
-            self.timed[fingerprint] = known
-        return known
+        on the untrained copy (dense kernels do not depend on the weights' values) and kept
+        for the trained model."""
+        return self._timed(self.structure, self._fingerprint(self.structure),
+                           "latency of the structure")
 
     def _latency(self, model: nn.Module) -> tuple[dict[str, Any], int]:
         fingerprint = self._fingerprint(model)
@@ -465,22 +485,86 @@ class _Trial:
         known = self.guide.known_latency(fingerprint)
         if known is not None:
             return {**known, "structure": fingerprint}, batch
-        if fingerprint in self.timed:
-            return {**self.timed[fingerprint], "latency_timed_before_finetune": True,
-                    "structure": fingerprint}, batch
-        return {**self._measure(model), "structure": fingerprint}, batch
+        before = fingerprint in self.timed or (self.pending is not None
+                                               and self.pending.fingerprint == fingerprint)
+        latency = self._timed(model, fingerprint, "latency")
+        return {**latency, **({"latency_timed_before_finetune": True} if before else {}),
+                "structure": fingerprint}, batch
 
-    def _measure(self, model: nn.Module) -> dict[str, Any]:
-        """Export ``model`` and time it against the teacher."""
+    def _timed(self, model: nn.Module, fingerprint: str, stage: str) -> dict[str, Any]:
+        """The latency figures of ``model``: an identical structure's (from the study, or
+        timed by this trial), else those of its timing in progress, else timed now. The
+        compute share is released first: the timing waits for it."""
+        known = self.guide.known_latency(fingerprint) or self.timed.get(fingerprint)
+        if known is not None:
+            return known
+        self.share.release()
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.fingerprint == fingerprint:
+            self.stage(stage)
+            job, report = pending.job, pending.result()
+        else:
+            if pending is not None:
+                pending.abandon()  # another structure: its figures are not this model's
+            job = self._job(model)
+            self.stage(stage)
+            report = self.measure(job)
+        self.timed[fingerprint] = _metrics(report, job, model)
+        return self.timed[fingerprint]
+
+    def _job(self, model: nn.Module) -> LatencyJob:
+        """The job timing ``model`` against the teacher (``model`` exported)."""
         self.stage("export")
-        job = latency_job(self.task, model, self.recipe.quantization.scheme, self.settings,
-                          self.baseline)
-        self.stage("latency")
-        latency = self.measure(job).metrics()
-        if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
-                                              for module in model.modules()):
-            latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
-        return latency
+        return latency_job(self.task, model, self.recipe.quantization.scheme, self.settings,
+                           self.baseline)
+
+
+class _Pending:
+    """A latency job measured on a thread of its own while the trial goes on.
+
+    The default measure (``run_isolated``) is cancellable: ``abandon`` ends its process.
+    Another measure (e.g. on a cluster node) runs to its end, its figures dropped.
+    """
+
+    def __init__(self, fingerprint: str, job: LatencyJob, measure: Measure):
+        self.fingerprint, self.job = fingerprint, job
+        self.cancel = threading.Event()
+        self.cancellable = measure is run_isolated
+        call = partial(run_isolated, cancel=self.cancel) if self.cancellable else measure
+        self.report: LatencyReport | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(call, job), daemon=True,
+                                       name="paretoslim-latency")
+        self.thread.start()
+
+    def _run(self, call: Measure, job: LatencyJob) -> None:
+        try:
+            self.report = call(job)
+        except BaseException as exc:  # raised where the result is read
+            self.error = exc
+
+    def result(self) -> LatencyReport:
+        """The report, once measured; the measurement's exception is raised here."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.report
+
+    def abandon(self) -> None:
+        """Stop the measurement if it can be stopped; its result is never read."""
+        self.cancel.set()
+        if self.cancellable:
+            self.thread.join()
+
+
+def _metrics(report: LatencyReport, job: LatencyJob, model: nn.Module) -> dict[str, Any]:
+    """A latency report as trial metrics; layers stored sparse with no sparse variant
+    timed are said to run densified."""
+    latency = report.metrics()
+    if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
+                                    for module in model.modules()):
+        latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
+    return latency
 
 
 def _plain(facts: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
              student_factory: Callable[[float, float], nn.Module] | None = None,
              deadline: Deadline | None = None,
              on_stage: Callable[[str], None] | None = None, rungs: tuple[float, ...] = (),
-             on_rung: Callable[[int, int, nn.Module], int | None] | None = None
-             ) -> tuple[nn.Module, dict]:
+             on_rung: Callable[[int, int, nn.Module], int | None] | None = None,
+             between_steps: Callable[[], None] | None = None) -> tuple[nn.Module, dict]:
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
     Each registered technique's ``apply`` runs in the techniques' order with its section
@@ -32,7 +32,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
     cannot be applied raises ValueError saying why; past the ``deadline``, BudgetExceeded.
     The facts are numbers, strings and booleans. ``on_rung`` sees the model at step 0 and
     at the ``rungs`` (fractions) of the fine-tune and may raise ``Stopped``, or return a
-    larger step count to extend the fine-tune to (see ``Context``).
+    larger step count to extend the fine-tune to (see ``Context``). ``between_steps()``
+    runs after each fine-tune step (e.g. to pause while the machine times a model).
     """
     torch.manual_seed(seed)
     teacher.eval()
@@ -41,6 +42,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
                   learning_rate=learning_rate, seed=seed, student_factory=student_factory,
                   deadline=deadline or Deadline(None), on_stage=on_stage or (lambda _n: None),
                   rungs=rungs, on_rung=on_rung)
+    if between_steps is not None:
+        ctx.step_hooks.append(lambda _model, _step: between_steps())
     for t in techniques():
         ctx.later(t.order, t.stage, partial(_apply, t, getattr(recipe, t.section)))
     model = ctx.run(copy.deepcopy(teacher))

@@ -180,6 +180,74 @@ def test_an_unstable_ratio_is_measured_again_and_marked_noisy(clock, model_ms, a
         assert result.speedup == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("model_ms,calls", [
+    (lambda r: 0.5, (100, 100)),  # a steady ratio: known after 5 rounds of 20 calls
+    (_flip(0.49, 0.51), (200, 300)),  # a 4% spread: after (4/5)^2 of the 20 rounds
+    (_flip(0.488, 0.512), (400, 400)),  # a 4.9% spread: only after every round
+])
+def test_a_steady_ratio_ends_its_timing_early(clock, model_ms, calls):
+    from paretoslim.evaluators import measure_speedup
+
+    rounds = [0]
+
+    def model(x):
+        clock.spend(model_ms(rounds[0] // 20))
+
+    def baseline(x):
+        rounds[0] += 1
+        clock.spend(1.0)
+
+    result = measure_speedup(model, baseline, torch.zeros(1), min_calls=400, min_seconds=0.0,
+                             max_spread=0.05)
+    assert result.model.calls == result.baseline.calls and result.attempts == 1
+    assert calls[0] <= result.model.calls <= calls[1]
+    rounds[0] = 0
+    full = measure_speedup(model, baseline, torch.zeros(1), min_calls=400, min_seconds=0.0,
+                           max_spread=0.05, stop_when_steady=False)
+    assert full.model.calls == 400
+
+
+def test_the_rounds_a_timing_needs_count_calls_and_seconds():
+    from paretoslim.evaluators._latency import _rounds_needed, steady_enough
+
+    samples, spent = {"a": [1e-3] * 40, "b": [1e-2] * 40}, {"a": 0.04, "b": 0.4}
+    assert _rounds_needed(samples, spent, 20, 300, 0.0) == 15
+    assert _rounds_needed(samples, spent, 20, 300, 1.0) == 50  # a: 1000 calls for 1 s
+    steady = {"model": [1.0] * 5, "baseline": [2.0] * 5}
+    assert steady_enough(steady, 15, max_spread=0.05)
+    swinging = {"model": [1.0, 1.1] * 4, "baseline": [2.0] * 8}  # ratios 2 and 1.82: 9%
+    assert not steady_enough(swinging, 8, max_spread=0.05)
+    assert steady_enough(swinging, 8, max_spread=0.1)
+
+
+def test_work_in_a_compute_share_waits_for_a_timing_and_a_timing_for_it(tmp_path,
+                                                                         monkeypatch):
+    import threading
+    import time
+
+    from paretoslim.evaluators import ComputeShare, measurement_lock
+
+    monkeypatch.setenv("PARETOSLIM_LOCK_DIR", str(tmp_path))
+    log, share = [], ComputeShare()
+    share.pause_point()  # a fine-tune step under way
+
+    def timing():
+        with measurement_lock():
+            log.append("timing")
+            time.sleep(0.3)
+            log.append("timed")
+
+    timer = threading.Thread(target=timing)
+    timer.start()
+    time.sleep(0.3)
+    log.append("step done")
+    share.pause_point()  # the timing goes first, then the next step
+    log.append("next step")
+    share.release()
+    timer.join(timeout=10)
+    assert log == ["step done", "timing", "timed", "next step"]
+
+
 def test_importing_the_kernels_does_not_import_the_evaluators():
     import subprocess
     import sys

@@ -123,6 +123,20 @@ def test_a_hung_measuring_process_is_killed_with_what_it_started(hanging):
     assert not _alive(int(hanging.read_text()))
 
 
+def test_a_cancelled_measurement_ends_its_process_at_once(hanging):
+    import threading
+
+    from paretoslim.evaluators import MeasurementCancelled
+
+    job, cancel = _job(TinyMLP(), TinyMLP(), torch.randn(2, 16)), threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    begun = time.monotonic()
+    with pytest.raises(MeasurementCancelled):
+        run_isolated(job, timeout_s=600.0, cancel=cancel)
+    assert time.monotonic() - begun < 60  # long before its time-out
+    assert not _alive(int(hanging.read_text()))
+
+
 def test_a_hung_measurement_fails_its_trial_with_the_reason(hanging, mlp_task):
     from paretoslim.search import LatencySpec, TrialSettings, measure_baseline, run_trial
     from paretoslim.spaces import Recipe

@@ -29,9 +29,9 @@ def mlp():
     return task, measure_baseline(task)
 
 
-def _settings(steps=40):
+def _settings(steps=40, overlap=True):
     return TrialSettings(FinetuneSpec(steps=steps, trial_timeout_s=None),
-                         LatencySpec(min_calls=20, min_seconds=0.0))
+                         LatencySpec(min_calls=20, min_seconds=0.0, overlap=overlap))
 
 
 class FakeMeasure:
@@ -51,8 +51,8 @@ class FakeMeasure:
 def test_a_hopeless_curve_is_stopped_at_a_rung_with_its_figures(mlp):
     task, baseline = mlp
     measure = FakeMeasure()
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure,
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}),
+                       _settings(overlap=False), baseline, measure=measure,
                        guide=Guide(stopping=STOPPING, max_quality_drop=-100.0))
     assert result.stopped is not None and "stopped at fine-tune step 10/40" in result.stopped
     assert not result.ok and result.failure is None and measure.calls == 0
@@ -74,11 +74,69 @@ def test_a_promising_curve_runs_to_the_end(mlp):
 def test_a_trial_above_the_quality_limit_is_not_timed(mlp):
     task, baseline = mlp
     measure = FakeMeasure()
-    result = run_trial(task, Recipe.from_dict({"sparsity": {"ratio": 0.97}}), _settings(1),
-                       baseline, measure=measure,
+    result = run_trial(task, Recipe.from_dict({"sparsity": {"ratio": 0.97}}),
+                       _settings(1, overlap=False), baseline, measure=measure,
                        guide=Guide(stopping=StoppingSpec(rungs=[0.5]), max_quality_drop=0.0))
-    assert result.stopped is not None and "not compiled and timed" in result.stopped
+    assert result.stopped is not None and "above the limit 0 after its fine-tune" in \
+        result.stopped
     assert measure.calls == 0 and result.metrics["quality_drop"] > 0
+
+
+def test_the_structure_is_timed_while_it_fine_tunes(mlp):
+    import threading
+
+    task, baseline = mlp
+    finetuned = threading.Event()
+    calls = []
+
+    def measure(job):  # records whether the fine-tune was still running when it began
+        calls.append((threading.current_thread().name, finetuned.is_set()))
+        return FakeMeasure()(job)
+
+    def on_stage(name):
+        if name == "quality":
+            finetuned.set()
+
+    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                       baseline, measure=measure, on_stage=on_stage)
+    assert result.ok and result.metrics["latency_timed_before_finetune"]
+    assert calls == [("paretoslim-latency", False)]
+    sequential = []
+    run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(overlap=False),
+              baseline, measure=lambda job: sequential.append(finetuned.is_set()) or
+              FakeMeasure()(job), on_stage=on_stage)
+    assert sequential == [True]
+
+
+@pytest.mark.parametrize("stop", ["rung", "interrupt"])
+def test_a_trial_that_ends_early_ends_its_timing(mlp, monkeypatch, stop):
+    from paretoslim.evaluators import MeasurementCancelled
+    from paretoslim.search import _trial
+
+    task, baseline = mlp
+    cancelled = []
+
+    def isolated(job, timeout_s=None, cancel=None):  # the measuring process, until ended
+        cancelled.append(cancel.wait(timeout=60))
+        raise MeasurementCancelled("the measurement was cancelled")
+
+    monkeypatch.setattr(_trial, "run_isolated", isolated)
+
+    fine_tunes = []
+
+    def on_stage(name):  # the second fine-tune is the trial's, after its structure's
+        fine_tunes.extend([name] * name.startswith("fine-tune"))
+        if stop == "interrupt" and len(fine_tunes) == 2:
+            raise KeyboardInterrupt
+
+    guide = Guide(stopping=STOPPING, max_quality_drop=-100.0 if stop == "rung" else 100.0)
+    try:
+        result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
+                           baseline, on_stage=on_stage, guide=guide)
+        assert result.stopped is not None
+    except KeyboardInterrupt:
+        assert stop == "interrupt"
+    assert cancelled == [True]
 
 
 @pytest.mark.parametrize("scheme", ["fp32", "int8_static"])
@@ -266,7 +324,7 @@ def test_a_promoted_trial_that_ends_above_the_limit_keeps_its_structure_latency(
                        baseline, measure=measure,
                        guide=Guide(stopping=stopping, max_quality_drop=-0.5,
                                    promotions_left=1))
-    assert result.stopped is not None and "not compiled and timed" in result.stopped
+    assert result.stopped is not None and "after its fine-tune" in result.stopped
     assert result.metrics["latency_ms"] == 1.0 and measure.calls == 1
     assert "promoted at" in result.metrics["promoted"]
 
