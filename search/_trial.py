@@ -303,6 +303,7 @@ class _Trial:
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
     finetune_started: float = 0.0
     share: ComputeShare = field(default_factory=ComputeShare)
+    threads: int = field(default_factory=torch.get_num_threads)  # the process's, at the start
     pending: _Pending | None = None  # the structure, timed while the trial goes on
 
     def close(self) -> None:
@@ -343,7 +344,7 @@ class _Trial:
         finetune, stopping = self.settings.finetune, self.guide.stopping
         watch = rungs and stopping is not None and stopping.enabled
         try:
-            with torch_threads(finetune.threads or torch.get_num_threads()):
+            with torch_threads(finetune.threads or self.threads):
                 return compress(
                     self.task.model, self.recipe, example_input=self.task.example_input,
                     train=self.task.train, calibration=calibration_batches(self.task),
@@ -352,9 +353,19 @@ class _Trial:
                     deadline=deadline, on_stage=self.stage,
                     rungs=stopping.rungs if watch else (),
                     on_rung=self._rung if watch else None,
-                    between_steps=self.share.pause_point)
+                    between_steps=self._between_steps)
         finally:
             self.share.release()
+
+    def _between_steps(self) -> None:
+        """Yield to a timing on the machine; fine-tune on one thread fewer while this
+        trial's measuring process starts and compiles beside it (oversubscribed threads
+        of a parallel region wait for each other)."""
+        self.share.pause_point()
+        full = self.settings.finetune.threads or self.threads
+        want = max(1, full - 1) if self.pending is not None and self.pending.running() else full
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
         """Record the slice quality at a rung; promote a near miss (its new step count), or
@@ -462,7 +473,6 @@ class _Trial:
                 self.partial.update(known, size_mb=size)
                 raise Stopped(f"dominated before its fine-tune by {winner}")
         if known is None and overlaps:
-            self.stage("export")
             self.pending = _Pending(fingerprint, self._job(structure), self.measure)
         return None
 
@@ -499,12 +509,14 @@ class _Trial:
         if known is not None:
             return known
         self.share.release()
-        pending, self.pending = self.pending, None
+        pending = self.pending  # kept until read: an interruption meanwhile ends it
         if pending is not None and pending.fingerprint == fingerprint:
             self.stage(stage)
             job, report = pending.job, pending.result()
+            self.pending = None
         else:
             if pending is not None:
+                self.pending = None
                 pending.abandon()  # another structure: its figures are not this model's
             job = self._job(model)
             self.stage(stage)
@@ -543,6 +555,9 @@ class _Pending:
         except BaseException as exc:  # raised where the result is read
             self.error = exc
 
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
     def result(self) -> LatencyReport:
         """The report, once measured; the measurement's exception is raised here."""
         self.thread.join()
@@ -562,7 +577,7 @@ def _metrics(report: LatencyReport, job: LatencyJob, model: nn.Module) -> dict[s
     timed are said to run densified."""
     latency = report.metrics()
     if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
-                                    for module in model.modules()):
+                                          for module in model.modules()):
         latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
     return latency
 
