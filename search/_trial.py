@@ -303,7 +303,6 @@ class _Trial:
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
     finetune_started: float = 0.0
     share: ComputeShare = field(default_factory=ComputeShare)
-    threads: int = field(default_factory=torch.get_num_threads)  # the process's, at the start
     pending: _Pending | None = None  # the structure, timed while the trial goes on
 
     def close(self) -> None:
@@ -344,7 +343,7 @@ class _Trial:
         finetune, stopping = self.settings.finetune, self.guide.stopping
         watch = rungs and stopping is not None and stopping.enabled
         try:
-            with torch_threads(finetune.threads or self.threads):
+            with torch_threads(finetune.threads or torch.get_num_threads()):
                 return compress(
                     self.task.model, self.recipe, example_input=self.task.example_input,
                     train=self.task.train, calibration=calibration_batches(self.task),
@@ -353,19 +352,9 @@ class _Trial:
                     deadline=deadline, on_stage=self.stage,
                     rungs=stopping.rungs if watch else (),
                     on_rung=self._rung if watch else None,
-                    between_steps=self._between_steps)
+                    between_steps=self.share.pause_point)
         finally:
             self.share.release()
-
-    def _between_steps(self) -> None:
-        """Yield to a timing on the machine; fine-tune on one thread fewer while this
-        trial's measuring process starts and compiles beside it (oversubscribed threads
-        of a parallel region wait for each other)."""
-        self.share.pause_point()
-        full = self.settings.finetune.threads or self.threads
-        want = max(1, full - 1) if self.pending is not None and self.pending.running() else full
-        if torch.get_num_threads() != want:
-            torch.set_num_threads(want)
 
     def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
         """Record the slice quality at a rung; promote a near miss (its new step count), or
@@ -554,9 +543,6 @@ class _Pending:
             self.report = call(job)
         except BaseException as exc:  # raised where the result is read
             self.error = exc
-
-    def running(self) -> bool:
-        return self.thread.is_alive()
 
     def result(self) -> LatencyReport:
         """The report, once measured; the measurement's exception is raised here."""

@@ -108,38 +108,6 @@ def test_the_structure_is_timed_while_it_fine_tunes(mlp):
     assert sequential == [True]
 
 
-def test_the_fine_tune_leaves_a_core_to_its_structure_compiling_beside_it(mlp, monkeypatch):
-    import threading
-
-    import torch
-
-    from paretoslim.evaluators import ComputeShare
-
-    full = torch.get_num_threads()
-    if full < 2:
-        pytest.skip("one thread: none to leave")
-    task, baseline = mlp
-    threads, enough = [], threading.Event()
-    pause_point = ComputeShare.pause_point
-
-    def recording(share):  # the threads the step before this one ran on
-        pause_point(share)
-        threads.append(torch.get_num_threads())
-        if len(threads) == 10:
-            enough.set()
-
-    monkeypatch.setattr(ComputeShare, "pause_point", recording)
-
-    def measure(job):  # still compiling until ten steps have run beside it
-        enough.wait(timeout=60)
-        return FakeMeasure()(job)
-
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure)
-    assert result.ok and full - 1 in threads[:10] and threads[-1] == full
-    assert torch.get_num_threads() == full
-
-
 @pytest.mark.parametrize("stop", ["rung", "interrupt"])
 def test_a_trial_that_ends_early_ends_its_timing(mlp, monkeypatch, stop):
     from paretoslim.evaluators import MeasurementCancelled
