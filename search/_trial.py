@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice
+from itertools import islice, pairwise
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ from ._stopping import Rung, RungPoint, halving_reason, promotion_reason, stop_r
 from ._task import Task
 
 CALIBRATION_BATCHES = 8
+PACE_STEPS = 100  # the last fine-tune steps whose median time projects a promotion's
 # the metrics of a latency measurement, reused for an identical structure
 LATENCY_FIGURES = ("latency_ms", "baseline_latency_ms", "speedup", "speedup_spread",
                    "latency_noisy", "latency_attempts", "latency_iqr_ms", "latency_cov",
@@ -302,6 +305,7 @@ class _Trial:
     structure_size: float | None = None  # its size_mb, once read
     timed: dict = field(default_factory=dict)  # latency figures this trial measured
     finetune_started: float = 0.0
+    step_ends: deque = field(default_factory=lambda: deque(maxlen=PACE_STEPS + 1))
     share: ComputeShare = field(default_factory=ComputeShare)
     pending: _Pending | None = None  # the structure, timed while the trial goes on
 
@@ -352,9 +356,13 @@ class _Trial:
                     deadline=deadline, on_stage=self.stage,
                     rungs=stopping.rungs if watch else (),
                     on_rung=self._rung if watch else None,
-                    between_steps=self.share.pause_point)
+                    between_steps=self._between_steps)
         finally:
             self.share.release()
+
+    def _between_steps(self) -> None:
+        self.step_ends.append(time.perf_counter())
+        self.share.pause_point()
 
     def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
         """Record the slice quality at a rung; promote a near miss (its new step count), or
@@ -362,6 +370,7 @@ class _Trial:
         stopping = self.guide.stopping
         if step == 0:
             self.finetune_started = time.perf_counter()
+            self.step_ends.clear()
         quality = quality_of(self.task, model, val_slice(self.task, stopping.slice_samples))
         self.curve.append(Rung(step, steps, quality))
         self.partial["rungs"] = ",".join(f"{r.step}:{r.quality:.4f}" for r in self.curve)
@@ -406,8 +415,14 @@ class _Trial:
         return stopping.promote_steps
 
     def _fits(self, step: int, steps: int) -> bool:
-        """Whether fine-tuning on to ``steps`` at the pace so far ends within the budget."""
-        pace = (time.perf_counter() - self.finetune_started) / max(1, step)
+        """Whether fine-tuning on to ``steps`` ends within the budget, at the median pace of
+        the last steps (a step that waited for a timing, or ran beside a compilation, is
+        not the pace ahead), else at the pace so far."""
+        ends = list(self.step_ends)
+        if len(ends) > PACE_STEPS // 2:
+            pace = statistics.median(b - a for a, b in pairwise(ends))
+        else:
+            pace = (time.perf_counter() - self.finetune_started) / max(1, step)
         return time.time() + pace * (steps - step) <= self.guide.ends_at
 
     def _gate(self, quality: float) -> None:

@@ -329,6 +329,20 @@ def test_a_promoted_trial_that_ends_above_the_limit_keeps_its_structure_latency(
     assert "promoted at" in result.metrics["promoted"]
 
 
+def test_a_promotion_fits_the_budget_at_the_pace_of_the_last_steps():
+    import time
+
+    from paretoslim.search._trial import PACE_STEPS, _Trial
+
+    trial = _Trial(None, None, None, None, Guide(ends_at=time.time() + 10.0), print, None)
+    now = time.perf_counter()
+    trial.finetune_started = now - 100.0  # the first steps waited for a timing
+    assert not trial._fits(100, 1000)  # at 1 s a step, 900 s more
+    trial.step_ends.extend(now - 0.01 * k for k in reversed(range(PACE_STEPS + 1)))
+    assert trial._fits(100, 1000)  # at the last steps' 10 ms, 9 s more
+    assert not trial._fits(100, 2000)
+
+
 @pytest.mark.parametrize("guide", [
     {"promotions_left": 0},  # the study's promotions are spent
     {"promotions_left": 1, "extends_front": lambda latency, size: False},
