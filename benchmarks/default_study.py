@@ -24,6 +24,9 @@ SPEC = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.toml"
 def summarize(study, spec, seconds: float) -> dict:
     """Outcomes and the best feasible points of a finished study."""
     trials = study.get_trials(deepcopy=False)
+    ran = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
+                                            TrialState.FAIL)
+           and "duplicate_of" not in t.user_attrs]  # a repeated recipe reuses its figures
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     limit = spec.constraints.max_quality_drop
     done = [t.user_attrs[METRICS_ATTR] for t in trials if t.state == TrialState.COMPLETE]
@@ -38,7 +41,7 @@ def summarize(study, spec, seconds: float) -> dict:
     return {
         "cpu": detect_target("cpu-x86").to_dict(), "wall_s": round(seconds, 1),
         "states": {k: v for k, v in states.items() if v},
-        "trials_per_hour": round(3600 * len(trials) / seconds, 1),
+        "trials_per_hour": round(3600 * len(ran) / seconds, 1),
         "full_budget_infeasible": full_infeasible, "rung_stops": len(rung_stops),
         "failures": [t.user_attrs.get(FAILURE_ATTR) for t in trials
                      if t.state == TrialState.FAIL],
