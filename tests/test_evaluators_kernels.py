@@ -149,6 +149,22 @@ def _flip(fast: float, slow: float):
     return lambda r: fast if r % 2 else slow
 
 
+def _scripted_pair(clock, model_ms):
+    """A model taking ``model_ms(r)`` ms in round r (blocks of 20 calls) against a 1 ms
+    baseline, on the scripted clock; ``restart()`` starts the rounds again."""
+    baseline_calls = [0]
+
+    def model(x):
+        clock.spend(model_ms(baseline_calls[0] // 20))
+
+    def baseline(x):
+        baseline_calls[0] += 1
+        clock.spend(1.0)
+
+    model.restart = lambda: baseline_calls.__setitem__(0, 0)
+    return model, baseline
+
+
 # A model whose per-call time (ms) depends on the measuring round r against a 1 ms baseline.
 # With 80 calls in blocks of 20, attempt one is rounds 0-3 and attempt two rounds 5-8.
 @pytest.mark.parametrize("model_ms,attempts,noisy,spread", [
@@ -162,15 +178,7 @@ def test_an_unstable_ratio_is_measured_again_and_marked_noisy(clock, model_ms, a
                                                                spread):
     from paretoslim.evaluators import measure_speedup
 
-    baseline_calls = [0]
-
-    def model(x):
-        clock.spend(model_ms(baseline_calls[0] // 20))
-
-    def baseline(x):
-        baseline_calls[0] += 1
-        clock.spend(1.0)
-
+    model, baseline = _scripted_pair(clock, model_ms)
     result = measure_speedup(model, baseline, torch.zeros(1), min_calls=80, min_seconds=0.0,
                              max_spread=0.05, attempts=2)
     assert result.attempts == attempts and result.noisy == noisy
@@ -188,20 +196,12 @@ def test_an_unstable_ratio_is_measured_again_and_marked_noisy(clock, model_ms, a
 def test_a_steady_ratio_ends_its_timing_early(clock, model_ms, calls):
     from paretoslim.evaluators import measure_speedup
 
-    rounds = [0]
-
-    def model(x):
-        clock.spend(model_ms(rounds[0] // 20))
-
-    def baseline(x):
-        rounds[0] += 1
-        clock.spend(1.0)
-
+    model, baseline = _scripted_pair(clock, model_ms)
     result = measure_speedup(model, baseline, torch.zeros(1), min_calls=400, min_seconds=0.0,
                              max_spread=0.05)
     assert result.model.calls == result.baseline.calls and result.attempts == 1
     assert calls[0] <= result.model.calls <= calls[1]
-    rounds[0] = 0
+    model.restart()
     full = measure_speedup(model, baseline, torch.zeros(1), min_calls=400, min_seconds=0.0,
                            max_spread=0.05, stop_when_steady=False)
     assert full.model.calls == 400
