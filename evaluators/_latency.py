@@ -230,9 +230,7 @@ def measure_speedup(model: Callable, baseline: Callable, example: model_io.Input
             {"model": model, "baseline": baseline}, example, threads=threads,
             min_calls=min_calls, min_seconds=min_seconds, block_medians=blocks,
             enough=partial(steady_enough, max_spread=max_spread) if stop_when_steady else None)
-        ratios = [b / m for b, m in zip(blocks["baseline"], blocks["model"], strict=True)
-                  if m > 0]
-        spread = _relative_iqr(ratios)
+        spread = _relative_iqr(_round_ratios(blocks))
         tries.append(SpeedupMeasurement(
             stats["model"], stats["baseline"],
             stats["baseline"].median_ms / stats["model"].median_ms, spread, 0,
@@ -248,9 +246,14 @@ def steady_enough(blocks: dict[str, list[float]], rounds: int, *, max_spread: fl
     rounds at a spread of ``max_spread`` would: the median's error falls as the spread over
     the square root of the rounds, so k rounds suffice at a spread of
     ``max_spread * sqrt(k / rounds)`` (a quarter of the rounds at half the spread)."""
-    ratios = [b / m for b, m in zip(blocks["baseline"], blocks["model"], strict=True) if m > 0]
+    ratios = _round_ratios(blocks)
     return bool(ratios) and _relative_iqr(ratios) <= max_spread * math.sqrt(
         len(ratios) / max(rounds, 1))
+
+
+def _round_ratios(blocks: dict[str, list[float]]) -> list[float]:
+    """Baseline block median over model block median, round by round."""
+    return [b / m for b, m in zip(blocks["baseline"], blocks["model"], strict=True) if m > 0]
 
 
 def _relative_iqr(values: list[float]) -> float:

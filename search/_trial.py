@@ -495,15 +495,13 @@ class _Trial:
 
     def _latency(self, model: nn.Module) -> tuple[dict[str, Any], int]:
         fingerprint = self._fingerprint(model)
-        batch = self._batch()
-        known = self.guide.known_latency(fingerprint)
-        if known is not None:
-            return {**known, "structure": fingerprint}, batch
+        # timed before the fine-tune: by this trial, done or under way (neither happens for
+        # a structure the study knows, whose figures _timed gives)
         before = fingerprint in self.timed or (self.pending is not None
                                                and self.pending.fingerprint == fingerprint)
         latency = self._timed(model, fingerprint, "latency")
         return {**latency, **({"latency_timed_before_finetune": True} if before else {}),
-                "structure": fingerprint}, batch
+                "structure": fingerprint}, self._batch()
 
     def _timed(self, model: nn.Module, fingerprint: str, stage: str) -> dict[str, Any]:
         """The latency figures of ``model``: an identical structure's (from the study, or
