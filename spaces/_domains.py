@@ -16,10 +16,13 @@ class FloatRange:
     step: float | None = None
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"low and high must be finite. Got low={self.low}, "
+                             f"high={self.high}.")
         if not self.low <= self.high:
             raise ValueError(f"low must be <= high. Got low={self.low}, high={self.high}.")
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be > 0. Got {self.step}.")
+        if self.step is not None and not (math.isfinite(self.step) and self.step > 0):
+            raise ValueError(f"step must be finite and > 0. Got {self.step}.")
         if self.step is not None:
             n = (self.high - self.low) / self.step
             if not math.isclose(n, round(n), abs_tol=1e-9):

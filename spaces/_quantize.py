@@ -17,7 +17,17 @@ from torch import nn
 from ._config import Config, param
 from ._domains import Choice
 from ._model_io import Inputs, call, clone, export, logits, predict, to_floating
-from ._schemes import Scheme, quantize, register_scheme, scheme, scheme_names
+from ._schemes import (
+    ACTIVATIONS,
+    GRANULARITIES,
+    Activations,
+    Granularity,
+    Scheme,
+    quantize,
+    register_scheme,
+    scheme,
+    scheme_names,
+)
 from ._structure import run_with_hooks
 from ._technique import Context, Technique, register
 
@@ -294,8 +304,6 @@ def torchao_quantize(model: nn.Module, config, keep: frozenset[str]) -> nn.Modul
 
 
 KeepFloat = Literal["none", "first_last", "sensitive"]
-Granularity = Literal["per_channel", "per_tensor"]
-Activations = Literal["asymmetric", "symmetric"]
 
 
 @dataclass(frozen=True)
@@ -313,13 +321,13 @@ class QuantizationConfig(Config):
     """
 
     scheme: str = param("fp32", choices=scheme_names)
-    granularity: Granularity = param("per_channel", choices=("per_channel", "per_tensor"),
+    granularity: Granularity = param("per_channel", choices=GRANULARITIES,
                                      note="integer schemes")
     calibration_batches: int = param(8, low=1, high=1024, integer=True, note="static int8")
     qat: bool = param(False, note="fake quantization during the fine-tune "
                                   "(`int8_static`)")
     keep_float: KeepFloat = param("none", choices=("none", "first_last", "sensitive"))
-    activations: Activations = param("asymmetric", choices=("asymmetric", "symmetric"),
+    activations: Activations = param("asymmetric", choices=ACTIVATIONS,
                                      note="static int8")
 
 

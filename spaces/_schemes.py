@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 from torch import nn
 
 from ._model_io import Inputs, batch_inputs
+
+Granularity = Literal["per_channel", "per_tensor"]
+Activations = Literal["asymmetric", "symmetric"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+ACTIVATIONS: tuple[str, ...] = get_args(Activations)
 
 
 class Scheme:
@@ -70,11 +75,11 @@ def quantize(model: nn.Module, scheme_name: str, example_input: Inputs,
     (module names of ``model``) stay in float; static int8 ``activations`` are uint8 with
     a zero point fitted to each tensor's range (``asymmetric``) or fixed at 127
     (``symmetric``)."""
-    if granularity not in ("per_channel", "per_tensor"):
-        raise ValueError(f"granularity must be 'per_channel' or 'per_tensor'. "
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {list(GRANULARITIES)}. "
                          f"Got {granularity!r} instead.")
-    if activations not in ("asymmetric", "symmetric"):
-        raise ValueError(f"activations must be 'asymmetric' or 'symmetric'. "
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {list(ACTIVATIONS)}. "
                          f"Got {activations!r} instead.")
     model.eval()
     inputs = ([batch_inputs(b) for b in calibration]

@@ -80,6 +80,8 @@ def test_space_from_table_and_recipe():
     ({"pruner": {"ratio": 0.1}}, KeyError),
     ({"pruning": {"ratio": {"low": 0.0, "high": 1.5}}}, ValueError),
     ({"pruning": {"ratio": {"low": 0.0, "high": 0.5, "step": 0.3}}}, ValueError),
+    ({"pruning": {"ratio": {"low": 0.0, "high": 0.5, "step": float("inf")}}}, ValueError),
+    ({"pruning": {"ratio": {"low": 0.0, "high": 0.5, "step": float("nan")}}}, ValueError),
     ({"quantization": {"scheme": ["fp32", "fp8"]}}, ValueError),
 ])
 def test_space_rejects_bad_tables(table, error):
