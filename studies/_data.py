@@ -1,4 +1,5 @@
-"""Data helpers for built-in tasks: IDX file reading and deterministic in-memory batches."""
+"""Helpers of the built-in tasks: IDX file reading, deterministic in-memory batches, the
+teacher cache and the checks of task options."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from paretoslim.evaluators import CACHE_ENV
+from paretoslim.evaluators import cache_dir as shared_cache_dir
 from paretoslim.search import ParetoslimError
 
 __all__ = ["IDX_DTYPES", "TensorBatches", "find_idx_split", "read_idx"]
@@ -213,3 +215,20 @@ def first_line(exc: BaseException) -> str:
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Cache directory: argument > $PARETOSLIM_CACHE > ``~/.cache/paretoslim``."""
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    return shared_cache_dir()
+
+
+def check_counts(task: str, **options: Any) -> None:
+    """Raise ParetoslimError naming the first of ``options`` that is not an int >= 1."""
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParetoslimError(
+                f"{task} task: the {name!r} option must be an int >= 1. "
+                f"Got {value!r} instead; fix task_options.{name} in the study spec"
+            )

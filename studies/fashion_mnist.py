@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from paretoslim.evaluators import CACHE_ENV
 from paretoslim.evaluators import accuracy as top1_accuracy
-from paretoslim.evaluators import cache_dir as shared_cache_dir
 from paretoslim.search import ParetoslimError, Task
 from paretoslim.studies._data import (
     TensorBatches,
+    check_counts,
     find_idx_split,
     first_line,
     read_idx,
+    resolve_cache_dir,
     save_atomic,
     say,
 )
@@ -352,13 +353,6 @@ DEFAULT_TEACHER = TeacherConfig()
 # ---------------------------------------------------------------------------- cache
 
 
-def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Cache directory: argument > $PARETOSLIM_CACHE > ``~/.cache/paretoslim``."""
-    if cache_dir is not None and str(cache_dir) != "":
-        return Path(cache_dir).expanduser()
-    return shared_cache_dir()
-
-
 def _cache_key(config: TeacherConfig, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
@@ -455,16 +449,8 @@ def make_task(
     images in order, ``example_input`` the first ``batch_size`` test images, and
     ``calibration`` the first ``calibration_batches`` unshuffled training batches.
     """
-    for name, value in (
-        ("batch_size", batch_size),
-        ("val_batch_size", val_batch_size),
-        ("calibration_batches", calibration_batches),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ParetoslimError(
-                f"fashion_mnist task: the {name!r} option must be an int >= 1. "
-                f"Got {value!r} instead; fix task_options.{name} in the study spec"
-            )
+    check_counts("fashion_mnist", batch_size=batch_size, val_batch_size=val_batch_size,
+                 calibration_batches=calibration_batches)
     data = load_fashion_mnist(data_dir)
     train_x, test_x = normalize(data.train_images), normalize(data.test_images)
     train_y = torch.from_numpy(data.train_labels)

@@ -26,9 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from paretoslim.evaluators import accuracy as top1_accuracy
-from paretoslim.evaluators import cache_dir as shared_cache_dir
 from paretoslim.search import ParetoslimError, Task
-from paretoslim.studies._data import TensorBatches, first_line, save_atomic, say
+from paretoslim.studies._data import (
+    TensorBatches,
+    check_counts,
+    first_line,
+    resolve_cache_dir,
+    save_atomic,
+    say,
+)
 
 __all__ = ["DEFAULT_TEACHER", "TeacherConfig", "load_reviews", "load_or_train_teacher",
            "encoder_dir", "make_task"]
@@ -242,11 +248,8 @@ def make_task(data_file: str | Path | None = None, model_dir: str | Path | None 
     shuffled per epoch, ``example_input`` the first ``batch_size`` held-out inputs and
     ``calibration`` the first ``calibration_batches`` unshuffled training batches.
     """
-    for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size),
-                        ("calibration_batches", calibration_batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ParetoslimError(f"text_classification task: the {name!r} option must be an "
-                                  f"int >= 1. Got {value!r} instead; fix task_options.{name}")
+    check_counts("text_classification", batch_size=batch_size, val_batch_size=val_batch_size,
+                 calibration_batches=calibration_batches)
     encoder = encoder_dir(model_dir)
     reviews = load_reviews(data_file)
     train_reviews, test_reviews = _split(reviews)
@@ -257,7 +260,7 @@ def make_task(data_file: str | Path | None = None, model_dir: str | Path | None 
     config = DEFAULT_TEACHER
     train_x, train_y = _encode(tokenizer, train_reviews, config.max_length)
     test_x, test_y = _encode(tokenizer, test_reviews, config.max_length)
-    cache_file = (Path(cache_dir).expanduser() if cache_dir else shared_cache_dir()) / CACHE_FILE
+    cache_file = resolve_cache_dir(cache_dir) / CACHE_FILE
     model, accuracy = load_or_train_teacher(
         TensorBatches(train_x, train_y, config.batch_size, shuffle=True, seed=config.seed),
         TensorBatches(test_x, test_y, val_batch_size), encoder, cache_file,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import struct
 from pathlib import Path
 
@@ -408,6 +409,10 @@ def test_make_task_on_fake_data(tmp_path, monkeypatch, count_training):
     assert count_training == [1]
 
 
-def test_make_task_rejects_bad_option(tmp_path):
-    with pytest.raises(ParetoslimError, match="task_options.batch_size"):
-        fm.make_task(data_dir=tmp_path, batch_size=0)
+@pytest.mark.parametrize("option, value", [
+    ("batch_size", 0), ("val_batch_size", True), ("calibration_batches", 2.0)])
+@pytest.mark.parametrize("study", ["fashion_mnist", "text_classification"])
+def test_make_task_rejects_bad_option(tmp_path, study, option, value):
+    module = importlib.import_module(f"paretoslim.studies.{study}")
+    with pytest.raises(ParetoslimError, match=f"{study} task: .*task_options.{option} in"):
+        module.make_task(tmp_path, **{option: value})
