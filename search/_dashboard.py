@@ -32,7 +32,7 @@ def serve_dashboard(ref: str, storage: str | None = None, port: int = 8080) -> N
           "(Ctrl-C to stop)", flush=True)
     try:
         with signals_end_process():  # its request handlers would swallow KeyboardInterrupt
-            run_server(make_storage(location), host=HOST, port=port)
+            run_server(make_storage(location, writable=False), host=HOST, port=port)
     except OSError as exc:  # taken between the check and the server's bind
         raise ParetoslimError(f"cannot serve on {HOST}:{port}: {exc.strerror or exc}; pass "
                               "another --port") from None

@@ -7,9 +7,9 @@ import io
 import json
 import os
 import platform
-import re
+import tempfile
 import warnings
-import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from ..kernels import dense_execution, sparse_execution
 from ..spaces import Recipe, compress, model_io
+from ._archive import check_program_archive
 from ._errors import ParetoslimError
 from ._spec import StudySpec
 from ._store import METRICS_ATTR, RECIPE_ATTR
@@ -59,9 +60,10 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     program, dynamic, sequence = _exported(model, task.example_input)
-    torch.export.save(program, str(out / MODEL_FILE))
+    with _replacing(out / MODEL_FILE) as temporary:
+        torch.export.save(program, str(temporary))
     onnx = _save_onnx(program, out / ONNX_FILE)
-    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    _write(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
     latency = settings.latency
     exported = {
         "study": study.study_name,
@@ -82,14 +84,33 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
                     "max_spread": latency.max_spread, "lowering": latency.lowering},
         "environment": _environment(),
     }
-    (out / METRICS_FILE).write_text(json.dumps(exported, indent=2) + "\n")
+    _write(out / METRICS_FILE, json.dumps(exported, indent=2) + "\n")
     onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
                  else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
-    (out / "card.md").write_text(_card(study.study_name, number, recipe, recorded, quality,
+    _write(out / "card.md", _card(study.study_name, number, recipe, recorded, quality,
                                        dynamic, model_io.shapes(task.example_input),
                                        execution)
                                  + onnx_line)
     return out
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder that replaces ``path`` once written: a link
+    already at ``path`` is replaced, never written through; a failed write leaves nothing."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write(path: Path, text: str) -> None:
+    with _replacing(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def _completed_trial(study: optuna.Study, spec: StudySpec | None,
@@ -108,6 +129,9 @@ def _completed_trial(study: optuna.Study, spec: StudySpec | None,
         raise ParetoslimError(
             f"study {study.study_name!r}: its spec file is not readable any more; pass the "
             "spec path instead of the study name")
+    if RECIPE_ATTR not in trial.user_attrs:
+        raise ParetoslimError(f"trial {number} of study {study.study_name!r} holds no "
+                              "readable recipe to rebuild it from")
     return trial
 
 
@@ -178,72 +202,6 @@ def load_program(path: str | Path) -> torch.nn.Module:
 
 _WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-# what a program saved by ``torch.export.save`` holds besides its payloads (paths below the
-# archive's top folder); nothing else is accepted
-_ARCHIVE_FILES = {"archive_format", "archive_version", "byteorder", ".data/version",
-                  ".data/serialization_id"}
-_ARCHIVE_PATTERNS = tuple(re.compile(p) for p in (
-    r"models/[\w.-]+\.json", r"data/sample_inputs/[\w.-]+\.pt",
-    r"data/weights/[\w.-]+_weights_config\.json",
-    r"data/constants/[\w.-]+_constants_config\.json"))
-# payloads as tensors: raw bytes, or a torch.save archive read by the weights-only unpickler
-_PAYLOAD_NAMES = {"weights": re.compile(r"weight_\d+"),
-                  "constants": re.compile(r"tensor_\d+")}
-
-
-def check_program_archive(path: str | Path) -> None:
-    """Raise ParetoslimError unless ``path`` is a ``torch.export`` archive holding only what
-    loads without running code: the program's JSON, raw tensor payloads, and tensors saved
-    by ``torch.save`` (read weights-only). Refused: pickled Python objects (``opaque_obj_``,
-    ``custom_obj_`` constants), compiled AOTInductor code, pickles (``*.pkl``, or bytes
-    starting with the pickle protocol marker ``\\x80``) and any entry ``torch.export.save``
-    does not write for an exported program."""
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            _check_entries(archive)
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
-        raise ParetoslimError(f"{path}: refused before loading: {exc}") from None
-
-
-def _check_entries(archive: zipfile.ZipFile) -> None:
-    names = archive.namelist()
-    top = names[0].split("/", 1)[0] + "/" if names else ""
-    if not top or f"{top}archive_format" not in names:
-        raise ValueError("not a torch.export archive (no archive_format)")
-    payloads = _payloads(archive, top)
-    for name in names:
-        relative = name[len(top):] if name.startswith(top) else ""
-        if relative in payloads:
-            if payloads[relative] and archive.read(name)[:2] != b"PK":
-                raise ValueError(f"{name} should be a torch.save archive of a tensor")
-            continue  # raw bytes are read as a tensor, never unpickled
-        known = relative in _ARCHIVE_FILES or any(p.fullmatch(relative)
-                                                  for p in _ARCHIVE_PATTERNS)
-        if not known:
-            raise ValueError(f"it holds {name}, which is not part of an exported program "
-                             "(pickled objects, compiled code and other files are refused)")
-        if archive.read(name)[:1] == b"\x80":
-            raise ValueError(f"{name} is a pickle")
-
-
-def _payloads(archive: zipfile.ZipFile, top: str) -> dict[str, bool]:
-    """The payload entries the archive's configs name, each with whether it is saved by
-    ``torch.save`` (else raw bytes). Raises ValueError for a payload that is not a tensor."""
-    found: dict[str, bool] = {}
-    for kind, allowed in _PAYLOAD_NAMES.items():
-        prefix = f"{top}data/{kind}/"
-        for name in archive.namelist():
-            if not (name.startswith(prefix) and name.endswith(f"_{kind}_config.json")):
-                continue
-            config = json.loads(archive.read(name)).get("config", {})
-            for fqn, payload in config.items():
-                file = payload.get("path_name", "")
-                if not isinstance(file, str) or not allowed.fullmatch(file):
-                    raise ValueError(f"{kind[:-1]} {fqn!r} is stored as {file!r}, a pickled "
-                                     "Python object loading would unpickle")
-                found[f"data/{kind}/{file}"] = bool(payload.get("use_pickle"))
-    return found
 
 
 def _save_onnx(program: torch.export.ExportedProgram, path: Path) -> str:
@@ -261,9 +219,10 @@ def _save_onnx(program: torch.export.ExportedProgram, path: Path) -> str:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
+            with _replacing(path) as temporary:
+                torch.onnx.export(program, dynamo=True, verbose=False).save(str(temporary))
     except Exception as exc:  # the exporter covers fp32 and bf16, not PT2E int8 graphs
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # an earlier export's file (a link: the link alone)
         return f"skipped: the ONNX exporter failed ({type(exc).__name__})"
     finally:
         quiet.setLevel(level)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from ._lease import study_lease
 from ._progress import StudyProgress
-from ._sampling import enqueue_seeds, suggest_recipe
+from ._sampling import enqueue_seeds, enqueue_untried, suggest_recipe
 from ._signals import interrupted_by
 from ._spec import StudySpec
 from ._store import (
@@ -30,6 +30,7 @@ from ._store import (
     is_feasible,
     mark_interrupted,
     open_study,
+    outcome_of,
     record_result,
     reuse_earlier,
     settled_note,
@@ -37,6 +38,7 @@ from ._store import (
     storage_errors,
     storage_of,
 )
+from ._tally import RunTally
 from ._task import Task, load_task
 from ._trial import TrialSettings, measure_baseline, run_trial
 
@@ -55,7 +57,7 @@ class Objective:
     task: Task
     settings: TrialSettings
     progress: StudyProgress
-    ends_at: float | None = None  # when the run's time budget ends (time.time())
+    tally: RunTally
     interrupted: KeyboardInterrupt | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -90,18 +92,20 @@ class Objective:
         earlier = reuse_earlier(trial, self.spec)
         if earlier is not None:
             self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
+            self._steer_away(trial)
             return earlier
         stopped = stopped_earlier(trial)
         if stopped is not None:
             self.progress.trial_stopped(trial.number, f"same recipe as trial "
                                         f"{trial.user_attrs[DUPLICATE_ATTR]}: {stopped}")
+            self._steer_away(trial)
             raise optuna.TrialPruned(stopped)
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         self.progress.start_trial(trial.number, recipe)
         result = run_trial(self.task, recipe, self.settings, self.baseline,
-                           on_stage=self.progress.stage,
+                           on_stage=self.progress.stage, on_step=self.progress.fine_tune_step,
                            guide=guide_for(self.spec, guide_data(trial.study, self.spec,
-                                                                 self.ends_at)))
+                                                                 self.tally.ends_at)))
         values = record_result(trial, self.spec, result)
         if result.stopped is not None:
             self.progress.trial_stopped(trial.number, result.stopped)
@@ -111,6 +115,11 @@ class Objective:
             raise TrialFailed(result.failure)
         self.progress.trial_done(trial.number, result, is_feasible(self.spec, result))
         return values
+
+    def _steer_away(self, trial: optuna.Trial) -> None:
+        """The sampler proposed a recipe already run: the next trial runs an untried one."""
+        if not enqueue_untried(trial.study, self.spec):
+            self.tally.exhausted = True
 
 
 def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
@@ -143,44 +152,43 @@ def unleased_note(study: optuna.Study) -> str:
 
 def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progress: bool,
                    objective: type[Objective] = Objective, room: Room | None = None) -> None:
-    """Run trials of ``study`` in this process until it holds ``target`` completed trials,
-    or until the run has lasted the spec's ``time_budget_s`` (no trial starts after it;
-    the one running then finishes).
+    """Run trials of ``study`` in this process until it holds ``target`` distinct completed
+    trials, until the run has lasted the spec's ``time_budget_s`` from its first trial (no
+    trial starts after it; the one running then finishes; loading the task and timing the
+    teacher come first and do not count), or until trials in a row complete nothing new
+    (see ``RunTally``).
 
     ``room(study, progress)``, called before the first trial and after each one, says
     whether to start another (False ends the run), e.g. while other workers' trials run.
     """
-    ends_at = None if spec.time_budget_s is None else time.time() + spec.time_budget_s
     done = completed_count(study)
     if done >= target:
         if progress:
             print(f"study {spec.name!r} already has {done} completed trials")
         return
-    task = load_task(spec.task, spec.base_dir, spec.task_options)
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
-    run = objective(spec, task, TrialSettings.from_spec(spec), reporter, ends_at)
-    failures, max_failures = 0, max(5, target)
-
-    def stop_when_enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        nonlocal failures
-        run.raise_interruption()  # one that came after the trial's result was recorded
-        failures = failures + 1 if trial.state == TrialState.FAIL else 0
-        if failures >= max_failures or (room is not None and not room(study, reporter)):
-            study.stop()
-        elif completed_count(study) >= target:
-            study.stop()
-        elif ends_at is not None and time.time() >= ends_at:
-            reporter.note(f"time budget of {spec.time_budget_s:g} s reached with "
-                          f"{completed_count(study)} completed trials")
-            study.stop()
-
+    tally = RunTally(target, spec.time_budget_s, spec.name)
     try:
+        task = load_task(spec.task, spec.base_dir, spec.task_options)
+        run = objective(spec, task, TrialSettings.from_spec(spec), reporter, tally)
         if room is not None and not room(study, reporter):
             return
+        tally.start_clock()
         study.optimize(run, n_trials=None, catch=(TrialFailed,),
-                       callbacks=[stop_when_enough], gc_after_trial=True)
+                       callbacks=[functools.partial(_after_trial, run=run, room=room)],
+                       gc_after_trial=True)
     finally:
         reporter.close()
-    if failures >= max_failures:
-        reporter.note(f"stopped after {failures} failed trials in a row; see `paretoslim "
-                      f"front {spec.name} --all` for their reasons")
+    why = tally.why_stop(completed_count(study))
+    if why:
+        reporter.note(why)
+
+
+def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, run: Objective,
+                 room: Room | None) -> None:
+    run.raise_interruption()  # one that came after the trial's result was recorded
+    run.tally.record(outcome_of(trial))
+    if run.tally.why_stop(completed_count(study)) is not None:
+        study.stop()
+    elif room is not None and not room(study, run.progress):
+        study.stop()

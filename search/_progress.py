@@ -6,9 +6,11 @@ when each trial starts instead of the bar's carriage-return frames."""
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm.auto import tqdm
 
+from ..spaces._progress import LOG_EVERY_S, is_terminal
 from ._figures import FIGURE_FORMATS
 
 
@@ -20,11 +22,12 @@ class StudyProgress:
         self.enabled = enabled
         self.current = ""
         # None: draw the bar when standard error is a terminal
-        self.terminal = _is_terminal(sys.stderr) if terminal is None else terminal
+        self.terminal = is_terminal(sys.stderr) if terminal is None else terminal
         self.bar = tqdm(total=target, initial=min(completed, target), desc="trials",
                         unit="trial", disable=not (enabled and self.terminal),
                         dynamic_ncols=True, file=sys.stderr)
         self.target, self.completed = target, min(completed, target)
+        self._step_started = self._last_line = self._last_redraw = 0.0
 
     def _write(self, line: str) -> None:
         if self.enabled:
@@ -37,6 +40,24 @@ class StudyProgress:
 
     def stage(self, name: str) -> None:
         self.bar.set_postfix_str(f"{self.current} {name}".strip(), refresh=True)
+
+    def fine_tune_step(self, done: int, total: int) -> None:
+        """The running trial's fine-tune reached step ``done`` of ``total``: shown on the
+        bar, and into a log at most every 30 s with an estimate of the time left."""
+        now = time.monotonic()
+        if done <= 1:
+            self._step_started = self._last_line = now
+        left = ""
+        if 1 < done < total:
+            seconds = (now - self._step_started) * (total - done) / (done - 1)
+            left = f", about {seconds:.0f} s left"
+        text = f"fine-tune step {done}/{total}{left}"
+        if self.terminal and now - self._last_redraw >= 0.5:
+            self._last_redraw = now
+            self.bar.set_postfix_str(f"{self.current} {text}", refresh=True)
+        elif self.enabled and not self.terminal and now - self._last_line >= LOG_EVERY_S:
+            self._last_line = now
+            print(f"{self.current}  {text}", file=sys.stderr, flush=True)
 
     def start_trial(self, number: int, recipe) -> None:
         self.current = f"#{number} [{recipe.short()}]"
@@ -88,10 +109,3 @@ class StudyProgress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # replaced or closed streams
-        return False

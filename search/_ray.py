@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from ._errors import ParetoslimError
 from ._lease import study_lease
 from ._private import is_finished, trial_by_number
 from ._progress import StudyProgress
-from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
+from ._sampling import enqueue_seeds, enqueue_untried, make_sampler, suggest_recipe
 from ._signals import Interrupted, last_signal
 from ._spec import StudySpec
 from ._store import (
@@ -49,9 +48,12 @@ from ._store import (
     reuse_earlier,
     settle_running,
     settled_note,
+    stopped_earlier,
     storage_errors,
     storage_of,
 )
+from ._tally import RunTally, fruitless_limit
+from ._task import load_task
 from ._trial import TrialResult, TrialSettings, measure_baseline, run_trial
 
 RESULT_KEY = "paretoslim"
@@ -86,32 +88,27 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
             print(f"study {spec.name!r} already has {done} completed trials")
         return study
 
+    # the teacher is trained (or loaded) before the time budget starts, as in a local run
+    measure_baseline(load_task(spec.task, spec.base_dir, spec.task_options))
     _connect(spec.ray.address if address is None else address)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # state saved within a second
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables stay quiet
     reporter = StudyProgress(target=target, completed=done, enabled=progress)
     _driver["progress"] = reporter
     finished = results_dir(spec) / FINISHED_MARK
-    ends_at = time.monotonic() + (spec.time_budget_s or math.inf)
     try:
         _tuner(spec, study, location, target, reporter, progress, leased).fit()
+        why = _driver.get("why_stop")  # set by the searcher when it finished the run
     finally:
         reporter.close()
         _driver.clear()
     study = open_study(spec, location)
-    failing = _failing(study, max(5, target))
-    out_of_time = time.monotonic() >= ends_at
-    if completed_count(study) >= target or failing or out_of_time:
-        finished.parent.mkdir(parents=True, exist_ok=True)
-        finished.touch()
-    else:  # Tune ended early: Ctrl-C or SIGTERM, which it handles itself
-        raise Interrupted(last_signal() or signal.SIGINT)
-    if out_of_time and not failing and completed_count(study) < target:
-        reporter.note(f"time budget of {spec.time_budget_s:g} s reached with "
-                      f"{completed_count(study)} completed trials")
-    if failing:
-        reporter.note(f"stopped after {max(5, target)} failed trials in a row; see "
-                      f"`paretoslim front {spec.name} --all` for their reasons")
+    if why is None and completed_count(study) < target:
+        raise Interrupted(last_signal() or signal.SIGINT)  # Tune ended early: Ctrl-C, SIGTERM
+    finished.parent.mkdir(parents=True, exist_ok=True)
+    finished.touch()
+    if why:
+        reporter.note(why)
     return study
 
 
@@ -133,7 +130,7 @@ def _tuner(spec: StudySpec, study: optuna.Study, location: str, target: int,
     note = settled_note(mark_interrupted(study)) if leased else ""
     if note and progress:
         reporter.note(note)
-    searcher = StudySearch(spec, location, max_failures=max(5, target), settle=leased)
+    searcher = StudySearch(spec, location, max_failures=fruitless_limit(target), settle=leased)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -172,12 +169,6 @@ def _connect(address: str) -> None:
                               "Start one with `ray start --head` (see README, Running on a "
                               "cluster) or leave ray.address empty for a local one") from None
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
-
-
-def _failing(study: optuna.Study, count: int) -> bool:
-    states = [t.state for t in study.get_trials(deepcopy=False)
-              if t.state.is_finished()][-count:]
-    return len(states) == count and all(s == TrialState.FAIL for s in states)
 
 
 def _sample(spec: StudySpec, trial) -> None:
@@ -235,11 +226,11 @@ class _OptunaSearchOnStudy(OptunaSearch):
 class StudySearch(_OptunaSearchOnStudy):
     """``OptunaSearch`` on the study's storage, with its sampler and objectives, that
     records each trial's recipe, metrics, failure reason and quality constraint, reuses
-    the figures of a repeated recipe, and finishes at the study's target of completed
-    trials (or after ``max_failures`` failures in a row)."""
+    the figures of a repeated recipe, runs no recipe stopped before, and finishes as
+    ``RunTally`` says (``max_failures`` trials in a row completing nothing new)."""
 
     _max_concurrent: float = math.inf  # Tune's max_concurrent_trials, once it is set
-    _ends_at: float = math.inf  # when this run's time budget ends (time.time())
+    _tally: RunTally | None = None  # this run's, from its first suggestion
     _settle: bool = True  # the driver holds the study's lease (older checkpoints: it did)
 
     def __init__(self, spec: StudySpec, location: str, max_failures: int,
@@ -249,7 +240,7 @@ class StudySearch(_OptunaSearchOnStudy):
         self._running: dict[str, optuna.Trial] = {}
         self._recipes: dict[str, Any] = {}
         self._numbers: dict[str, int] = {}
-        self._done = self._target = self._failures = 0
+        self._done = self._target = 0
         super().__init__(
             space=functools.partial(_sample, spec), metric=list(spec.objectives),
             mode=["max" if d == "maximize" else "min" for d in spec.directions],
@@ -261,7 +252,9 @@ class StudySearch(_OptunaSearchOnStudy):
     def attached(self, study: optuna.Study) -> None:
         self._target = int(study.user_attrs.get(TARGET_ATTR, self._spec.trials))
         self._done = completed_count(study)
-        self._ends_at = time.time() + (self._spec.time_budget_s or math.inf)  # this run's
+        self._tally = RunTally(self._target, self._spec.time_budget_s, self._spec.name,
+                               limit=self._max_failures)  # this run's
+        self._tally.start_clock()
         self._running = {}
         for trial_id, number in self._numbers.items():  # restored from a checkpoint
             self._running[trial_id] = trial_by_number(study, number)
@@ -294,8 +287,9 @@ class StudySearch(_OptunaSearchOnStudy):
         study = self.study
         progress = _driver.get("progress")
         while True:
-            if (self._done >= self._target or self._failures >= self._max_failures
-                    or time.time() >= self._ends_at):
+            why = self._tally.why_stop(self._done)
+            if why is not None:
+                _driver["why_stop"] = why
                 return Searcher.FINISHED
             if (self._done + len(self._running) >= self._target
                     or len(self._running) >= self._max_concurrent):
@@ -304,7 +298,8 @@ class StudySearch(_OptunaSearchOnStudy):
             recipe = self._spec.space.recipe(params)
             trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
             earlier = reuse_earlier(trial, self._spec)
-            if earlier is None:
+            stopped = None if earlier is not None else stopped_earlier(trial)
+            if earlier is None and stopped is None:
                 self._running[trial_id] = trial
                 self._numbers[trial_id] = trial.number
                 self._recipes[trial_id] = recipe
@@ -312,14 +307,20 @@ class StudySearch(_OptunaSearchOnStudy):
                     progress.start_trial(trial.number, recipe)
                     progress.stage(f"({len(self._running)} running)")
                 return {"params": params, "number": trial.number,
-                        "guide": guide_data(study, self._spec,
-                                            None if math.isinf(self._ends_at)
-                                            else self._ends_at)}
-            study.tell(trial, earlier)
+                        "guide": guide_data(study, self._spec, self._tally.ends_at)}
+            if earlier is not None:
+                study.tell(trial, earlier)
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
             self.forget(trial_id)
-            self._done += 1
-            if progress is not None:
+            self._tally.record("repeat")
+            if not enqueue_untried(study, self._spec):  # steer the sampler's repeat away
+                self._tally.exhausted = True
+            if progress is not None and earlier is not None:
                 progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
+            elif progress is not None:
+                progress.trial_stopped(trial.number, f"same recipe as trial "
+                                       f"{trial.user_attrs[DUPLICATE_ATTR]}: {stopped}")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass  # one result per trial, handled on completion
@@ -337,13 +338,14 @@ class StudySearch(_OptunaSearchOnStudy):
         values = record_result(trial, self._spec, outcome)
         if outcome.stopped is not None:
             study.tell(trial, state=TrialState.PRUNED)
+            self._tally.record("stopped")
         elif values is None:
             study.tell(trial, state=TrialState.FAIL)
-            self._failures += 1
+            self._tally.record("failed")
         else:
             study.tell(trial, values)
             self._done += 1
-            self._failures = 0
+            self._tally.record("new")
         progress = _driver.get("progress")
         if progress is None:
             return
@@ -410,8 +412,6 @@ _loaded: dict[tuple, tuple] = {}  # per actor process: the task and its baseline
 
 
 def _trainable(config: dict, spec: StudySpec) -> None:
-    from ._task import load_task
-
     key = (str(spec.path), spec.task, json.dumps(spec.task_options, sort_keys=True,
                                                  default=str))
     if key not in _loaded:

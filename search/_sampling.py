@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from ..spaces import Choice, FloatRange, Recipe, technique
 from ._spec import StudySpec
@@ -103,3 +105,33 @@ def _strength(name: str, domain: Any, strength: float) -> Any:
     else:
         ordered = sorted(values, key=lambda v: v != default)
     return ordered[math.floor(strength * (len(ordered) - 1) + 0.5)]
+
+
+def enqueue_untried(study: optuna.Study, spec: StudySpec, draws: int = 200) -> bool:
+    """Enqueue a recipe of the spec's space that no trial of ``study`` has run or holds,
+    drawn at random, so the next trial runs it rather than the sampler's repeat; False when
+    ``draws`` draws found none (the space is, as far as draws can tell, exhausted)."""
+    tried = []
+    for t in study.get_trials(deepcopy=False):
+        params = t.params if t.state != TrialState.WAITING else t.system_attrs.get(
+            "fixed_params", {})
+        try:
+            tried.append(spec.space.recipe(params))
+        except (KeyError, TypeError, ValueError):
+            continue  # a trial that stopped before its recipe was sampled
+    rng = random.Random(f"{spec.seed}:{len(tried)}")
+    for _ in range(draws):
+        params = {name: _draw(domain, rng) for name, domain in spec.space.searched().items()}
+        if spec.space.recipe(params) not in tried:
+            study.enqueue_trial(params)
+            return True
+    return False
+
+
+def _draw(domain: Any, rng: random.Random) -> Any:
+    if isinstance(domain, FloatRange):
+        if domain.step is None:
+            return rng.uniform(domain.low, domain.high)
+        steps = round((domain.high - domain.low) / domain.step)
+        return round(domain.low + rng.randint(0, steps) * domain.step, 10)
+    return rng.choice(list(domain.values))

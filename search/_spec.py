@@ -277,6 +277,11 @@ def load_spec(path: str | Path) -> StudySpec:
             data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ParetoslimError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ParetoslimError(f"{path}: not UTF-8 text, as TOML must be (byte {exc.start}: "
+                              f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except OSError as exc:
+        raise ParetoslimError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return parse_spec(data, path)
 
 

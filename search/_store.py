@@ -17,6 +17,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..spaces import Recipe
 from ._errors import ParetoslimError
+from ._journal import repair_torn_tail, warn_torn_tail
+from ._journal import unreadable as journal_unreadable
 from ._private import fail_trial, finish_trial
 from ._sampling import make_sampler
 from ._spec import StudySpec, WorkerSpec, check_study_name, load_spec
@@ -56,9 +58,29 @@ def database_url(url: str) -> str:
     return url
 
 
+_SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass|secret|token|sslpassword|"
+                           r"access_token|api_key|apikey)=)[^&#]*", re.IGNORECASE)
+
+
 def shown(location: str) -> str:
-    """A storage as it may be printed: a database URL without its password."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", location)
+    """A storage as it may be printed: a database URL without its password, whatever form
+    it takes (``user:pass@``, a password holding ``/`` or ``@``, ``?password=`` and the
+    like in the query)."""
+    if "://" not in location:
+        return location
+    scheme, rest = location.split("://", 1)
+    query = ""
+    for mark in "?#":
+        if mark in rest:
+            rest, tail = rest.split(mark, 1)
+            query = f"{mark}{tail}{query}"
+            break
+    if "@" in rest:  # the password runs from the first ':' of the credentials to the last '@'
+        credentials, host = rest.rsplit("@", 1)
+        if ":" in credentials:
+            credentials = credentials.split(":", 1)[0] + ":***"
+        rest = f"{credentials}@{host}"
+    return f"{scheme}://{rest}{_SECRET_QUERY.sub(lambda m: m.group(1) + '***', query)}"
 
 
 def sqlite_file(location: str) -> Path | None:
@@ -103,10 +125,23 @@ def _first_line(exc: BaseException, location: str = "") -> str:
     """The first line of an error's message, its storage's password hidden."""
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     text = shown(lines[0])
-    password = re.match(r"[^:]+://[^:/@]*:([^@/]*)@", location)
-    if password and password.group(1):
-        text = text.replace(password.group(1), "***")
+    for secret in _secrets(location):
+        text = text.replace(secret, "***")
     return text
+
+
+def _secrets(location: str) -> list[str]:
+    """The password-like parts of a storage URL, as written and as URL-decoded."""
+    from urllib.parse import unquote
+
+    if "://" not in location:
+        return []
+    rest = re.split(r"[?#]", location.split("://", 1)[1], maxsplit=1)[0]
+    found = []
+    if "@" in rest and ":" in rest.rsplit("@", 1)[0]:
+        found.append(rest.rsplit("@", 1)[0].split(":", 1)[1])
+    found += [m.group(0).split("=", 1)[1] for m in _SECRET_QUERY.finditer(location)]
+    return [v for s in found if s for v in {s, unquote(s)} if len(v) >= 3]
 
 
 def check_storage(location: str, *, create: bool) -> None:
@@ -123,13 +158,20 @@ def check_storage(location: str, *, create: bool) -> None:
                               "not exist; create it first")
 
 
-def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
+def make_storage(url_or_path: str, workers: WorkerSpec | None = None, *,
+                 writable: bool = True) -> Any:
     """An Optuna storage: an RDB URL as is, anything else a journal file path.
 
     With ``workers``, an RDB storage whose running trials send heartbeats; a trial silent
     for the grace period is failed and retried by the next worker that starts a trial.
+    A journal's torn last line (a write cut short) is cut off first when ``writable``, else
+    ignored with a warning; a journal Optuna cannot replay raises ParetoslimError saying
+    where it is damaged. Not ``writable``: a database without Optuna's tables is refused
+    instead of having them created.
     """
     if is_rdb_url(url_or_path):
+        if not writable:
+            _check_optuna_tables(url_or_path)
         url = database_url(url_or_path)
         if workers is None:
             return url
@@ -147,7 +189,32 @@ def make_storage(url_or_path: str, workers: WorkerSpec | None = None) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
-    return JournalStorage(JournalFileBackend(str(path), lock))
+    if writable:
+        repair_torn_tail(path, lock)
+    else:
+        warn_torn_tail(path)
+    try:
+        return JournalStorage(JournalFileBackend(str(path), lock))
+    except OSError:
+        raise
+    except Exception as exc:  # replaying the records: anything raised is about the data
+        raise journal_unreadable(path, exc) from None
+
+
+def _check_optuna_tables(url: str) -> None:
+    """Raise ParetoslimError unless the database at ``url`` holds Optuna's tables (looked up
+    without writing; opening it through Optuna would create them)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(database_url(url), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        names = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not {"studies", "trials", "version_info"} <= names:
+        raise ParetoslimError(f"storage {shown(url)} holds no Optuna study tables; nothing "
+                              "was written to it (run `paretoslim run SPEC --storage URL` "
+                              "to create a study there)")
 
 
 def storage_of(spec: StudySpec, override: str | None = None) -> str:
@@ -267,7 +334,7 @@ def resolve_study(ref: str, storage: str | None = None) -> tuple[optuna.Study, S
 
 
 def _load_study(name: str, location: str) -> optuna.Study:
-    storage = make_storage(location)
+    storage = make_storage(location, writable=False)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -284,8 +351,19 @@ def objective_names(study: optuna.Study) -> list[str]:
 
 
 def completed_count(study: optuna.Study) -> int:
-    """How many trials of ``study`` completed."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """How many trials of ``study`` completed with a recipe of their own (a trial that
+    repeated an earlier recipe and copied its figures is not counted)."""
+    return sum(DUPLICATE_ATTR not in t.user_attrs
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def outcome_of(trial: FrozenTrial) -> str:
+    """What a finished trial brought: ``new`` (a recipe completed), ``repeat`` (an earlier
+    recipe's figures or stop copied), ``stopped`` or ``failed``."""
+    if DUPLICATE_ATTR in trial.user_attrs:
+        return "repeat"
+    return {TrialState.COMPLETE: "new", TrialState.PRUNED: "stopped"}.get(trial.state,
+                                                                            "failed")
 
 
 def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:

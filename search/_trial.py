@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 import threading
 import time
@@ -37,6 +38,7 @@ from ..spaces import (
     count_parameters,
     model_io,
 )
+from ._errors import ParetoslimError
 from ._fingerprint import structure_fingerprint
 from ._spec import FinetuneSpec, LatencySpec, StoppingSpec, StudySpec
 from ._stopping import Rung, RungPoint, halving_reason, promotion_reason, stop_reason
@@ -153,7 +155,12 @@ def quality_of(task: Task, model: nn.Module, val: Iterable | None = None) -> flo
     """The task's metric (default: accuracy) on its validation data (or on ``val``)."""
     metric = task.metric or accuracy
     with torch.no_grad():
-        return float(metric(model, task.val if val is None else val))
+        value = metric(model, task.val if val is None else val)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"the metric returned {type(value).__name__}, not a number")
+    return float(value)
 
 
 def val_slice(task: Task, samples: int) -> list:
@@ -187,10 +194,22 @@ def latency_input(task: Task, latency: LatencySpec) -> model_io.Inputs:
 
 
 def measure_baseline(task: Task) -> Baseline:
-    """Quality, size and parameter count of the uncompressed teacher."""
+    """Quality, size and parameter count of the uncompressed teacher. A metric that fails
+    on the teacher or gives no finite number raises ParetoslimError: no trial could be
+    judged."""
     task.model.eval()
-    return Baseline(quality_of(task, task.model), size_mb(task.model),
-                    count_parameters(task.model))
+    who = f"task {task.name!r}" if task.name else "the task"
+    try:
+        quality = quality_of(task, task.model)
+    except Exception as exc:  # the user's data and metric: any failure is theirs to see
+        raise ParetoslimError(
+            f"{who}: the quality of the teacher on val cannot be measured "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); val must yield "
+            "(inputs, targets) batches that the model and the metric accept") from None
+    if not math.isfinite(quality):
+        raise ParetoslimError(f"{who}: the metric gave {quality} for the teacher; it must "
+                              "return a finite number")
+    return Baseline(quality, size_mb(task.model), count_parameters(task.model))
 
 
 def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettings,
@@ -210,7 +229,8 @@ def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettin
 
 def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
               on_stage: Callable[[str], None] | None = None,
-              measure: Measure | None = None, guide: Guide | None = None) -> TrialResult:
+              measure: Measure | None = None, guide: Guide | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> TrialResult:
     """Compress, lower and measure one recipe; never raises for a failing recipe.
 
     The result's ``values`` hold ``quality``, ``latency_ms`` and ``size_mb``; ``metrics``
@@ -222,6 +242,7 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     failure (exception, NaN, budget exceeded, wrong lowered outputs) sets ``failure``;
     a stop by the ``guide`` (a hopeless rung, quality above the limit, dominated before
     its fine-tune) sets ``stopped`` and keeps the partial figures in ``metrics``.
+    ``on_step(done, total)`` follows the fine-tune after each of its steps.
     """
     stage_name = "start"
     clock = _StageClock()
@@ -236,6 +257,8 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     started = time.perf_counter()
     trial = _Trial(task, recipe, settings, baseline, guide or Guide(), stage,
                    measure or run_isolated)
+    if on_step is not None:
+        trial.on_step = on_step
     try:
         measured = trial.run()
     except Stopped as stop:
@@ -308,6 +331,9 @@ class _Trial:
     step_ends: deque = field(default_factory=lambda: deque(maxlen=PACE_STEPS + 1))
     share: ComputeShare = field(default_factory=ComputeShare)
     pending: _Pending | None = None  # the structure, timed while the trial goes on
+    on_step: Callable[[int, int], None] = lambda _done, _total: None  # fine-tune progress
+    steps_planned: int = 0  # of the running fine-tune, a promotion's once promoted
+    steps_done: int = 0
 
     def close(self) -> None:
         """End what the trial leaves running: a timing no longer wanted, the compute share."""
@@ -320,7 +346,8 @@ class _Trial:
         """Compress (stopping at hopeless rungs), gate on quality, then time the model
         unless an identical structure was timed before. Raises for a failing recipe."""
         started = time.perf_counter()
-        deadline = Deadline(self.settings.finetune.trial_timeout_s)
+        deadline = Deadline(self.settings.finetune.trial_timeout_s,
+                            "finetune.trial_timeout_s")
         untrained = self._structure_first(deadline)
         compressed, facts = untrained or self._compress(deadline, self.settings.finetune.steps,
                                                         rungs=True)
@@ -346,6 +373,7 @@ class _Trial:
     def _compress(self, deadline: Deadline, steps: int, rungs: bool) -> tuple[nn.Module, dict]:
         finetune, stopping = self.settings.finetune, self.guide.stopping
         watch = rungs and stopping is not None and stopping.enabled
+        self.steps_planned, self.steps_done = steps, 0
         try:
             with torch_threads(finetune.threads or torch.get_num_threads()):
                 return compress(
@@ -362,6 +390,8 @@ class _Trial:
 
     def _between_steps(self) -> None:
         self.step_ends.append(time.perf_counter())
+        self.steps_done += 1
+        self.on_step(self.steps_done, self.steps_planned)
         self.share.pause_point()
 
     def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
@@ -412,6 +442,7 @@ class _Trial:
             return None
         self.partial.update(latency, promoted=reason)  # kept should the trial stop
         self.stage(f"promoted to {stopping.promote_steps} steps")
+        self.steps_planned = stopping.promote_steps
         return stopping.promote_steps
 
     def _fits(self, step: int, steps: int) -> bool:

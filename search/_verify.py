@@ -51,6 +51,8 @@ def verify_artifact(directory: str | Path, task: Task | StudySpec | str | None =
             f"{root}: not an exported trial (needs {METRICS_FILE} and {MODEL_FILE}; "
             "create one with `paretoslim export`)")
     meta = read_metrics(meta_path)
+    if task is None:
+        _recorded_or_refuse(root, meta, trust_recorded_task)  # before anything is loaded
     try:
         model = load_program(model_path)
     except ParetoslimError:
@@ -107,6 +109,13 @@ def _task(root: Path, meta: dict[str, Any], task: Task | StudySpec | str | None,
         return task.task, load_task(task.task, task.base_dir, task.task_options)
     if isinstance(task, str):
         return task, load_task(task, Path.cwd())
+    reference, base, options = _recorded_or_refuse(root, meta, trust_recorded_task)
+    return reference, load_task(reference, base, options)
+
+
+def _recorded_or_refuse(root: Path, meta: dict[str, Any], trust_recorded_task: bool
+                        ) -> tuple[str, Path, dict[str, Any]]:
+    """The recorded task, when the user trusts it; else ParetoslimError saying what to pass."""
     found = recorded_task(meta)
     if not trust_recorded_task:
         named = (f"; it records the task {found[0]!r} with options {found[2]}, which "
@@ -117,8 +126,7 @@ def _task(root: Path, meta: dict[str, Any], task: Task | StudySpec | str | None,
     if found is None:
         raise ParetoslimError(f"{root / METRICS_FILE}: no task recorded; pass --task REF or "
                               "--spec FILE")
-    reference, base, options = found
-    return reference, load_task(reference, base, options)
+    return found
 
 
 def _measure(model: Any, task: Task, meta: dict[str, Any], min_calls: int | None,

@@ -15,7 +15,7 @@ from ._local import Objective, optimize_until
 from ._progress import StudyProgress
 from ._sampling import enqueue_seeds
 from ._spec import StudySpec
-from ._store import FAILURE_ATTR, HEARTBEAT_ATTR, open_study
+from ._store import DUPLICATE_ATTR, FAILURE_ATTR, HEARTBEAT_ATTR, open_study
 
 
 class SharedObjective(Objective):
@@ -51,7 +51,8 @@ def wait_for_room(study: optuna.Study, reporter: StudyProgress, *, target: int,
     while True:
         trials = study.get_trials(deepcopy=False,
                                   states=(TrialState.COMPLETE, TrialState.RUNNING))
-        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        done = sum(t.state == TrialState.COMPLETE and DUPLICATE_ATTR not in t.user_attrs
+                   for t in trials)
         reporter.set_completed(done)
         if done >= target:
             return False

@@ -221,9 +221,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _front(args: argparse.Namespace) -> int:
     from ._front import render_front, write_front
-    from ._store import resolve_study
 
-    study, _ = resolve_study(args.study, args.storage)
+    study, _ = _readable(args)
     if args.out:
         write_front(study, args.out, args.format, sort=args.sort, all_trials=args.all_trials)
         print(f"wrote {args.out}")
@@ -239,9 +238,8 @@ def _pick(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ._pick import pick
-    from ._store import resolve_study
 
-    study, _ = resolve_study(args.study, args.storage)
+    study, _ = _readable(args)
     chosen = pick(study, _rule(args))
     if args.format == "json":
         print(json.dumps({**asdict(chosen.point), "reason": chosen.reason}, indent=2))
@@ -252,9 +250,8 @@ def _pick(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ._export import export_trial
-    from ._store import resolve_study
 
-    study, spec = resolve_study(args.study, args.storage)
+    study, spec = _readable(args)
     number = args.trial
     if args.pick:
         from ._pick import pick
@@ -294,20 +291,30 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from ._report import write_report
-    from ._store import resolve_study
 
-    study, _ = resolve_study(args.study, args.storage)
-    written = write_report(study, args.out, png=not args.no_png, warn=lambda message: print(
-        f"paretoslim: warning: {message}", file=sys.stderr))
+    study, _ = _readable(args)
+    written = write_report(study, args.out, png=not args.no_png, warn=_warn)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
+def _warn(message: str) -> None:
+    print(f"paretoslim: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _readable(args: argparse.Namespace):
+    """The study a read-only verb names, as a readable in-memory copy, and its spec."""
+    from ._snapshot import resolve_readable
+
+    return resolve_readable(args.study, args.storage, _warn)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ..evaluators import render_bench, run_kernel_bench
+    from ._spec import MAX_THREADS
 
-    if args.threads < 1:
-        raise ParetoslimError(f"--threads must be >= 1. Got {args.threads}.")
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ParetoslimError(f"--threads must be in [1, {MAX_THREADS}]. Got {args.threads}.")
     rows = run_kernel_bench(threads=args.threads, quick=args.quick,
                             progress=args.format == "table")
     print(render_bench(rows, args.format))

@@ -25,6 +25,7 @@ from ._config import Config, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
+from ._progress import PhaseProgress
 from ._quantize import (
     Bf16Model,
     convert_qat,
@@ -61,6 +62,7 @@ DEFAULT_DOMAINS = default_domains()  # the registry's defaults once every techni
 QUANT_SCHEMES = scheme_names()
 
 __all__ = [
+    "PhaseProgress",
     "CLUSTERED_MODULES",
     "DEFAULT_DOMAINS",
     "QUANT_SCHEMES",

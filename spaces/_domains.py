@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+MAX_GRID_POINTS = 10**9
+
 
 @dataclass(frozen=True)
 class FloatRange:
@@ -25,6 +27,10 @@ class FloatRange:
             raise ValueError(f"step must be finite and > 0. Got {self.step}.")
         if self.step is not None:
             n = (self.high - self.low) / self.step
+            if not n <= MAX_GRID_POINTS:  # also catches an infinite count
+                raise ValueError(
+                    f"step must leave at most {MAX_GRID_POINTS:,} grid points between low and "
+                    f"high. Got low={self.low}, high={self.high}, step={self.step}.")
             if not math.isclose(n, round(n), abs_tol=1e-9):
                 raise ValueError(
                     f"(high - low) must be a multiple of step. Got low={self.low}, "

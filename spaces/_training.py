@@ -35,16 +35,17 @@ class Stopped(RuntimeError):
 
 
 class Deadline:
-    """A wall-clock budget; ``check`` raises BudgetExceeded once it has passed."""
+    """A wall-clock limit set by ``setting`` (named in the message); ``check`` raises
+    BudgetExceeded once it has passed."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
+    def __init__(self, seconds: float | None, setting: str = "the time limit"):
+        self.seconds, self.setting = seconds, setting
         self.start = time.monotonic()
 
     def check(self, stage: str) -> None:
         if self.seconds is not None and time.monotonic() - self.start > self.seconds:
             raise BudgetExceeded(
-                f"time budget of {self.seconds:g} s exceeded during {stage}"
+                f"the trial ran past {self.setting} = {self.seconds:g} s during {stage}"
             )
 
 

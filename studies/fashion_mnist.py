@@ -6,7 +6,6 @@ import hashlib
 import itertools
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -17,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from paretoslim.evaluators import CACHE_ENV
 from paretoslim.evaluators import accuracy as top1_accuracy
 from paretoslim.search import ParetoslimError, Task
+from paretoslim.spaces import PhaseProgress
 from paretoslim.studies._data import (
     TensorBatches,
     check_counts,
@@ -315,36 +314,29 @@ def _fit(
         optimizer, max_lr=config.max_lr, total_steps=config.epochs * steps_per_epoch
     )
     generator = torch.Generator().manual_seed(config.seed + 1_000_003)
-    # a bar on a terminal; a line per epoch in a log file or a pipe
-    redraw = progress and sys.stderr.isatty()
-    for epoch in range(config.epochs):
-        model.train()
-        train_batches.set_epoch(epoch)
-        started = time.perf_counter()
-        bar = tqdm(
-            train_batches,
-            total=steps_per_epoch,
-            desc=f"teacher epoch {epoch + 1}/{config.epochs}",
-            disable=not redraw,
-            dynamic_ncols=True,
-        )
-        running = 0.0
-        for step, (inputs, targets) in enumerate(bar, 1):
-            inputs = augment(inputs, config.crop_padding, config.hflip, generator)
-            loss = F.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += (loss.item() - running) / min(step, 50)
-            if not math.isfinite(running):
-                raise RuntimeError(f"teacher training diverged (loss {running}) in epoch {epoch}")
-            if step % 20 == 0 or step == steps_per_epoch:
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        bar.close()
-        if progress and not redraw:
-            say(f"teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
-                 f"({time.perf_counter() - started:.0f} s)")
+    # a bar on a terminal; into a log file or a pipe, a line every 30 s and one per epoch
+    bar = PhaseProgress(f"teacher training ({config.epochs} epochs)",
+                        config.epochs * steps_per_epoch, enabled=progress)
+    with bar:
+        for epoch in range(config.epochs):
+            model.train()
+            train_batches.set_epoch(epoch)
+            started, running = time.perf_counter(), 0.0
+            for step, (inputs, targets) in enumerate(train_batches, 1):
+                inputs = augment(inputs, config.crop_padding, config.hflip, generator)
+                loss = F.cross_entropy(model(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                running += (loss.item() - running) / min(step, 50)
+                if not math.isfinite(running):
+                    raise RuntimeError(f"teacher training diverged (loss {running}) in epoch "
+                                       f"{epoch}")
+                bar.update(1, epoch=f"{epoch + 1}/{config.epochs}", loss=f"{running:.4f}")
+            if progress and not bar.terminal:
+                say(f"teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
+                    f"({time.perf_counter() - started:.0f} s)")
     model.eval()
 
 

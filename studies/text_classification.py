@@ -12,7 +12,6 @@ import hashlib
 import io
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from paretoslim.evaluators import accuracy as top1_accuracy
 from paretoslim.search import ParetoslimError, Task
+from paretoslim.spaces import PhaseProgress
 from paretoslim.studies._data import (
     TensorBatches,
     check_counts,
@@ -209,28 +208,25 @@ def _fine_tune(model: nn.Module, train: TensorBatches, config: TeacherConfig) ->
     warmup = max(1, int(config.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min((k + 1) / warmup, max(0.0, (total - k) / (total - warmup))))
-    redraw = sys.stderr.isatty()
+    bar = PhaseProgress(f"text teacher fine-tune ({config.epochs} epochs)", total)
     model.train()
-    for epoch in range(config.epochs):
-        train.set_epoch(epoch)
-        started, running = time.perf_counter(), 0.0
-        bar = tqdm(train, total=len(train), desc=f"text teacher epoch {epoch + 1}/"
-                   f"{config.epochs}", disable=not redraw, dynamic_ncols=True)
-        for step, (inputs, targets) in enumerate(bar, 1):
-            loss = F.cross_entropy(model(**inputs).logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running += (loss.item() - running) / min(step, 50)
-            if not math.isfinite(running):
-                raise RuntimeError(f"text teacher fine-tune diverged in epoch {epoch}")
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        bar.close()
-        if not redraw:
-            say(f"text teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
-                f"({time.perf_counter() - started:.0f} s)")
+    with bar:
+        for epoch in range(config.epochs):
+            train.set_epoch(epoch)
+            started, running = time.perf_counter(), 0.0
+            for step, (inputs, targets) in enumerate(train, 1):
+                loss = F.cross_entropy(model(**inputs).logits, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                running += (loss.item() - running) / min(step, 50)
+                if not math.isfinite(running):
+                    raise RuntimeError(f"text teacher fine-tune diverged in epoch {epoch}")
+                bar.update(1, epoch=f"{epoch + 1}/{config.epochs}", loss=f"{running:.4f}")
+            if not bar.terminal:
+                say(f"text teacher epoch {epoch + 1}/{config.epochs}: loss {running:.4f} "
+                    f"({time.perf_counter() - started:.0f} s)")
     model.eval()
 
 

@@ -223,7 +223,7 @@ def test_a_program_archive_carrying_a_pickle_is_refused_before_loading(in_study,
 ])
 def test_program_archives_with_code_in_them_are_refused(artifact, tmp_path, extra, constants,
                                                         message):
-    from paretoslim.search._export import check_program_archive
+    from paretoslim.search._archive import check_program_archive
 
     out = _copy(artifact, tmp_path)
     check_program_archive(out / "model.pt2")  # the export as written passes
@@ -261,3 +261,68 @@ def test_verify_without_a_recorded_task_to_trust_exits_2(in_study, artifact, tmp
     capsys.readouterr()
     assert main(["verify", str(out), "--trust-recorded-task"]) == 2
     assert "no task recorded" in _one_line(capsys.readouterr().err)
+
+
+def _rewrite_program(path: Path, change) -> None:
+    """Rewrite the program JSON (``models/model.json``) of the archive at ``path``."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    name = next(n for n in entries if n.endswith("/models/model.json"))
+    entries[name] = json.dumps(change(json.loads(entries[name]))).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+
+
+def _in_expression(program: dict, command: str) -> dict:
+    text = json.dumps(program)
+    assert "\"Symbol('" in text, "the tiny export has no dynamic dimension to carry a payload"
+    return json.loads(text.replace("\"Symbol('", f"\"0*__import__('os').system('{command}') "
+                                                 "+ Symbol('", 1))
+
+
+def _in_guard(program: dict, command: str) -> dict:
+    return {**program, "guards_code": [f"__import__('os').system('{command}') == 0"]}
+
+
+def _in_target(program: dict, command: str) -> dict:
+    node = program["graph_module"]["graph"]["nodes"][0]
+    node["target"] = "torch.os.system"
+    node["inputs"] = [{"name": "command", "arg": {"as_string": command}, "kind": 1}]
+    return program
+
+
+_PROGRAM_PAYLOADS = {"shape expression": _in_expression, "guard": _in_guard,
+                     "node target": _in_target}
+
+
+@pytest.mark.parametrize("kind", ["shape expression", "guard"])
+def test_torch_export_load_alone_runs_code_in_the_program_json(artifact, tmp_path, kind):
+    """What the check below guards against: torch's own loader runs these payloads."""
+    out = _copy(artifact, tmp_path)
+    marker = tmp_path / "ran"
+    _rewrite_program(out / "model.pt2", lambda p: _PROGRAM_PAYLOADS[kind](p, f"touch {marker}"))
+    code = (f"import torch; m = torch.export.load({str(out / 'model.pt2')!r}).module(); "
+            "m(torch.randn(2, 16))")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", list(_PROGRAM_PAYLOADS))
+def test_code_in_the_program_json_is_refused_by_every_verb_that_loads_it(in_study, artifact,
+                                                                         tmp_path, capsys,
+                                                                         kind):
+    out = _copy(artifact, tmp_path)
+    marker = tmp_path / "ran"
+    _rewrite_program(out / "model.pt2", lambda p: _PROGRAM_PAYLOADS[kind](p, f"touch {marker}"))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2  # refused for the missing task, nothing loaded
+    assert "--task REF or --spec FILE" in _one_line(capsys.readouterr().err)
+    for how in (["--task", "task.py:make_task"], ["--spec", "study.toml"],
+                ["--trust-recorded-task"]):
+        assert main(["verify", str(out), *how]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert "refused before loading" in line and kind in line, line
+    assert not marker.exists()
