@@ -98,7 +98,8 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary path in ``path``'s folder that replaces ``path`` once written: a link
     already at ``path`` is replaced, never written through; a failed write leaves nothing."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                                    suffix=path.suffix)  # torch.export.save wants .pt2
     os.close(handle)
     temporary = Path(name)
     try:

@@ -97,9 +97,29 @@ def _line_problem(line: bytes) -> str:
     return ""
 
 
+def _misfit(path: Path) -> str:
+    """The first record that does not fit the ones before it when replayed ("" if none)."""
+    try:  # Optuna's own replay, one record at a time, to say which one
+        from optuna.storages.journal._storage import JournalStorageReplayResult
+    except ImportError:
+        return ""
+    replay = JournalStorageReplayResult("")
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                return ""
+            try:
+                replay.apply_logs([json.loads(line)])
+            except Exception as exc:  # whatever the replay raises is about this record
+                return (f"line {number} does not fit the records before it "
+                        f"({type(exc).__name__})")
+    return ""
+
+
 def unreadable(path: Path, exc: BaseException) -> ParetoslimError:
     """The one-line error for a journal whose records Optuna could not replay."""
-    where = first_damage(path) or f"a record does not fit ({type(exc).__name__})"
+    where = (first_damage(path) or _misfit(path)
+             or f"a record does not fit ({type(exc).__name__})")
     return ParetoslimError(
         f"journal {path} cannot be read: {where}; it was not written by paretoslim or is "
         "damaged (completed trials before that point can be recovered by cutting the file "

@@ -136,7 +136,8 @@ def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bo
         note = settled_note(mark_interrupted(study)) if leased else unleased_note(study)
         if note and progress:
             print(note)
-        optimize_until(study, spec, target, progress=progress)
+        with storage_errors(location, writing=True):
+            optimize_until(study, spec, target, progress=progress)
     return study
 
 

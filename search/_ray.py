@@ -75,7 +75,8 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
     with contextlib.ExitStack() as stack:
         with storage_errors(location):
             leased = stack.enter_context(study_lease(study, location))
-        return _drive(spec, study, target, location, progress, address, leased)
+        with storage_errors(location, writing=True):
+            return _drive(spec, study, target, location, progress, address, leased)
 
 
 def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, progress: bool,

@@ -97,8 +97,42 @@ def sqlite_file(location: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def storage_errors(location: str) -> Iterator[None]:
-    """Turn a storage that cannot be used into one ParetoslimError naming it (no password)."""
+def storage_errors(location: str, *, writing: bool = False) -> Iterator[None]:
+    """Turn a storage that cannot be used into one ParetoslimError naming it (no password).
+
+    ``writing``: a run writes through it; an OS or database error anywhere in the chain of
+    what was raised (Optuna re-raises a failed write as its own error) ends the run saying
+    that what was recorded is kept."""
+    try:
+        yield
+    except ParetoslimError:
+        raise
+    except Exception as exc:
+        cause = _write_failure(exc) if writing else None
+        if cause is None:
+            with _storage_errors(location):
+                raise
+        raise ParetoslimError(
+            f"storage {shown(location)}: a write failed ({_first_line(cause, location)}); the "
+            "run stopped and every trial recorded before is kept: free space or repair the "
+            "storage, then run the same command again to resume") from None
+
+
+def _write_failure(exc: BaseException) -> BaseException | None:
+    """The OS or database error in the chain of ``exc`` (itself included), or None."""
+    import sqlalchemy
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OSError, sqlalchemy.exc.OperationalError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors(location: str) -> Iterator[None]:
     try:
         yield
     except ParetoslimError:

@@ -15,7 +15,7 @@ from ._local import Objective, optimize_until
 from ._progress import StudyProgress
 from ._sampling import enqueue_seeds
 from ._spec import StudySpec
-from ._store import DUPLICATE_ATTR, FAILURE_ATTR, HEARTBEAT_ATTR, open_study
+from ._store import DUPLICATE_ATTR, FAILURE_ATTR, HEARTBEAT_ATTR, open_study, storage_errors
 
 
 class SharedObjective(Objective):
@@ -39,8 +39,9 @@ def run_shared(spec: StudySpec, *, target: int, storage: str | None, progress: b
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = open_study(spec, storage, workers=spec.workers)
     enqueue_seeds(study, spec)
-    optimize_until(study, spec, target, progress=progress, objective=SharedObjective,
-                   room=functools.partial(wait_for_room, target=target))
+    with storage_errors(storage, writing=True):
+        optimize_until(study, spec, target, progress=progress, objective=SharedObjective,
+                       room=functools.partial(wait_for_room, target=target))
     return study
 
 
