@@ -329,3 +329,18 @@ def test_code_in_the_program_json_is_refused_by_every_verb_that_loads_it(in_stud
         line = _one_line(err)
         assert "refused before loading" in line and kind in line, line
     assert not marker.exists()
+
+
+def test_export_replaces_a_link_in_the_output_folder_instead_of_writing_through_it(in_study,
+                                                                                    tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("card.md", "metrics.json", "model.pt2"):
+        (out / name).symlink_to(victim)
+    assert main(["export", "tiny", "--trial", "0", "--out", str(out)]) == 0
+    assert victim.read_text() == "keep me"
+    for name in ("card.md", "metrics.json", "model.pt2"):
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0
+    assert not list(out.glob(".*"))  # no temporary file left behind
