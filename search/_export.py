@@ -45,7 +45,6 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     trial = _completed_trial(study, spec, number)
     recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
     recorded = dict(trial.user_attrs.get(METRICS_ATTR, {}))
-
     task = load_task(spec.task, spec.base_dir, spec.task_options)
     settings = TrialSettings.from_spec(spec)
     finetune = settings.finetune
@@ -64,34 +63,34 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
         torch.export.save(program, str(temporary))
     onnx = _save_onnx(program, out / ONNX_FILE)
     _write(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2) + "\n")
-    latency = settings.latency
     exported = {
-        "study": study.study_name,
-        "trial": number,
-        "recorded": recorded,
-        "export_quality": quality,
-        "dynamic_batch": dynamic,
-        "dynamic_sequence": sequence,
-        "onnx": onnx,
-        "sparse_execution": execution,
+        "study": study.study_name, "trial": number, "recorded": recorded,
+        "export_quality": quality, "dynamic_batch": dynamic, "dynamic_sequence": sequence,
+        "onnx": onnx, "sparse_execution": execution,
         "model_file_mb": (out / MODEL_FILE).stat().st_size / 1e6,
-        "scheme": recipe.quantization.scheme,
-        "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
-                 "options": spec.task_options},
-        "latency": {"batch_size": latency.batch_size,
-                    "sequence_length": latency.sequence_length, "threads": latency.threads,
-                    "min_calls": latency.min_calls, "min_seconds": latency.min_seconds,
-                    "max_spread": latency.max_spread, "lowering": latency.lowering},
+        "scheme": recipe.quantization.scheme, **_settings_record(spec, settings),
         "environment": _environment(),
     }
     _write(out / METRICS_FILE, json.dumps(exported, indent=2) + "\n")
     onnx_line = ("`model.onnx` holds the same model for ONNX runtimes.\n" if onnx == ONNX_FILE
                  else f"No ONNX file ({onnx.removeprefix('skipped: ')}).\n")
     _write(out / "card.md", _card(study.study_name, number, recipe, recorded, quality,
-                                       dynamic, model_io.shapes(task.example_input),
-                                       execution)
-                                 + onnx_line)
+                                  dynamic, model_io.shapes(task.example_input), execution)
+           + onnx_line)
     return out
+
+
+def _settings_record(spec: StudySpec, settings: TrialSettings) -> dict[str, Any]:
+    """The task and latency settings an export records for ``verify``."""
+    latency = settings.latency
+    return {
+        "task": {"reference": spec.task, "base_dir": str(spec.base_dir.resolve()),
+                 "options": spec.task_options},
+        "latency": {"batch_size": latency.batch_size,
+                    "sequence_length": latency.sequence_length, "threads": latency.threads,
+                    "min_calls": latency.min_calls, "min_seconds": latency.min_seconds,
+                    "max_spread": latency.max_spread, "lowering": latency.lowering},
+    }
 
 
 @contextlib.contextmanager

@@ -92,13 +92,11 @@ class Objective:
         earlier = reuse_earlier(trial, self.spec)
         if earlier is not None:
             self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
-            self._steer_away(trial)
             return earlier
         stopped = stopped_earlier(trial)
         if stopped is not None:
             self.progress.trial_stopped(trial.number, f"same recipe as trial "
                                         f"{trial.user_attrs[DUPLICATE_ATTR]}: {stopped}")
-            self._steer_away(trial)
             raise optuna.TrialPruned(stopped)
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         self.progress.start_trial(trial.number, recipe)
@@ -115,11 +113,6 @@ class Objective:
             raise TrialFailed(result.failure)
         self.progress.trial_done(trial.number, result, is_feasible(self.spec, result))
         return values
-
-    def _steer_away(self, trial: optuna.Trial) -> None:
-        """The sampler proposed a recipe already run: the next trial runs an untried one."""
-        if not enqueue_untried(trial.study, self.spec):
-            self.tally.exhausted = True
 
 
 def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
@@ -188,8 +181,14 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
 def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, run: Objective,
                  room: Room | None) -> None:
     run.raise_interruption()  # one that came after the trial's result was recorded
-    run.tally.record(outcome_of(trial))
-    if run.tally.why_stop(completed_count(study)) is not None:
+    outcome = outcome_of(trial)
+    run.tally.record(outcome)
+    done = completed_count(study)
+    # the sampler proposed a recipe already run: the next trial runs an untried one
+    if (outcome == "repeat" and run.tally.why_stop(done) is None
+            and not enqueue_untried(study, run.spec)):
+        run.tally.exhausted = True
+    if run.tally.why_stop(done) is not None:
         study.stop()
     elif room is not None and not room(study, run.progress):
         study.stop()

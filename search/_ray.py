@@ -315,7 +315,8 @@ class StudySearch(_OptunaSearchOnStudy):
                 study.tell(trial, state=TrialState.PRUNED)
             self.forget(trial_id)
             self._tally.record("repeat")
-            if not enqueue_untried(study, self._spec):  # steer the sampler's repeat away
+            if (self._tally.why_stop(self._done) is None  # steer the sampler's repeat away
+                    and not enqueue_untried(study, self._spec)):
                 self._tally.exhausted = True
             if progress is not None and earlier is not None:
                 progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])

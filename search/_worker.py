@@ -54,11 +54,12 @@ def wait_for_room(study: optuna.Study, reporter: StudyProgress, *, target: int,
                                   states=(TrialState.COMPLETE, TrialState.RUNNING))
         done = sum(t.state == TrialState.COMPLETE and DUPLICATE_ATTR not in t.user_attrs
                    for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
         reporter.set_completed(done)
         if done >= target:
             return False
-        if len(trials) < target:
+        if done + running < target:
             return True
-        reporter.stage(f"waiting: {len(trials) - done} trial(s) of other workers running")
+        reporter.stage(f"waiting: {running} trial(s) of other workers running")
         time.sleep(poll_s)
         optuna.storages.fail_stale_trials(study)
