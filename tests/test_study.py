@@ -55,7 +55,6 @@ def test_run_records_objectives_metrics_and_constraint_then_resumes(in_tmp):
         for key in ("baseline_quality", "baseline_latency_ms", "baseline_size_mb", "speedup",
                     "compression"):
             assert m[key] > 0
-        assert m["speedup"] == pytest.approx(m["baseline_latency_ms"] / m["latency_ms"])
         assert t.system_attrs["constraints:max_quality_drop"] == pytest.approx(
             m["quality_drop"] - 0.01)
         assert t.user_attrs["recipe"] == spec.space.recipe(t.params).to_dict()

@@ -290,8 +290,8 @@ def test_sensitivity_allocation_gives_uneven_ratios_around_the_target(tasks):
     task = tasks["resnet"]
     ratios = sensitivity_ratios(copy.deepcopy(task.model), task.example_input, 0.4, _loss(task))
     values = list(ratios.values())
-    assert len(values) >= 2 and all(0.0 <= v <= 0.9 for v in values)
-    assert len(set(values)) > 1
+    assert len(values) >= 2 and len(set(values)) > 1
+    assert sum(values) / len(values) == pytest.approx(0.4, abs=0.03)  # around the target
 
 
 @pytest.mark.parametrize("kind, container, before, after", [
@@ -388,7 +388,9 @@ def test_gradual_schedule_is_polynomial_and_monotone():
     targets = [sparsifier.target(t) for t in range(0, 101, 5)]
     assert targets[0] == 0.0 and targets[-1] == 0.8
     assert all(a <= b for a, b in zip(targets, targets[1:], strict=False))
-    assert sparsifier.target(37) == pytest.approx(0.8 * (1 - (1 - 37 / 75) ** 3))
+    # cubic (Zhu & Gupta): most of the pruning early, the target held over the last quarter
+    assert sparsifier.target(19) > 0.4 > sparsifier.target(5)
+    assert sparsifier.target(75) == pytest.approx(0.8) and sparsifier.target(74) < 0.8
 
 
 @pytest.mark.parametrize("schedule", ["one_shot", "gradual"])
@@ -474,9 +476,13 @@ def test_mixed_precision_keeps_the_chosen_layers_in_float(tasks):
     quantized = quantize(model, "int8_dynamic", task.example_input, keep_float=keep)
     assert type(quantized.net[0].weight.data) is torch.Tensor
     assert type(quantized.net[2].weight.data) is not torch.Tensor  # int8 tensor subclass
-    sensitive = float_layers(task.model, task.example_input, "sensitive",
+    outlier = copy.deepcopy(task.model)
+    with torch.no_grad():  # one huge weight per row: int8 steps round the others away
+        weight = outlier.net[2].weight
+        weight[:, 0] = 60 * weight.abs().max(dim=1).values
+    sensitive = float_layers(outlier, task.example_input, "sensitive",
                              [task.example_input], "int8_static", 0)
-    assert len(sensitive) == 1 and sensitive[0] in {"net.0", "net.2", "net.4"}
+    assert sensitive == ["net.2"]
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])

@@ -356,7 +356,7 @@ def test_a_trial_keeps_its_steps_unless_a_promotion_pays(mlp, guide):
     result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
                        baseline, measure=measure, guide=Guide(stopping=PROMOTING, **guide))
     assert result.metrics["finetune_steps"] == 40 and "promoted" not in result.metrics
-    assert measure.calls <= 1
+    assert measure.calls == 1  # the structure, timed once; its trained model reuses it
 
 
 def test_the_study_guide_counts_promotions_and_knows_the_feasible_extremes():
