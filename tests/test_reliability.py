@@ -75,13 +75,13 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_next_run_resumes(in_tmp, c
                                                                       monkeypatch):
     from optuna.storages.journal import JournalFileBackend
 
-    spec_path = write_study(in_tmp, trials=3)
+    spec_path = write_study(in_tmp, trials=2)
     real_append = JournalFileBackend.append_logs
     calls = {"n": 0}
 
     def full_after_some(self, logs):
         calls["n"] += 1
-        if calls["n"] < 20:
+        if calls["n"] < 16:
             return real_append(self, logs)
         text = json.dumps(logs[0]).encode()
         with open(self._file_path, "ab") as handle:  # the write is cut short
@@ -103,7 +103,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_next_run_resumes(in_tmp, c
     assert status == 0 and "removed an incomplete last record" in err
     trials = _load(journal)
     assert sum(t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs
-               for t in trials) == 3
+               for t in trials) == 2
     assert sum(t.state.name == "COMPLETE" for t in trials) >= before
     assert _ends_cleanly(["front", "tiny"], capsys)[0] == 0
 
@@ -186,28 +186,14 @@ def make_task():
     return task
 """
 
-_GATE_SPEC = """
-task = "task.py:make_task"
-name = "gate"
-trials = 4
-seed = 0
-seeds = []
-[sampler]
-name = "random"
-[finetune]
-steps = 10
-[stopping]
-enabled = true
-[latency]
-min_calls = 20
-min_seconds = 0.0
-[space.student]
-width = {width}
-[space.pruning]
-ratio = [0.0]
-[space.quantization]
-scheme = ["fp32"]
-"""
+def _gate_spec(width: str) -> str:
+    """The tiny study's spec with stopping on, one pruning ratio and one scheme."""
+    from _tiny import SPEC
+
+    return (SPEC.format(trials=4, width=width).replace('name = "tiny"', 'name = "gate"')
+            .replace("enabled = false", "enabled = true").replace("steps = 5", "steps = 10")
+            .replace("{ low = 0.0, high = 0.5, step = 0.25 }", "[0.0]")
+            .replace('["fp32", "int8_static"]', '["fp32"]'))
 
 
 @pytest.mark.parametrize("width, said", [
@@ -218,7 +204,7 @@ def test_a_run_where_every_recipe_is_stopped_ends_saying_why(in_tmp, width, said
     from pathlib import Path
 
     (in_tmp / "task.py").write_text(_GATE_TASK.format(tests=str(Path(__file__).parent)))
-    (in_tmp / "gate.toml").write_text(_GATE_SPEC.format(width=width))
+    (in_tmp / "gate.toml").write_text(_gate_spec(width))
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "paretoslim.search.cli", "run", "gate.toml"],
                           capture_output=True, text=True, timeout=300, cwd=in_tmp)
