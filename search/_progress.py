@@ -10,7 +10,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..spaces._progress import LOG_EVERY_S, is_terminal
+from ..spaces._progress import LOG_EVERY_S, is_terminal, time_left
 from ._figures import FIGURE_FORMATS
 
 
@@ -47,10 +47,8 @@ class StudyProgress:
         now = time.monotonic()
         if done <= 1:
             self._step_started = self._last_line = now
-        left = ""
-        if 1 < done < total:
-            seconds = (now - self._step_started) * (total - done) / (done - 1)
-            left = f", about {seconds:.0f} s left"
+        # the pace from the end of the first step: it also holds the first compilation
+        left = time_left(now - self._step_started, done - 1, total - 1)
         text = f"fine-tune step {done}/{total}{left}"
         if self.terminal and now - self._last_redraw >= 0.5:
             self._last_redraw = now

@@ -62,25 +62,33 @@ _SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass|secret|token|sslpa
                            r"access_token|api_key|apikey)=)[^&#]*", re.IGNORECASE)
 
 
+def _url_parts(location: str) -> tuple[str, str | None, str | None, str, str] | None:
+    """``(scheme, user, password, host and path, query)`` of a URL, None for a path. The
+    user is None without credentials, the password None without a ':' in them; it runs
+    from that first ':' to the last '@' before the query."""
+    if "://" not in location:
+        return None
+    scheme, rest = location.split("://", 1)
+    end = min((rest.index(mark) for mark in "?#" if mark in rest), default=len(rest))
+    rest, query = rest[:end], rest[end:]
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return scheme, None, None, rest, query
+    user, colon, password = credentials.partition(":")
+    return scheme, user, password if colon else None, host, query
+
+
 def shown(location: str) -> str:
     """A storage as it may be printed: a database URL without its password, whatever form
     it takes (``user:pass@``, a password holding ``/`` or ``@``, ``?password=`` and the
     like in the query)."""
-    if "://" not in location:
+    parts = _url_parts(location)
+    if parts is None:
         return location
-    scheme, rest = location.split("://", 1)
-    query = ""
-    for mark in "?#":
-        if mark in rest:
-            rest, tail = rest.split(mark, 1)
-            query = f"{mark}{tail}{query}"
-            break
-    if "@" in rest:  # the password runs from the first ':' of the credentials to the last '@'
-        credentials, host = rest.rsplit("@", 1)
-        if ":" in credentials:
-            credentials = credentials.split(":", 1)[0] + ":***"
-        rest = f"{credentials}@{host}"
-    return f"{scheme}://{rest}{_SECRET_QUERY.sub(lambda m: m.group(1) + '***', query)}"
+    scheme, user, password, host, query = parts
+    credentials = "" if user is None else f"{user}:***@" if password is not None else f"{user}@"
+    return (f"{scheme}://{credentials}{host}"
+            f"{_SECRET_QUERY.sub(lambda m: m.group(1) + '***', query)}")
 
 
 def sqlite_file(location: str) -> Path | None:
@@ -168,13 +176,11 @@ def _secrets(location: str) -> list[str]:
     """The password-like parts of a storage URL, as written and as URL-decoded."""
     from urllib.parse import unquote
 
-    if "://" not in location:
+    parts = _url_parts(location)
+    if parts is None:
         return []
-    rest = re.split(r"[?#]", location.split("://", 1)[1], maxsplit=1)[0]
-    found = []
-    if "@" in rest and ":" in rest.rsplit("@", 1)[0]:
-        found.append(rest.rsplit("@", 1)[0].split(":", 1)[1])
-    found += [m.group(0).split("=", 1)[1] for m in _SECRET_QUERY.finditer(location)]
+    found = [parts[2] or ""] + [m.group(0).split("=", 1)[1]
+                                for m in _SECRET_QUERY.finditer(parts[4])]
     return [v for s in found if s for v in {s, unquote(s)} if len(v) >= 3]
 
 

@@ -52,12 +52,18 @@ class PhaseProgress:
         elapsed = (time.monotonic() if now is None else now) - self.started
         share = self.done / self.total if self.total else 1.0
         text = f"{self.unit} {self.done}/{self.total} ({share:.0%})"
-        if 0 < self.done < self.total:
-            text += f", about {_duration(elapsed * (self.total - self.done) / self.done)} left"
-        return text
+        return text + time_left(elapsed, self.done, self.total)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """``, about T left`` at the pace of ``done`` steps in ``elapsed`` seconds ("" before
+    the first step and after the last)."""
+    if not 0 < done < total:
+        return ""
+    return f", about {_duration(elapsed * (total - done) / done)} left"
 
 
 def _duration(seconds: float) -> str:
