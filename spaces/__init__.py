@@ -56,7 +56,14 @@ from ._structure import (
     sensitivity_ratios,
 )
 from ._technique import Context, Technique, register, technique, techniques
-from ._training import BudgetExceeded, Deadline, Stopped, count_parameters, distillation_loss
+from ._training import (
+    BudgetExceeded,
+    Deadline,
+    FineTuneWatch,
+    Verdict,
+    count_parameters,
+    distillation_loss,
+)
 
 DEFAULT_DOMAINS = default_domains()  # the registry's defaults once every technique is in
 QUANT_SCHEMES = scheme_names()
@@ -91,7 +98,8 @@ __all__ = [
     "SparseLinear",
     "Sparsifier",
     "SparsityConfig",
-    "Stopped",
+    "FineTuneWatch",
+    "Verdict",
     "StoredWeight",
     "StudentConfig",
     "Technique",

@@ -12,7 +12,7 @@ from torch import nn
 from ._model_io import Inputs
 from ._recipe import Recipe
 from ._technique import Context, Technique, techniques
-from ._training import Deadline
+from ._training import Deadline, FineTuneWatch
 
 
 def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
@@ -20,9 +20,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
              learning_rate: float, seed: int,
              student_factory: Callable[[float, float], nn.Module] | None = None,
              deadline: Deadline | None = None,
-             on_stage: Callable[[str], None] | None = None, rungs: tuple[float, ...] = (),
-             on_rung: Callable[[int, int, nn.Module], int | None] | None = None,
-             between_steps: Callable[[], None] | None = None) -> tuple[nn.Module, dict]:
+             on_stage: Callable[[str], None] | None = None,
+             watch: FineTuneWatch | None = None) -> tuple[nn.Module, dict]:
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
     Each registered technique's ``apply`` runs in the techniques' order with its section
@@ -30,10 +29,9 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
     The distillation fine-tune is skipped when nothing changed the model. The teacher is
     not modified. The same recipe, seed and data give the same model. A combination that
     cannot be applied raises ValueError saying why; past the ``deadline``, BudgetExceeded.
-    The facts are numbers, strings and booleans. ``on_rung`` sees the model at step 0 and
-    at the ``rungs`` (fractions) of the fine-tune and may raise ``Stopped``, or return a
-    larger step count to extend the fine-tune to (see ``Context``). ``between_steps()``
-    runs after each fine-tune step (e.g. to pause while the machine times a model).
+    The facts are numbers, strings and booleans. ``watch`` follows the fine-tune (see
+    FineTuneWatch); when it stops it, the facts hold its reason as ``stopped`` and the step
+    it stopped at as ``stopped_at_step``, and the model is the partly trained one.
     """
     torch.manual_seed(seed)
     teacher.eval()
@@ -41,12 +39,12 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
                   calibration=calibration, finetune_steps=finetune_steps,
                   learning_rate=learning_rate, seed=seed, student_factory=student_factory,
                   deadline=deadline or Deadline(None), on_stage=on_stage or (lambda _n: None),
-                  rungs=rungs, on_rung=on_rung)
-    if between_steps is not None:
-        ctx.step_hooks.append(lambda _model, _step: between_steps())
+                  watch=watch)
     for t in techniques():
         ctx.later(t.order, t.stage, partial(_apply, t, getattr(recipe, t.section)))
     model = ctx.run(copy.deepcopy(teacher))
+    if ctx.stopped is not None:
+        ctx.facts["stopped"] = ctx.stopped
     return model, ctx.facts
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -124,9 +125,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     (TinyBERT's hidden-state loss); features of another width pass through a learned
     linear projection that is discarded afterwards. AdamW with a cosine-decayed
     learning rate; deterministic for a given seed and data order. ``on_step(step, loss)``
-    runs after each optimizer step; when it returns a larger step count, the fine-tune is
-    extended to that many steps, the learning rate decaying from its current value to zero
-    over the added steps (a promotion). Raises FloatingPointError when the loss becomes NaN
+    runs after each optimizer step and may return the fine-tune's new length: a larger
+    step count extends it (a promotion: the learning rate decays from its current value to
+    zero over the added steps), one not past the steps done ends it there. Raises FloatingPointError when the loss becomes NaN
     or infinite, BudgetExceeded past the deadline. ``steps == 0`` leaves the student
     untouched.
     """
@@ -198,6 +199,8 @@ def _train(student, teacher, batches, steps, config, learning_rate, params, matc
         schedule.step()
         step += 1
         extended = None if on_step is None else on_step(step - 1, loss.item())
+        if extended is not None and extended <= step:
+            break  # stopped
         if extended is not None and extended > cosine.steps:
             cosine.extend(step, extended)
         if deadline is not None:
@@ -221,40 +224,64 @@ class DistillationConfig(Config):
 
 
 @register
-class FineTune(Technique):
+class Distillation(Technique):
     """``finetune_steps`` of distillation from the teacher when anything changed the model
-    (or QAT must learn its ranges); the step hooks run after each optimizer step."""
+    (or QAT must learn its ranges); the step hooks run after each optimizer step, then the
+    context's watch (see FineTuneWatch)."""
 
     section, config, order, stage = "distillation", DistillationConfig, 60, "fine-tune"
 
     def apply(self, model: nn.Module, config: DistillationConfig, ctx: Context) -> nn.Module:
         steps = ctx.finetune_steps if ctx.changed or ctx.needs_training else 0
-        settled = max(t.settled(getattr(ctx.recipe, t.section)) for t in techniques())
-        rungs = sorted({max(1, round(f * steps)) for f in ctx.rungs if settled <= f < 1})
-        if steps and ctx.on_rung is not None:
-            ctx.on_rung(0, steps, model.eval())
-        total = steps
+        ctx.facts["finetune_steps"] = steps
+        if steps and not self._rung(ctx, 0, steps, model):
+            return model
         if steps:
-            def on_step(step: int, _loss: float) -> int | None:
-                nonlocal total
-                for hook in ctx.step_hooks:
-                    hook(model, step)
-                if ctx.on_rung is None or step + 1 not in rungs or total != steps:
-                    return None
-                extended = ctx.on_rung(step + 1, steps, model.eval())
-                model.train()
-                if extended is not None and extended > total:
-                    total = extended
-                    ctx.facts["promoted_at_step"] = step + 1
-                return total
-
             distill(model, ctx.teacher, ctx.train, steps=steps, config=config,
                     learning_rate=ctx.learning_rate, seed=ctx.seed, deadline=ctx.deadline,
-                    on_step=on_step)
+                    on_step=partial(self._after_step, ctx, model, self._rungs(ctx, steps)))
         model.eval()
-        ctx.facts["finetune_steps"] = total
         ctx.facts["parameters"] = count_parameters(model)
         return model
+
+    @staticmethod
+    def _rungs(ctx: Context, steps: int) -> set[int]:
+        """The steps the watch sees, past the point where every technique has settled."""
+        if ctx.watch is None:
+            return set()
+        settled = max(t.settled(getattr(ctx.recipe, t.section)) for t in techniques())
+        return {max(1, round(f * steps)) for f in ctx.watch.rungs if settled <= f < 1}
+
+    def _after_step(self, ctx: Context, model: nn.Module, rungs: set[int], step: int,
+                    _loss: float) -> int | None:
+        """The fine-tune's new length: longer once promoted, ``step + 1`` once stopped."""
+        for hook in ctx.step_hooks:
+            hook(model, step)
+        planned = ctx.finetune_steps
+        total = ctx.facts["finetune_steps"]
+        if ctx.watch is not None:
+            ctx.watch.after_step(step + 1, total)
+        if step + 1 not in rungs or total != planned:
+            return None
+        if not self._rung(ctx, step + 1, planned, model):
+            return step + 1
+        model.train()
+        return ctx.facts["finetune_steps"]
+
+    @staticmethod
+    def _rung(ctx: Context, step: int, steps: int, model: nn.Module) -> bool:
+        """Show the watch the model at ``step``; False when it stops the fine-tune there."""
+        if ctx.watch is None:
+            return True
+        verdict = ctx.watch.at_rung(step, steps, model.eval())
+        if verdict.stop is not None:
+            ctx.stopped = verdict.stop
+            ctx.facts["stopped_at_step"] = step
+            return False
+        if verdict.extend_to is not None and verdict.extend_to > steps:
+            ctx.facts["finetune_steps"] = verdict.extend_to
+            ctx.facts["promoted_at_step"] = step
+        return True
 
     def label(self, config: DistillationConfig) -> str:
         return " ".join([f"feat={config.feature_weight:g}"] * bool(config.feature_weight)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._model_io import Inputs, batch_inputs, predict
-from ._training import Deadline, cycle, distillation_loss
+from ._training import Deadline, FineTuneWatch, cycle, distillation_loss
 
 LOSS_BATCHES = 4  # training batches behind Taylor gradients and sensitivity measurements
 
@@ -88,11 +88,9 @@ class Context:
     ``changed`` (a structural change) or ``needs_training`` (QAT) makes the fine-tune run;
     ``step_hooks`` run after each optimizer step as ``hook(model, step)``; ``model_hooks``
     run whenever a step returns a new model object (e.g. masks re-applied to an exported
-    copy); ``float_layers`` are the layer names kept at float precision. ``on_rung(step,
-    steps, model)`` runs before the fine-tune (step 0) and after each step listed in
-    ``rungs`` (fractions of the fine-tune), the model in eval mode; it may raise
-    ``Stopped`` to end the trial there, or return a larger step count to extend the
-    fine-tune to (a promotion; the rungs after it are skipped).
+    copy); ``float_layers`` are the layer names kept at float precision. ``watch`` follows
+    the fine-tune (see FineTuneWatch); when it stops it, ``stopped`` holds its reason and
+    no later step of the pipeline runs.
     """
 
     recipe: Any
@@ -112,8 +110,8 @@ class Context:
     float_layers: list[str] = field(default_factory=list)
     step_hooks: list[Callable[[nn.Module, int], None]] = field(default_factory=list)
     model_hooks: list[Callable[[nn.Module], None]] = field(default_factory=list)
-    rungs: tuple[float, ...] = ()
-    on_rung: Callable[[int, int, nn.Module], int | None] | None = None
+    watch: FineTuneWatch | None = None
+    stopped: str | None = None
     _queue: list = field(default_factory=list)
     _ticket: Any = field(default_factory=itertools.count)
     _loss_cache: list = field(default_factory=list)
@@ -148,7 +146,7 @@ class Context:
 
     def run(self, model: nn.Module) -> nn.Module:
         """Pop and run the scheduled steps in order; return the final model."""
-        while self._queue:
+        while self._queue and self.stopped is None:
             _order, _ticket, name, step = heapq.heappop(self._queue)
             self.on_stage(name)
             result = step(model, self)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +25,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class Stopped(RuntimeError):
-    """A trial stopped on purpose before its end (e.g. at a fidelity rung), with the
-    figures measured so far."""
+@dataclass(frozen=True)
+class Verdict:
+    """What a fine-tune watch says at a rung: go on (both None), extend the fine-tune to
+    ``extend_to`` steps (a promotion), or ``stop`` there for that reason."""
 
-    def __init__(self, reason: str, figures: dict[str, Any] | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.figures = dict(figures or {})
+    extend_to: int | None = None
+    stop: str | None = None
+
+
+class FineTuneWatch(Protocol):
+    """What follows a fine-tune from outside it, knowing nothing of how it is used.
+
+    ``rungs`` are fractions of the fine-tune; ``at_rung(step, steps, model)`` sees the model
+    (in eval mode) before the first step (step 0) and after each rung's step, and returns a
+    Verdict; ``after_step(done, total)`` runs after every optimizer step."""
+
+    rungs: tuple[float, ...]
+
+    def at_rung(self, step: int, steps: int, model: nn.Module) -> Verdict: ...
+
+    def after_step(self, done: int, total: int) -> None: ...
 
 
 class Deadline:
