@@ -8,6 +8,7 @@ if "." not in __name__:  # this folder, imported by its own name from a checkout
 from ._bench import BenchRow, render_bench, run_kernel_bench
 from ._job import (
     CACHE_ENV,
+    LATENCY_FIGURES,
     LatencyJob,
     LatencyReport,
     MeasurementCancelled,
@@ -34,6 +35,7 @@ __all__ = [
     "CACHE_ENV",
     "ComputeShare",
     "LatencyJob",
+    "LATENCY_FIGURES",
     "LatencyReport",
     "LatencyStats",
     "MeasurementCancelled",

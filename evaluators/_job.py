@@ -43,6 +43,11 @@ TIMING_CAP_S = 60.0  # ``time_interleaved`` stops a round of timing after this
 CALL_BOUND_S = 1.0  # the slowest single call of a model expected
 TIMING_ROUNDS = 3  # rounds of timing a job can take: two attempts and a sparse duel
 CANCEL_POLL_S = 0.2  # how soon a cancelled measurement's process is ended
+# the metrics of a latency report (``LatencyReport.metrics``), reused for an identical structure
+LATENCY_FIGURES = ("latency_ms", "baseline_latency_ms", "speedup", "speedup_spread",
+                   "latency_noisy", "latency_attempts", "latency_iqr_ms", "latency_cov",
+                   "baseline_latency_iqr_ms", "latency_calls", "lowering", "lowering_error",
+                   "compile_s", "measured_on", "sparse_execution", "sparse_speedup")
 _PARENT_ENV = "PARETOSLIM_JOB_PARENT"  # the measuring process's parent, to die with it
 
 
@@ -90,7 +95,7 @@ class LatencyReport:
     sparse_speedup: float | None = None
 
     def metrics(self) -> dict[str, Any]:
-        """The figures as flat trial metrics."""
+        """The figures as flat trial metrics, named as in ``LATENCY_FIGURES``."""
         model, base = self.timing.model, self.timing.baseline
         return {
             "latency_ms": model.median_ms,

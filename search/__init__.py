@@ -8,14 +8,16 @@ if "." not in __name__:  # this folder, imported by its own name from a checkout
 from ._errors import ParetoslimError
 from ._export import export_trial
 from ._front import render_front, write_front
+from ._measuring import Baseline, measure_baseline
 from ._pareto import FrontPoint, pareto_front
 from ._pick import Pick, PickRule, pick
+from ._record import TrialResult
 from ._report import write_report
 from ._run import run_study, run_worker
 from ._spec import OBJECTIVES, FinetuneSpec, LatencySpec, StudySpec, load_spec, parse_spec
-from ._store import open_study, resolve_study
+from ._study import open_study, resolve_study
 from ._task import Task, load_task
-from ._trial import Baseline, TrialResult, TrialSettings, measure_baseline, run_trial
+from ._trial import TrialSettings, run_trial
 from ._verify import verify_artifact
 
 __all__ = [

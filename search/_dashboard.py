@@ -6,7 +6,8 @@ import socket
 
 from ._errors import ParetoslimError
 from ._signals import signals_end_process
-from ._store import make_storage, resolve_study, storage_of
+from ._storage import make_storage, storage_of
+from ._study import resolve_study
 
 HOST = "127.0.0.1"
 

@@ -21,10 +21,11 @@ from ..kernels import dense_execution, sparse_execution
 from ..spaces import Recipe, compress, model_io
 from ._archive import check_program_archive
 from ._errors import ParetoslimError
+from ._measuring import calibration_batches, quality_of
 from ._spec import StudySpec
-from ._store import METRICS_ATTR, RECIPE_ATTR
+from ._store import StudyStore
 from ._task import load_task
-from ._trial import TrialSettings, calibration_batches, quality_of
+from ._trial import TrialSettings
 
 MODEL_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
@@ -43,8 +44,9 @@ def export_trial(study: optuna.Study, spec: StudySpec | None, number: int,
     needed to rebuild the task is not available.
     """
     trial = _completed_trial(study, spec, number)
-    recipe = Recipe.from_dict(trial.user_attrs[RECIPE_ATTR])
-    recorded = dict(trial.user_attrs.get(METRICS_ATTR, {}))
+    record = StudyStore.record(trial)
+    recipe = Recipe.from_dict(record.recipe)
+    recorded = dict(record.metrics)
     task = load_task(spec.task, spec.base_dir, spec.task_options)
     settings = TrialSettings.from_spec(spec)
     finetune = settings.finetune
@@ -129,7 +131,7 @@ def _completed_trial(study: optuna.Study, spec: StudySpec | None,
         raise ParetoslimError(
             f"study {study.study_name!r}: its spec file is not readable any more; pass the "
             "spec path instead of the study name")
-    if RECIPE_ATTR not in trial.user_attrs:
+    if not StudyStore.record(trial).recipe:
         raise ParetoslimError(f"trial {number} of study {study.study_name!r} holds no "
                               "readable recipe to rebuild it from")
     return trial

@@ -12,7 +12,7 @@ import pandas as pd
 from ._errors import ParetoslimError
 from ._figures import fmt, short_recipe
 from ._pareto import FrontPoint, pareto_front
-from ._store import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR, completed_count
+from ._store import StudyStore
 
 FORMATS = ("table", "csv", "json", "parquet")
 _COLUMNS = ("quality", "quality_drop", "latency_ms", "speedup", "size_mb", "compression")
@@ -40,13 +40,13 @@ def front_frame(points: list[FrontPoint], sort: str | None = None) -> pd.DataFra
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """Every trial with its state, figures, recipe and failure reason."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        metrics = t.user_attrs.get(METRICS_ATTR, {})
+    for t, record in StudyStore(study).trials():
+        metrics = record.metrics
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         for column in _COLUMNS:
             row[column] = metrics.get(column)
-        row["recipe"] = short_recipe(t.user_attrs.get(RECIPE_ATTR, {}))
-        row["failure"] = t.user_attrs.get(FAILURE_ATTR, "")
+        row["recipe"] = short_recipe(record.recipe)
+        row["failure"] = record.failure or ""
         rows.append(row)
     return pd.DataFrame(rows, columns=["trial", "state", *_COLUMNS, "recipe", "failure"])
 
@@ -66,7 +66,7 @@ def render_front(study: optuna.Study, fmt: str = "table", sort: str | None = Non
         return frame.to_csv(index=False)
     if frame.empty:
         return (f"study {study.study_name!r}: no feasible Pareto-optimal trial yet "
-                f"({completed_count(study)} completed); see --all")
+                f"({StudyStore(study).completed_count()} completed); see --all")
     return _table(frame)
 
 

@@ -23,9 +23,8 @@ from typing import Any
 import optuna
 
 from ._errors import ParetoslimError
-from ._store import database_url, is_rdb_url, shown, sqlite_file
-
-DRIVER_ATTR = "driver"  # the study attribute naming the run that holds a database lease
+from ._storage import database_url, is_rdb_url, shown, sqlite_file
+from ._store import StudyStore
 
 
 def holder_line() -> str:
@@ -112,9 +111,8 @@ def _postgres_lease(study: optuna.Study, location: str) -> Iterator[None]:
             taken = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"),
                                        key).scalar()
             if not taken:
-                holder = study.user_attrs.get(DRIVER_ATTR, "")
-                raise _busy(study.study_name, location, str(holder))
-            study.set_user_attr(DRIVER_ATTR, holder_line())
+                raise _busy(study.study_name, location, StudyStore(study).driver())
+            StudyStore(study).write_driver(holder_line())
             try:
                 yield
             finally:

@@ -4,43 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
 
+from ..spaces import Recipe
+from ._guide import guide_for
 from ._lease import study_lease
+from ._loop import TrialFlow, run_one
+from ._measuring import measure_baseline
 from ._progress import StudyProgress
-from ._sampling import enqueue_seeds, enqueue_untried, suggest_recipe
+from ._record import TrialResult
+from ._sampling import enqueue_seeds, suggest_recipe
 from ._signals import interrupted_by
 from ._spec import StudySpec
-from ._store import (
-    DUPLICATE_ATTR,
-    FAILURE_ATTR,
-    HEARTBEAT_ATTR,
-    RECIPE_ATTR,
-    VALUES_ATTR,
-    WORKER_ATTR,
-    completed_count,
-    guide_data,
-    guide_for,
-    is_feasible,
-    mark_interrupted,
-    open_study,
-    outcome_of,
-    record_result,
-    reuse_earlier,
-    settled_note,
-    stopped_earlier,
-    storage_errors,
-    storage_of,
-)
+from ._storage import storage_errors, storage_of
+from ._store import StudyStore, settled_note
+from ._study import open_study
 from ._tally import RunTally
 from ._task import Task, load_task
-from ._trial import TrialSettings, measure_baseline, run_trial
+from ._trial import TrialSettings, run_trial
 
 Room = Callable[[optuna.Study, StudyProgress], bool]
 
@@ -51,7 +36,7 @@ class TrialFailed(Exception):
 
 @dataclass
 class Objective:
-    """The Optuna objective: sample a recipe, reuse a repeated one's figures or run it."""
+    """The Optuna objective: one trial's flow (``run_one``) on a recipe the sampler proposes."""
 
     spec: StudySpec
     task: Task
@@ -63,6 +48,7 @@ class Objective:
     def __post_init__(self) -> None:
         self.progress.stage("measuring the teacher")
         self.baseline = measure_baseline(self.task)
+        self.flow = TrialFlow(self.spec, self.tally, self.progress)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         return self.run(trial)
@@ -74,11 +60,11 @@ class Objective:
         try:
             return self._run(trial)
         except KeyboardInterrupt as exc:
-            values = trial.user_attrs.get(VALUES_ATTR)
+            values = StudyStore.record(trial).values
             if values is not None:
                 self.interrupted = exc
-                return tuple(values)
-            trial.set_user_attr(FAILURE_ATTR, f"interrupted by {interrupted_by()}")
+                return values
+            StudyStore.note_failure(trial, f"interrupted by {interrupted_by()}")
             raise
 
     def raise_interruption(self) -> None:
@@ -87,35 +73,20 @@ class Objective:
             raise self.interrupted
 
     def _run(self, trial: optuna.Trial) -> tuple[float, ...]:
-        recipe = suggest_recipe(trial, self.spec)
-        trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
-        earlier = reuse_earlier(trial, self.spec)
-        if earlier is not None:
-            self.progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
-            return earlier
-        stopped = stopped_earlier(trial)
-        if stopped is not None:
-            self.progress.trial_stopped(trial.number, f"same recipe as trial "
-                                        f"{trial.user_attrs[DUPLICATE_ATTR]}: {stopped}")
-            raise optuna.TrialPruned(stopped)
-        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-        self.progress.start_trial(trial.number, recipe)
-        result = run_trial(self.task, recipe, self.settings, self.baseline,
-                           on_stage=self.progress.stage, on_step=self.progress.fine_tune_step,
-                           guide=guide_for(self.spec, guide_data(trial.study, self.spec,
-                                                                 self.tally.ends_at)))
-        values = record_result(trial, self.spec, result)
-        if result.stopped is not None:
-            self.progress.trial_stopped(trial.number, result.stopped)
-            raise optuna.TrialPruned(result.stopped)
-        if values is None:
-            self.progress.trial_failed(trial.number, result.failure)
-            raise TrialFailed(result.failure)
-        self.progress.trial_done(trial.number, result, is_feasible(self.spec, result))
-        return values
+        outcome = run_one(self.flow, trial, suggest_recipe(trial, self.spec), self._trial)
+        if outcome.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(outcome.reason)
+        if outcome.state == TrialState.FAIL:
+            raise TrialFailed(outcome.reason)
+        return outcome.values
+
+    def _trial(self, recipe: Recipe, guide: dict) -> TrialResult:
+        return run_trial(self.task, recipe, self.settings, self.baseline,
+                         on_stage=self.progress.stage, on_step=self.progress.fine_tune_step,
+                         guide=guide_for(self.spec, guide))
 
 
-def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
+def run_in_process(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
               address: str | None = None) -> optuna.Study:
     """Run the study in this process until it holds ``target`` completed trials, holding
     its lease (see ``_lease``): trials a killed earlier process left running are finished
@@ -126,7 +97,8 @@ def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bo
         with storage_errors(location):
             leased = stack.enter_context(study_lease(study, location))
         enqueue_seeds(study, spec)
-        note = settled_note(mark_interrupted(study)) if leased else unleased_note(study)
+        note = (settled_note(StudyStore(study).mark_interrupted()) if leased
+                else unleased_note(study))
         if note and progress:
             print(note)
         with storage_errors(location, writing=True):
@@ -136,8 +108,7 @@ def run_local(spec: StudySpec, *, target: int, storage: str | None, progress: bo
 
 def unleased_note(study: optuna.Study) -> str:
     """What a run without a lease says of the trials it finds running (it leaves them)."""
-    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if not t.user_attrs.get(HEARTBEAT_ATTR)]
+    running = StudyStore(study).running_unclaimed()
     if not running:
         return ""
     return (f"{len(running)} trial(s) found running are left as they are: this storage "
@@ -155,7 +126,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
     ``room(study, progress)``, called before the first trial and after each one, says
     whether to start another (False ends the run), e.g. while other workers' trials run.
     """
-    done = completed_count(study)
+    done = StudyStore(study).completed_count()
     if done >= target:
         if progress:
             print(f"study {spec.name!r} already has {done} completed trials")
@@ -173,7 +144,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
                        gc_after_trial=True)
     finally:
         reporter.close()
-    why = tally.why_stop(completed_count(study))
+    why = tally.why_stop(StudyStore(study).completed_count())
     if why:
         reporter.note(why)
 
@@ -181,14 +152,7 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
 def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, run: Objective,
                  room: Room | None) -> None:
     run.raise_interruption()  # one that came after the trial's result was recorded
-    outcome = outcome_of(trial)
-    run.tally.record(outcome)
-    done = completed_count(study)
-    # the sampler proposed a recipe already run: the next trial runs an untried one
-    if (outcome == "repeat" and run.tally.why_stop(done) is None
-            and not enqueue_untried(study, run.spec)):
-        run.tally.exhausted = True
-    if run.tally.why_stop(done) is not None:
+    if run.flow.count(study, StudyStore.outcome(trial)) is not None:
         study.stop()
     elif room is not None and not room(study, run.progress):
         study.stop()

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ._store import DUPLICATE_ATTR, METRICS_ATTR, RECIPE_ATTR, objective_names
+from ._dominance import dominated
+from ._store import StudyStore
 
 
 @dataclass(frozen=True)
@@ -26,34 +26,25 @@ class FrontPoint:
 
 def front_point(trial: FrozenTrial, names: Sequence[str]) -> FrontPoint:
     """A completed trial as a point, its values named by the study's objectives."""
-    attrs = trial.user_attrs
+    record = StudyStore.record(trial)
     return FrontPoint(trial.number, dict(zip(names, trial.values, strict=True)),
-                      attrs.get(RECIPE_ATTR, {}), attrs.get(METRICS_ATTR, {}))
+                      record.recipe, record.metrics)
 
 
 def pareto_front(study: optuna.Study) -> list[FrontPoint]:
     """Feasible Pareto-optimal completed trials, by trial number; a trial that repeated an
     earlier recipe (and reused its figures) is listed once, under the earlier number."""
-    names = objective_names(study)
+    names = StudyStore(study).objective_names()
     points = [front_point(t, names) for t in study.best_trials
-              if DUPLICATE_ATTR not in t.user_attrs]
+              if StudyStore.record(t).duplicate_of is None]
     return sorted(points, key=lambda p: p.number)
 
 
 def completed_points(study: optuna.Study) -> list[FrontPoint]:
     """Every completed trial of ``study`` as a point, by trial number."""
-    names = objective_names(study)
+    names = StudyStore(study).objective_names()
     return [front_point(t, names)
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-
-
-def dominated(loss: Any, losses: Any) -> bool:
-    """Whether some row of ``losses`` (a 2-D array or a list of rows) dominates ``loss``, every
-    objective minimized: no worse in any objective and better in one."""
-    key, keys = np.asarray(loss, dtype=float), np.asarray(losses, dtype=float)
-    if keys.size == 0:
-        return False
-    return bool(((keys <= key).all(axis=1) & (keys < key).any(axis=1)).any())
 
 
 def knee(points: Sequence[FrontPoint], names: Sequence[str],

@@ -12,7 +12,7 @@ from ._errors import ParetoslimError
 from ._figures import FIGURE_FORMATS
 from ._pareto import FrontPoint, completed_points, knee
 from ._spec import OBJECTIVES
-from ._store import SPEC_ATTR, objective_names
+from ._store import StudyStore
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Pick:
 def _limits(study: optuna.Study, rule: PickRule) -> dict[str, float]:
     drop = rule.max_quality_drop
     if drop is None:
-        drop = study.user_attrs.get(SPEC_ATTR, {}).get("max_quality_drop", 0.01)
+        drop = StudyStore(study).spec_record().get("max_quality_drop", 0.01)
     limits = {"quality_drop": drop}
     if rule.max_latency_ms is not None:
         limits["latency_ms"] = rule.max_latency_ms
@@ -114,5 +114,5 @@ def _check_metric(key: str, metrics: dict[str, Any]) -> None:
 
 
 def _knee(study: optuna.Study, points: list[FrontPoint]) -> FrontPoint:
-    names = [n for n in objective_names(study) if n in OBJECTIVES]
+    names = [n for n in StudyStore(study).objective_names() if n in OBJECTIVES]
     return knee(points, names, [OBJECTIVES[n] == "maximize" for n in names])

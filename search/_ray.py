@@ -20,41 +20,27 @@ from typing import Any
 
 import optuna
 import ray
-from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ._errors import ParetoslimError
+from ._guide import guide_for
 from ._lease import study_lease
+from ._loop import Outcome, TrialFlow
+from ._measuring import measure_baseline
 from ._private import is_finished, trial_by_number
 from ._progress import StudyProgress
-from ._sampling import enqueue_seeds, enqueue_untried, make_sampler, suggest_recipe
+from ._record import TrialResult, json_safe
+from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
 from ._signals import Interrupted, last_signal
 from ._spec import StudySpec
-from ._store import (
-    DUPLICATE_ATTR,
-    HEARTBEAT_ATTR,
-    RECIPE_ATTR,
-    TARGET_ATTR,
-    completed_count,
-    guide_data,
-    guide_for,
-    is_feasible,
-    json_safe,
-    mark_interrupted,
-    open_study,
-    record_result,
-    reuse_earlier,
-    settle_running,
-    settled_note,
-    stopped_earlier,
-    storage_errors,
-    storage_of,
-)
+from ._storage import storage_errors, storage_of
+from ._store import StudyStore, settled_note
+from ._study import open_study
 from ._tally import RunTally, fruitless_limit
 from ._task import load_task
-from ._trial import TrialResult, TrialSettings, measure_baseline, run_trial
+from ._trial import TrialSettings, run_trial
 
 RESULT_KEY = "paretoslim"
 FINISHED_MARK = ".paretoslim-finished"
@@ -82,8 +68,8 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
 def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, progress: bool,
            address: str | None, leased: bool) -> optuna.Study:
     enqueue_seeds(study, spec)
-    study.set_user_attr(TARGET_ATTR, target)
-    done = completed_count(study)
+    StudyStore(study).write_target(target)
+    done = StudyStore(study).completed_count()
     if done >= target:
         if progress:
             print(f"study {spec.name!r} already has {done} completed trials")
@@ -104,7 +90,7 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
         reporter.close()
         _driver.clear()
     study = open_study(spec, location)
-    if why is None and completed_count(study) < target:
+    if why is None and StudyStore(study).completed_count() < target:
         raise Interrupted(last_signal() or signal.SIGINT)  # Tune ended early: Ctrl-C, SIGTERM
     finished.parent.mkdir(parents=True, exist_ok=True)
     finished.touch()
@@ -128,7 +114,7 @@ def _tuner(spec: StudySpec, study: optuna.Study, location: str, target: int,
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     finished.unlink(missing_ok=True)
-    note = settled_note(mark_interrupted(study)) if leased else ""
+    note = settled_note(StudyStore(study).mark_interrupted()) if leased else ""
     if note and progress:
         reporter.note(note)
     searcher = StudySearch(spec, location, max_failures=fruitless_limit(target), settle=leased)
@@ -251,8 +237,9 @@ class StudySearch(_OptunaSearchOnStudy):
         return open_study(self._spec, self._location, sampler=sampler)
 
     def attached(self, study: optuna.Study) -> None:
-        self._target = int(study.user_attrs.get(TARGET_ATTR, self._spec.trials))
-        self._done = completed_count(study)
+        store = StudyStore(study)
+        self._target = store.target(self._spec.trials)
+        self._done = store.completed_count()
         self._tally = RunTally(self._target, self._spec.time_budget_s, self._spec.name,
                                limit=self._max_failures)  # this run's
         self._tally.start_clock()
@@ -262,11 +249,10 @@ class StudySearch(_OptunaSearchOnStudy):
             self.adopt(trial_id, self._running[trial_id])
         # an Optuna trial the restored experiment does not know of will never finish
         known = set(self._numbers.values())
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if (self._settle and trial.number not in known
-                    and not trial.user_attrs.get(HEARTBEAT_ATTR)):
-                settle_running(study, trial, "interrupted: the Ray driver ended before its "
-                                             "experiment state held this trial")
+        for trial in store.running_unclaimed():
+            if self._settle and trial.number not in known:
+                store.settle_running(trial, "interrupted: the Ray driver ended before its "
+                                            "experiment state held this trial")
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Limit the running trials here, where a restore can correct the count."""
@@ -284,9 +270,11 @@ class StudySearch(_OptunaSearchOnStudy):
                          for tid, config in unfinished.items()}
         self.reopen()
 
+    def _flow(self) -> TrialFlow:
+        return TrialFlow(self._spec, self._tally, _driver.get("progress"))
+
     def suggest(self, trial_id: str) -> dict | str | None:
         study = self.study
-        progress = _driver.get("progress")
         while True:
             why = self._tally.why_stop(self._done)
             if why is not None:
@@ -297,32 +285,26 @@ class StudySearch(_OptunaSearchOnStudy):
                 return None  # enough running: wait for them
             params, trial = self.ask(trial_id)
             recipe = self._spec.space.recipe(params)
-            trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
-            earlier = reuse_earlier(trial, self._spec)
-            stopped = None if earlier is not None else stopped_earlier(trial)
-            if earlier is None and stopped is None:
+            repeat = self._flow().propose(trial, recipe)
+            if repeat is None:
                 self._running[trial_id] = trial
                 self._numbers[trial_id] = trial.number
                 self._recipes[trial_id] = recipe
-                if progress is not None:
-                    progress.start_trial(trial.number, recipe)
-                    progress.stage(f"({len(self._running)} running)")
+                self._show_running()
                 return {"params": params, "number": trial.number,
-                        "guide": guide_data(study, self._spec, self._tally.ends_at)}
-            if earlier is not None:
-                study.tell(trial, earlier)
-            else:
-                study.tell(trial, state=TrialState.PRUNED)
+                        "guide": self._flow().guide(study)}
+            self._tell(study, trial, repeat)
             self.forget(trial_id)
-            self._tally.record("repeat")
-            if (self._tally.why_stop(self._done) is None  # steer the sampler's repeat away
-                    and not enqueue_untried(study, self._spec)):
-                self._tally.exhausted = True
-            if progress is not None and earlier is not None:
-                progress.trial_reused(trial.number, trial.user_attrs[DUPLICATE_ATTR])
-            elif progress is not None:
-                progress.trial_stopped(trial.number, f"same recipe as trial "
-                                       f"{trial.user_attrs[DUPLICATE_ATTR]}: {stopped}")
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+        study.tell(trial, outcome.values, state=outcome.state)
+        self._flow().count(study, outcome.kind)
+        self._done += outcome.kind == "new"
+
+    def _show_running(self) -> None:
+        progress = _driver.get("progress")
+        if progress is not None:
+            progress.stage(f"({len(self._running)} running)")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass  # one result per trial, handled on completion
@@ -336,29 +318,9 @@ class StudySearch(_OptunaSearchOnStudy):
         recipe = self._recipes.pop(trial_id, None)
         if trial is None or is_finished(trial):  # finished: re-run after a restore
             return
-        outcome = self._outcome(recipe, result)
-        values = record_result(trial, self._spec, outcome)
-        if outcome.stopped is not None:
-            study.tell(trial, state=TrialState.PRUNED)
-            self._tally.record("stopped")
-        elif values is None:
-            study.tell(trial, state=TrialState.FAIL)
-            self._tally.record("failed")
-        else:
-            study.tell(trial, values)
-            self._done += 1
-            self._tally.record("new")
-        progress = _driver.get("progress")
-        if progress is None:
-            return
-        where = _where(outcome.metrics)
-        if outcome.stopped is not None:
-            progress.trial_stopped(trial.number, outcome.stopped, where)
-        elif values is None:
-            progress.trial_failed(trial.number, outcome.failure, where)
-        else:
-            progress.trial_done(trial.number, outcome, is_feasible(self._spec, outcome), where)
-        progress.stage(f"({len(self._running)} running)")
+        reported = self._outcome(recipe, result)
+        self._tell(study, trial, self._flow().finish(trial, reported, _where(reported.metrics)))
+        self._show_running()
 
     def _outcome(self, recipe: Any, result: dict | None) -> TrialResult:
         """The trial's result as its trainable reported it, or why there is none."""

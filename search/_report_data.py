@@ -15,10 +15,11 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from ._dominance import dominated
 from ._figures import fmt, short_recipe
-from ._pareto import FrontPoint, dominated, pareto_front
+from ._pareto import FrontPoint, pareto_front
 from ._private import compute_hypervolume
-from ._store import FAILURE_ATTR, METRICS_ATTR, RECIPE_ATTR, objective_names
+from ._store import StudyStore
 
 MIN_TRIALS_FOR_IMPORTANCE = 10
 TEACHER_KEYS = ("quality", "latency_ms", "size_mb")
@@ -96,7 +97,7 @@ class ReportData:
 
 def report_data(study: optuna.Study) -> ReportData:
     """Compute what the report of ``study`` shows."""
-    names = tuple(objective_names(study))
+    names = tuple(StudyStore(study).objective_names())
     maximize = tuple(d == StudyDirection.MAXIMIZE for d in study.directions)
     trials = study.get_trials(deepcopy=False)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -110,7 +111,7 @@ def report_data(study: optuna.Study) -> ReportData:
         points.append(TrialPoint(t.number, tuple(t.values), feasible, pareto,
                                  _hover(t, names, feasible, pareto)))
     points = tuple(points)
-    failures = tuple((t.number, str(t.user_attrs.get(FAILURE_ATTR, "") or "no reason recorded"))
+    failures = tuple((t.number, str(StudyStore.record(t).failure or "no reason recorded"))
                      for t in trials if t.state == TrialState.FAIL)
     return ReportData(
         study_name=study.study_name, objectives=names, maximize=maximize,
@@ -129,7 +130,7 @@ def _teacher(completed: list[FrozenTrial]) -> tuple[dict[str, float], int]:
     """Median of the teacher figures recorded with each trial, and how many there were."""
     teacher, count = {}, 0
     for name in TEACHER_KEYS:
-        seen = [t.user_attrs.get(METRICS_ATTR, {}).get(f"baseline_{name}") for t in completed]
+        seen = [StudyStore.record(t).metrics.get(f"baseline_{name}") for t in completed]
         seen = [float(v) for v in seen if isinstance(v, (int, float))]
         if seen:
             teacher[name] = statistics.median(seen)
@@ -140,7 +141,7 @@ def _teacher(completed: list[FrozenTrial]) -> tuple[dict[str, float], int]:
 def _max_quality_drop(completed: list[FrozenTrial]) -> float | None:
     """The feasibility limit, recovered from a trial's drop and its constraint value."""
     for t in completed:
-        drop = t.user_attrs.get(METRICS_ATTR, {}).get("quality_drop")
+        drop = StudyStore.record(t).metrics.get("quality_drop")
         excess = t.constraints.get("max_quality_drop")
         if isinstance(drop, (int, float)) and excess is not None:
             return round(drop - excess, 9)
@@ -149,7 +150,7 @@ def _max_quality_drop(completed: list[FrozenTrial]) -> float | None:
 
 def _hover(trial: FrozenTrial, names: tuple[str, ...], feasible: bool, pareto: bool) -> str:
     metrics = {**dict(zip(names, trial.values, strict=True)),
-               **trial.user_attrs.get(METRICS_ATTR, {})}
+               **StudyStore.record(trial).metrics}
     status = "Pareto-optimal" if pareto else "feasible" if feasible else "infeasible"
     if not feasible:
         excess = ", ".join(f"{k} exceeded by {v:.4g}" for k, v in trial.constraints.items()
@@ -170,7 +171,7 @@ def _hover(trial: FrozenTrial, names: tuple[str, ...], feasible: bool, pareto: b
                         if "compression" in metrics else ""))
     lines += [f"{name} {fmt(name, v)}" for name, v in zip(names, trial.values, strict=True)
               if name not in TEACHER_KEYS]
-    lines.append(html.escape(short_recipe(trial.user_attrs.get(RECIPE_ATTR, {}))))
+    lines.append(html.escape(short_recipe(StudyStore.record(trial).recipe)))
     return "<br>".join(lines)
 
 

@@ -9,8 +9,8 @@ import optuna
 
 from ._errors import ParetoslimError
 from ._signals import signals_as_interrupts
-from ._spec import BACKENDS, StudySpec
-from ._store import is_rdb_url
+from ._spec import SEARCH_BACKENDS, StudySpec
+from ._storage import is_rdb_url
 
 
 class Backend(Protocol):
@@ -29,7 +29,7 @@ class _Import(NamedTuple):
 
 
 BACKEND_IMPORT: dict[str, _Import] = {
-    "optuna": _Import("._local", "run_local"),
+    "optuna": _Import("._local", "run_in_process"),
     "worker": _Import("._worker", "run_shared"),
     "ray": _Import("._ray", "run_ray_study", needs="Ray Tune", extra="ray"),
 }
@@ -71,7 +71,7 @@ def run_study(spec: StudySpec, *, trials: int | None = None, storage: str | None
     on the cluster at ``address``, default the spec's ``ray.address``).
     """
     target = _target(spec, trials)
-    run = get_backend(backend or spec.backend, BACKENDS)
+    run = get_backend(backend or spec.backend, SEARCH_BACKENDS)
     with signals_as_interrupts():  # SIGTERM ends the run as Ctrl-C does
         return run(spec, target=target, storage=storage, progress=progress, address=address)
 

@@ -24,7 +24,7 @@ OBJECTIVES: dict[str, str] = {
     "size_mb": "minimize",
 }
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
-BACKENDS = ("optuna", "ray")
+SEARCH_BACKENDS = ("optuna", "ray")  # optuna: trials in this process, on Optuna's own loop
 MAX_THREADS = 1024
 MAX_BATCH = 1 << 16  # the largest batch an exported program accepts
 MAX_SEQUENCE = 1 << 16
@@ -85,10 +85,10 @@ class LatencySpec:
     overlap: bool = True
 
     def __post_init__(self) -> None:
-        from ..kernels import BACKENDS, TARGETS
+        from ..kernels import LOWERINGS, TARGETS
 
         _one_of("target", self.target, TARGETS)
-        _one_of("lowering", self.lowering, BACKENDS)
+        _one_of("lowering", self.lowering, LOWERINGS)
         _in_range("batch_size", self.batch_size, 0, MAX_BATCH)
         _in_range("sequence_length", self.sequence_length, 0, MAX_SEQUENCE)
         _in_range("threads", self.threads, 1, MAX_THREADS)
@@ -229,7 +229,7 @@ class StudySpec:
         else:
             object.__setattr__(self, "seeds", tuple(_seed_params(self.space, s)
                                                     for s in self.seeds))
-        _one_of("backend", self.backend, BACKENDS)
+        _one_of("backend", self.backend, SEARCH_BACKENDS)
         if not self.objectives:
             raise ValueError("needs at least one objective")
         for name in self.objectives:

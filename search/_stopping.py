@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ._dominance import dominates
+
 
 @dataclass(frozen=True)
 class Rung:
@@ -68,10 +70,12 @@ class RungPoint:
     size_mb: float
 
     def dominates(self, other: RungPoint) -> bool:
-        at_least = (self.quality >= other.quality and self.latency_ms <= other.latency_ms
-                    and self.size_mb <= other.size_mb)
-        return at_least and (self.quality, self.latency_ms, self.size_mb) != (
-            other.quality, other.latency_ms, other.size_mb)
+        return dominates(self.losses, other.losses)
+
+    @property
+    def losses(self) -> tuple[float, float, float]:
+        """The point with every coordinate minimized."""
+        return (-self.quality, self.latency_ms, self.size_mb)
 
 
 def halving_reason(point: RungPoint, earlier: Sequence[RungPoint], eta: int) -> str | None:

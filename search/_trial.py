@@ -1,56 +1,38 @@
-"""One trial: compress the teacher by a recipe, lower it, measure it. Imports no search backend."""
+"""One trial: compress the teacher by a recipe, lower it, measure it; a pipeline of stages.
+
+The trial compresses the structure first when that saves work (``_timing``: timed once,
+while the fine-tune runs), fine-tunes it under the rung policy (``_rung_policy``, the
+fine-tune's watch), gates on quality, then times the final model. Imports no backend."""
 
 from __future__ import annotations
 
 import math
-import numbers
-import statistics
-import threading
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
-from itertools import islice, pairwise
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..evaluators import (
-    ComputeShare,
-    LatencyJob,
-    LatencyReport,
-    accuracy,
-    program_bytes,
-    run_isolated,
-    size_mb,
-    torch_threads,
+from ..evaluators import ComputeShare, size_mb, torch_threads
+from ..kernels import detect_target
+from ..spaces import Deadline, Recipe, compress
+from ._guide import Guide
+from ._measuring import (
+    Baseline,
+    Measure,
+    calibration_batches,
+    one_line,
+    quality_drop,
+    quality_of,
 )
-from ..kernels import dense_execution, detect_target, sparse_execution
-from ..spaces import (
-    SPARSE_MODULES,
-    Deadline,
-    Recipe,
-    Stopped,
-    compress,
-    count_parameters,
-    model_io,
-)
-from ._errors import ParetoslimError
-from ._fingerprint import structure_fingerprint
-from ._spec import FinetuneSpec, LatencySpec, StoppingSpec, StudySpec
-from ._stopping import Rung, RungPoint, halving_reason, promotion_reason, stop_reason
+from ._record import TrialResult
+from ._rung_policy import RungPolicy, TrialStopped
+from ._spec import FinetuneSpec, LatencySpec, StudySpec
 from ._task import Task
-
-CALIBRATION_BATCHES = 8
-PACE_STEPS = 100  # the last fine-tune steps whose median time projects a promotion's
-# the metrics of a latency measurement, reused for an identical structure
-LATENCY_FIGURES = ("latency_ms", "baseline_latency_ms", "speedup", "speedup_spread",
-                   "latency_noisy", "latency_attempts", "latency_iqr_ms", "latency_cov",
-                   "baseline_latency_iqr_ms", "latency_calls", "lowering", "lowering_error",
-                   "compile_s", "measured_on", "sparse_execution", "sparse_speedup")
+from ._timing import StructureTimer
 
 
 @dataclass(frozen=True)
@@ -65,166 +47,6 @@ class TrialSettings:
     @classmethod
     def from_spec(cls, spec: StudySpec) -> TrialSettings:
         return cls(spec.finetune, spec.latency, spec.seed)
-
-
-@dataclass
-class TrialResult:
-    """What a trial reports: objective values and metrics, the reason it failed, or the
-    reason it was stopped early (``stopped``; its metrics hold the figures measured so far)."""
-
-    recipe: Recipe
-    values: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    failure: str | None = None
-    stopped: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None and self.stopped is None
-
-
-@dataclass(frozen=True)
-class Guide:
-    """What the study knows that can save a trial work; every part optional.
-
-    ``stopping`` (None: never stop early) and ``max_quality_drop`` drive the rungs and the
-    quality gate; ``known_latency(fingerprint)`` gives the latency metrics of an identical
-    structure timed earlier (with ``latency_cached_from``), or None; ``dominated``, when
-    the study holds a candidate, maps ``(latency_ms, size_mb)`` to a feasible trial of at
-    least the teacher's quality whose latency and size are both at least as good, or None.
-    ``promotions_left`` is how many more trials the study may promote (see StoppingSpec);
-    ``extends_front(latency_ms, size_mb)`` says whether a feasible point of that latency
-    and size would be faster or smaller than every feasible trial so far; ``ends_at``
-    (``time.time()``) is when the run's time budget ends: no promotion runs past it.
-    ``rung_points`` are the study's earlier trials at their rungs, for successive halving.
-    """
-
-    stopping: StoppingSpec | None = None
-    max_quality_drop: float = float("inf")
-    known_latency: Callable[[str], dict[str, Any] | None] = lambda _fingerprint: None
-    dominated: Callable[[float, float], str | None] | None = None
-    promotions_left: int = 0
-    extends_front: Callable[[float, float], bool] = lambda _latency, _size: True
-    ends_at: float = math.inf
-    rung_points: tuple[RungPoint, ...] = ()
-
-
-Measure = Callable[[LatencyJob], LatencyReport]
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The teacher's quality and size, measured once; its latency is re-timed in every trial.
-
-    ``programs`` keeps the teacher's exported program per input shape, exported once.
-    """
-
-    quality: float
-    size_mb: float
-    parameters: int
-    programs: dict = field(default_factory=dict, compare=False, repr=False)
-    slices: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def slice_quality(self, task: Task, samples: int) -> float:
-        """The teacher's quality on the held-out slice of ``samples`` (see ``val_slice``)."""
-        if samples not in self.slices:
-            self.slices[samples] = quality_of(task, task.model, val_slice(task, samples))
-        return self.slices[samples]
-
-    def reference_program(self, teacher: nn.Module, x: model_io.Inputs) -> bytes:
-        """The teacher exported for ``x``'s shapes (see ``program_bytes``)."""
-        key = model_io.signature(x)
-        if key not in self.programs:
-            self.programs[key] = program_bytes(teacher, x)
-        return self.programs[key]
-
-
-def one_line(message: str, limit: int = 300) -> str:
-    """A message collapsed to one line of at most ``limit`` characters."""
-    text = " ".join(message.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def quality_drop(teacher: float, quality: float) -> float:
-    """``teacher - quality`` rounded to 12 decimals, so that a drop of exactly the limit
-    (e.g. 93.37% to 92.37%) is not above it by a floating-point residue."""
-    return round(teacher - quality, 12)
-
-
-def quality_of(task: Task, model: nn.Module, val: Iterable | None = None) -> float:
-    """The task's metric (default: accuracy) on its validation data (or on ``val``)."""
-    metric = task.metric or accuracy
-    with torch.no_grad():
-        value = metric(model, task.val if val is None else val)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"the metric returned {type(value).__name__}, not a number")
-    return float(value)
-
-
-def val_slice(task: Task, samples: int) -> list:
-    """The first validation batches holding at least ``samples`` inputs (all, if fewer):
-    a fixed held-out slice for the fine-tune's rungs."""
-    batches, count = [], 0
-    for batch in task.val:
-        batches.append(batch)
-        count += len(model_io.split_batch(batch)[1])
-        if count >= samples:
-            break
-    return batches
-
-
-def calibration_batches(task: Task) -> Iterable:
-    """The task's calibration batches, or the first training batches."""
-    if task.calibration is not None:
-        return task.calibration
-    return list(islice(iter(task.train), CALIBRATION_BATCHES))
-
-
-def latency_input(task: Task, latency: LatencySpec) -> model_io.Inputs:
-    """A copy of the example input resized to the latency settings' batch size along dim 0
-    and, for token inputs, to their sequence length along dim 1 (0 keeps either)."""
-    x = model_io.clone(task.example_input)
-    if latency.batch_size and latency.batch_size != model_io.batch_size(x):
-        x = model_io.with_batch(x, latency.batch_size)
-    if latency.sequence_length:
-        x = model_io.with_sequence(x, latency.sequence_length)
-    return x
-
-
-def measure_baseline(task: Task) -> Baseline:
-    """Quality, size and parameter count of the uncompressed teacher. A metric that fails
-    on the teacher or gives no finite number raises ParetoslimError: no trial could be
-    judged."""
-    task.model.eval()
-    who = f"task {task.name!r}" if task.name else "the task"
-    try:
-        quality = quality_of(task, task.model)
-    except Exception as exc:  # the user's data and metric: any failure is theirs to see
-        raise ParetoslimError(
-            f"{who}: the quality of the teacher on val cannot be measured "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); val must yield "
-            "(inputs, targets) batches that the model and the metric accept") from None
-    if not math.isfinite(quality):
-        raise ParetoslimError(f"{who}: the metric gave {quality} for the teacher; it must "
-                              "return a finite number")
-    return Baseline(quality, size_mb(task.model), count_parameters(task.model))
-
-
-def latency_job(task: Task, model: nn.Module, scheme: str, settings: TrialSettings,
-                baseline: Baseline) -> LatencyJob:
-    """The job timing ``model`` against the teacher at the settings' batch size."""
-    latency = settings.latency
-    x = latency_input(task, latency)
-    sparse = sparse_execution(model)
-    return LatencyJob(
-        program=program_bytes(dense_execution(model), x),
-        reference=baseline.reference_program(task.model, x),
-        example=x, scheme=scheme, lowering=latency.lowering, threads=latency.threads,
-        min_calls=latency.min_calls, min_seconds=latency.min_seconds,
-        max_spread=latency.max_spread,
-        sparse_program=None if sparse is None else program_bytes(sparse, x))
 
 
 def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
@@ -244,30 +66,19 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     its fine-tune) sets ``stopped`` and keeps the partial figures in ``metrics``.
     ``on_step(done, total)`` follows the fine-tune after each of its steps.
     """
-    stage_name = "start"
-    clock = _StageClock()
-
-    def stage(name: str) -> None:
-        nonlocal stage_name
-        stage_name = name
-        clock.enter(name)
-        if on_stage is not None:
-            on_stage(name)
-
+    clock = _StageClock(on_stage)
     started = time.perf_counter()
-    trial = _Trial(task, recipe, settings, baseline, guide or Guide(), stage,
-                   measure or run_isolated)
-    if on_step is not None:
-        trial.on_step = on_step
+    trial = _Trial(task, recipe, settings, baseline, guide or Guide(), clock.enter,
+                   measure, on_step or (lambda _done, _total: None))
     try:
         measured = trial.run()
-    except Stopped as stop:
-        return TrialResult(recipe, metrics={**trial.partial, **stop.figures,
+    except TrialStopped as stop:
+        return TrialResult(recipe, metrics={**trial.policy.partial, **trial.stop_figures,
                                             "trial_s": time.perf_counter() - started,
                                             "stage_seconds": clock.summary()},
-                           stopped=stop.reason)
+                           stopped=str(stop))
     except Exception as exc:  # a failing recipe must never stop the study
-        reason = f"{stage_name}: {type(exc).__name__}: {one_line(str(exc))}"
+        reason = f"{clock.stage}: {type(exc).__name__}: {one_line(str(exc))}"
         return TrialResult(recipe, failure=reason, metrics={
             "traceback": traceback.format_exc(limit=6)[-2000:],
         })
@@ -281,20 +92,30 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
 
 
 class _StageClock:
-    """Seconds spent in each stage of a trial, in the order first entered."""
+    """The trial's current stage (told to ``on_stage``) and the seconds spent in each stage,
+    in the order first entered."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stage: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.stage = "start"  # as named, for a failure's message
         self.current, self.since = "start", time.perf_counter()
+        self.on_stage = on_stage
 
     def enter(self, name: str) -> None:
+        """Start stage ``name``; what follows " (" in it is a note, not the stage."""
+        self.stage = name
+        self._close(name.split(" (")[0])
+        if self.on_stage is not None:
+            self.on_stage(name)
+
+    def _close(self, following: str) -> None:
         now = time.perf_counter()
         self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
-        self.current, self.since = name.split(" (")[0], now
+        self.current, self.since = following, now
 
     def summary(self) -> str:
         """``"stage 1.2 s, ..."``, the current stage closed."""
-        self.enter(self.current)
+        self._close(self.current)
         return ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items() if s >= 0.05)
 
 
@@ -311,49 +132,42 @@ class _Measured:
     compress_seconds: float
 
 
-@dataclass
 class _Trial:
-    """One trial's pipeline; ``partial`` collects figures a stop keeps."""
+    """One trial's pipeline: structure first, fine-tune under the rung policy, gate, time."""
 
-    task: Task
-    recipe: Recipe
-    settings: TrialSettings
-    baseline: Baseline
-    guide: Guide
-    stage: Callable[[str], None]
-    measure: Measure
-    partial: dict[str, Any] = field(default_factory=dict)
-    curve: list = field(default_factory=list)
-    structure: nn.Module | None = None  # the compressed structure before its fine-tune
-    structure_size: float | None = None  # its size_mb, once read
-    timed: dict = field(default_factory=dict)  # latency figures this trial measured
-    finetune_started: float = 0.0
-    step_ends: deque = field(default_factory=lambda: deque(maxlen=PACE_STEPS + 1))
-    share: ComputeShare = field(default_factory=ComputeShare)
-    pending: _Pending | None = None  # the structure, timed while the trial goes on
-    on_step: Callable[[int, int], None] = lambda _done, _total: None  # fine-tune progress
-    steps_planned: int = 0  # of the running fine-tune, a promotion's once promoted
-    steps_done: int = 0
+    def __init__(self, task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
+                 guide: Guide, stage: Callable[[str], None], measure: Measure | None,
+                 on_step: Callable[[int, int], None]):
+        self.task, self.recipe, self.settings, self.baseline = task, recipe, settings, baseline
+        self.guide, self.stage = guide, stage
+        self.share = ComputeShare()
+        self.timer = StructureTimer(task, recipe.quantization.scheme, settings.latency,
+                                    baseline, measure, guide.known_latency, stage, self.share)
+        self.policy = RungPolicy(task, baseline, guide, self.timer, self.share, stage, on_step)
+        self.stop_figures: dict[str, Any] = {}
 
     def close(self) -> None:
         """End what the trial leaves running: a timing no longer wanted, the compute share."""
-        if self.pending is not None:
-            self.pending.abandon()
-            self.pending = None
+        self.timer.close()
         self.share.release()
 
     def run(self) -> _Measured | TrialResult:
         """Compress (stopping at hopeless rungs), gate on quality, then time the model
-        unless an identical structure was timed before. Raises for a failing recipe."""
+        unless an identical structure was timed before. Raises for a failing recipe,
+        TrialStopped for a stopped one."""
         started = time.perf_counter()
         deadline = Deadline(self.settings.finetune.trial_timeout_s,
                             "finetune.trial_timeout_s")
         untrained = self._structure_first(deadline)
         compressed, facts = untrained or self._compress(deadline, self.settings.finetune.steps,
-                                                        rungs=True)
+                                                        watch=self.policy.watches())
+        if "stopped" in facts:
+            self.stop_figures = {"stopped_at_step": facts["stopped_at_step"],
+                                 "finetune_steps": facts["finetune_steps"]}
+            raise TrialStopped(facts["stopped"])
         compress_seconds = time.perf_counter() - started
-        facts = {**facts, **{k: self.partial[k] for k in ("rungs", "promoted")
-                             if k in self.partial}}
+        facts = {**facts, **{k: self.policy.partial[k] for k in ("rungs", "promoted")
+                             if k in self.policy.partial}}
         self.stage("quality")
         self.share.pause_point()
         quality = quality_of(self.task, compressed)
@@ -361,19 +175,19 @@ class _Trial:
             return TrialResult(self.recipe, failure=f"quality is {quality}")
         size = size_mb(compressed)
         self.share.release()
-        self.partial.update(quality=quality, size_mb=size,
-                            quality_drop=quality_drop(self.baseline.quality, quality),
-                            compress_s=compress_seconds, **_plain(facts))
-        self._gate(quality)
+        self.policy.partial.update(quality=quality, size_mb=size, compress_s=compress_seconds,
+                                   quality_drop=quality_drop(self.baseline.quality, quality),
+                                   **_plain(facts))
+        self.policy.gate(quality)
         deadline.check("evaluation")
-        latency, batch = self._latency(compressed)
+        latency = self.timer.final(compressed)
         deadline.check("latency measurement")
-        return _Measured(compressed, facts, quality, size, latency, batch, compress_seconds)
+        return _Measured(compressed, facts, quality, size, latency, self.timer.batch(),
+                         compress_seconds)
 
-    def _compress(self, deadline: Deadline, steps: int, rungs: bool) -> tuple[nn.Module, dict]:
-        finetune, stopping = self.settings.finetune, self.guide.stopping
-        watch = rungs and stopping is not None and stopping.enabled
-        self.steps_planned, self.steps_done = steps, 0
+    def _compress(self, deadline: Deadline, steps: int, watch: bool) -> tuple[nn.Module, dict]:
+        finetune = self.settings.finetune
+        self.policy.watching = watch
         try:
             with torch_threads(finetune.threads or torch.get_num_threads()):
                 return compress(
@@ -381,102 +195,9 @@ class _Trial:
                     train=self.task.train, calibration=calibration_batches(self.task),
                     finetune_steps=steps, learning_rate=finetune.learning_rate,
                     seed=self.settings.seed, student_factory=self.task.student,
-                    deadline=deadline, on_stage=self.stage,
-                    rungs=stopping.rungs if watch else (),
-                    on_rung=self._rung if watch else None,
-                    between_steps=self._between_steps)
+                    deadline=deadline, on_stage=self.stage, watch=self.policy)
         finally:
             self.share.release()
-
-    def _between_steps(self) -> None:
-        self.step_ends.append(time.perf_counter())
-        self.steps_done += 1
-        self.on_step(self.steps_done, self.steps_planned)
-        self.share.pause_point()
-
-    def _rung(self, step: int, steps: int, model: nn.Module) -> int | None:
-        """Record the slice quality at a rung; promote a near miss (its new step count), or
-        stop when the curve cannot reach the limit."""
-        stopping = self.guide.stopping
-        if step == 0:
-            self.finetune_started = time.perf_counter()
-            self.step_ends.clear()
-        quality = quality_of(self.task, model, val_slice(self.task, stopping.slice_samples))
-        self.curve.append(Rung(step, steps, quality))
-        self.partial["rungs"] = ",".join(f"{r.step}:{r.quality:.4f}" for r in self.curve)
-        limit = (self.baseline.slice_quality(self.task, stopping.slice_samples)
-                 - self.guide.max_quality_drop)
-        promoted = self._promotion(step, steps, limit)
-        if promoted is not None:
-            return promoted
-        reason = stop_reason(self.curve, limit, stopping.slack) or self._halving(step, steps)
-        if reason is not None:
-            raise Stopped(reason, {"stopped_at_step": step, "finetune_steps": steps})
-        return None
-
-    def _halving(self, step: int, steps: int) -> str | None:
-        """Why successive halving stops the trial at this rung, or None; the structure's
-        latency and size are recorded for the ranking of later trials."""
-        eta = self.guide.stopping.halving
-        if eta < 2 or step == 0 or step >= steps or self.structure is None:
-            return None
-        latency, size = self._structure_latency(), self._structure_size()
-        self.partial.update(latency, size_mb=size)
-        point = RungPoint(step / steps, self.curve[-1].quality, latency["latency_ms"], size)
-        return halving_reason(point, self.guide.rung_points, eta)
-
-    def _promotion(self, step: int, steps: int, limit: float) -> int | None:
-        """The longer fine-tune of a trial at its last rung projected near the quality limit
-        (even one the stopping rule would end) whose structure would extend the feasible
-        front; None to keep its steps."""
-        stopping = self.guide.stopping
-        last = max(1, round(stopping.rungs[-1] * steps)) if stopping.rungs else 0
-        if (step != last or stopping.promote_steps <= steps or self.guide.promotions_left < 1
-                or self.structure is None or not self._fits(step, stopping.promote_steps)):
-            return None
-        reason = promotion_reason(self.curve, limit, stopping.promote_margin)
-        if reason is None:
-            return None
-        size, latency = self._structure_size(), self._structure_latency()
-        if not self.guide.extends_front(latency["latency_ms"], size):
-            return None
-        self.partial.update(latency, promoted=reason)  # kept should the trial stop
-        self.stage(f"promoted to {stopping.promote_steps} steps")
-        self.steps_planned = stopping.promote_steps
-        return stopping.promote_steps
-
-    def _fits(self, step: int, steps: int) -> bool:
-        """Whether fine-tuning on to ``steps`` ends within the budget, at the median pace of
-        the last steps (a step that waited for a timing, or ran beside a compilation, is
-        not the pace ahead), else at the pace so far."""
-        ends = list(self.step_ends)
-        if len(ends) > PACE_STEPS // 2:
-            pace = statistics.median(b - a for a, b in pairwise(ends))
-        else:
-            pace = (time.perf_counter() - self.finetune_started) / max(1, step)
-        return time.time() + pace * (steps - step) <= self.guide.ends_at
-
-    def _gate(self, quality: float) -> None:
-        stopping = self.guide.stopping
-        if stopping is None or not stopping.enabled or stopping.time_infeasible:
-            return
-        drop = quality_drop(self.baseline.quality, quality)
-        if drop > self.guide.max_quality_drop:
-            raise Stopped(f"quality drop {drop:.4f} above the limit "
-                          f"{self.guide.max_quality_drop:g} after its fine-tune")
-
-    def _fingerprint(self, model: nn.Module) -> str:
-        latency = self.settings.latency
-        x = latency_input(self.task, latency)
-        timing = {"target": latency.target, "lowering": latency.lowering,
-                  "threads": latency.threads, "batch": model_io.batch_size(x)}
-        if not isinstance(x, torch.Tensor):  # names, other dimensions
-            timing["inputs"] = repr(model_io.signature(x))
-        return structure_fingerprint(model, self.recipe.quantization.scheme, timing)
-
-    def _batch(self) -> int:
-        """The batch size latency is timed at."""
-        return model_io.batch_size(latency_input(self.task, self.settings.latency))
 
     def _structure_first(self, deadline: Deadline) -> tuple[nn.Module, dict] | None:
         """Compress the structure first (untrained) when that saves work: time it on a
@@ -486,7 +207,7 @@ class _Trial:
         promotion and halving rules. Returns the compressed model when the recipe needs no
         fine-tune (it is then final)."""
         stopping, dominated = self.guide.stopping, self.guide.dominated
-        stops = stopping is not None and stopping.enabled
+        stops = self.policy.watches()
         skips = stops and stopping.skip_dominated and dominated is not None
         promotes = (stops and self.guide.promotions_left > 0
                     and stopping.promote_steps > self.settings.finetune.steps)
@@ -495,121 +216,17 @@ class _Trial:
         if self.settings.finetune.steps == 0 or not (overlaps or skips or promotes or halves):
             return None
         self.stage("structure")
-        structure, facts = self._compress(deadline, 1, rungs=False)
+        structure, facts = self._compress(deadline, 1, watch=False)
         if facts.get("finetune_steps", 0) == 0:
             return structure, facts  # nothing to fine-tune: this is the trial's model
-        self.structure = structure
-        fingerprint = self._fingerprint(structure)
-        known = self.guide.known_latency(fingerprint)
+        known = self.timer.keep_structure(structure, overlap=overlaps)
         if known is not None and skips:
-            size = self._structure_size()
+            size = self.timer.structure_size()
             winner = dominated(known["latency_ms"], size)
             if winner is not None:
-                self.partial.update(known, size_mb=size)
-                raise Stopped(f"dominated before its fine-tune by {winner}")
-        if known is None and overlaps:
-            self.pending = _Pending(fingerprint, self._job(structure), self.measure)
+                self.policy.partial.update(known, size_mb=size)
+                raise TrialStopped(f"dominated before its fine-tune by {winner}")
         return None
-
-    def _structure_size(self) -> float:
-        """The size of the trial's structure (serialized once)."""
-        if self.structure_size is None:
-            self.structure_size = size_mb(self.structure)
-        return self.structure_size
-
-    def _structure_latency(self) -> dict[str, Any]:
-        """The latency figures of the trial's structure: an identical structure's, or timed
-        on the untrained copy (dense kernels do not depend on the weights' values) and kept
-        for the trained model."""
-        return self._timed(self.structure, self._fingerprint(self.structure),
-                           "latency of the structure")
-
-    def _latency(self, model: nn.Module) -> tuple[dict[str, Any], int]:
-        fingerprint = self._fingerprint(model)
-        # timed before the fine-tune: by this trial, done or under way (neither happens for
-        # a structure the study knows, whose figures _timed gives)
-        before = fingerprint in self.timed or (self.pending is not None
-                                               and self.pending.fingerprint == fingerprint)
-        latency = self._timed(model, fingerprint, "latency")
-        return {**latency, **({"latency_timed_before_finetune": True} if before else {}),
-                "structure": fingerprint}, self._batch()
-
-    def _timed(self, model: nn.Module, fingerprint: str, stage: str) -> dict[str, Any]:
-        """The latency figures of ``model``: an identical structure's (from the study, or
-        timed by this trial), else those of its timing in progress, else timed now. The
-        compute share is released first: the timing waits for it."""
-        known = self.guide.known_latency(fingerprint) or self.timed.get(fingerprint)
-        if known is not None:
-            return known
-        self.share.release()
-        pending = self.pending  # kept until read: an interruption meanwhile ends it
-        if pending is not None and pending.fingerprint == fingerprint:
-            self.stage(stage)
-            job, report = pending.job, pending.result()
-            self.pending = None
-        else:
-            if pending is not None:
-                self.pending = None
-                pending.abandon()  # another structure: its figures are not this model's
-            job = self._job(model)
-            self.stage(stage)
-            report = self.measure(job)
-        self.timed[fingerprint] = _metrics(report, job, model)
-        return self.timed[fingerprint]
-
-    def _job(self, model: nn.Module) -> LatencyJob:
-        """The job timing ``model`` against the teacher (``model`` exported)."""
-        self.stage("export")
-        return latency_job(self.task, model, self.recipe.quantization.scheme, self.settings,
-                           self.baseline)
-
-
-class _Pending:
-    """A latency job measured on a thread of its own while the trial goes on.
-
-    The default measure (``run_isolated``) is cancellable: ``abandon`` ends its process.
-    Another measure (e.g. on a cluster node) runs to its end, its figures dropped.
-    """
-
-    def __init__(self, fingerprint: str, job: LatencyJob, measure: Measure):
-        self.fingerprint, self.job = fingerprint, job
-        self.cancel = threading.Event()
-        self.cancellable = measure is run_isolated
-        call = partial(run_isolated, cancel=self.cancel) if self.cancellable else measure
-        self.report: LatencyReport | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(call, job), daemon=True,
-                                       name="paretoslim-latency")
-        self.thread.start()
-
-    def _run(self, call: Measure, job: LatencyJob) -> None:
-        try:
-            self.report = call(job)
-        except BaseException as exc:  # raised where the result is read
-            self.error = exc
-
-    def result(self) -> LatencyReport:
-        """The report, once measured; the measurement's exception is raised here."""
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.report
-
-    def abandon(self) -> None:
-        """Stop the measurement if it can be stopped; its result is never read."""
-        self.cancel.set()
-        if self.cancellable:
-            self.thread.join()
-
-
-def _metrics(report: LatencyReport, job: LatencyJob, model: nn.Module) -> dict[str, Any]:
-    """A latency report as trial metrics; layers stored sparse with no sparse variant
-    timed are said to run densified."""
-    latency = report.metrics()
-    if job.sparse_program is None and any(isinstance(module, SPARSE_MODULES)
-                                          for module in model.modules()):
-        latency["sparse_execution"] = "densified"  # no sparse kernel for these layers
-    return latency
 
 
 def _plain(facts: dict[str, Any]) -> dict[str, Any]:

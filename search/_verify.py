@@ -16,9 +16,9 @@ from ..spaces import QUANT_SCHEMES
 from ._errors import ParetoslimError
 from ._export import METRICS_FILE, MODEL_FILE, load_program
 from ._figures import FIGURE_FORMATS
+from ._measuring import latency_input, quality_of
 from ._spec import LatencySpec, StudySpec, parse_section
 from ._task import Task, load_task
-from ._trial import latency_input, quality_of
 
 DEFAULT_TOLERANCE = 0.002
 _LATENCY_KEYS = ("batch_size", "sequence_length", "threads", "min_calls", "min_seconds",

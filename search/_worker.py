@@ -15,20 +15,22 @@ from ._local import Objective, optimize_until
 from ._progress import StudyProgress
 from ._sampling import enqueue_seeds
 from ._spec import StudySpec
-from ._store import DUPLICATE_ATTR, FAILURE_ATTR, HEARTBEAT_ATTR, open_study, storage_errors
+from ._storage import storage_errors
+from ._store import StudyStore
+from ._study import open_study
 
 
 class SharedObjective(Objective):
     """The objective of a worker: its trials send heartbeats and say why they would fail."""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
-        trial.set_user_attr(HEARTBEAT_ATTR, True)
         # a finished trial cannot be annotated: say now why it fails if this worker dies
-        trial.set_user_attr(FAILURE_ATTR, (
-            f"lost: worker {socket.gethostname()}:{os.getpid()} stopped sending heartbeats "
-            "(killed or disconnected); the recipe is retried"))
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        StudyStore.claim(trial, worker, lost=(
+            f"lost: worker {worker} stopped sending heartbeats (killed or disconnected); "
+            "the recipe is retried"))
         values = self.run(trial)
-        trial.set_user_attr(FAILURE_ATTR, "")
+        StudyStore.clear_lost(trial)
         return values
 
 
@@ -50,11 +52,10 @@ def wait_for_room(study: optuna.Study, reporter: StudyProgress, *, target: int,
     """Wait while other workers' running trials would reach ``target``; False when the
     study is done. Stale trials of dead workers are failed (and retried) meanwhile."""
     while True:
-        trials = study.get_trials(deepcopy=False,
-                                  states=(TrialState.COMPLETE, TrialState.RUNNING))
-        done = sum(t.state == TrialState.COMPLETE and DUPLICATE_ATTR not in t.user_attrs
-                   for t in trials)
-        running = sum(t.state == TrialState.RUNNING for t in trials)
+        trials = StudyStore(study).trials(TrialState.COMPLETE, TrialState.RUNNING)
+        done = sum(t.state == TrialState.COMPLETE and r.duplicate_of is None
+                   for t, r in trials)
+        running = sum(t.state == TrialState.RUNNING for t, _ in trials)
         reporter.set_completed(done)
         if done >= target:
             return False

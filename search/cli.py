@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     from ._front import render_front
     from ._run import run_study
     from ._spec import load_spec
-    from ._store import shown, storage_of
+    from ._storage import shown, storage_of
 
     spec = _budgeted(load_spec(args.spec), args.time_budget)
     study = run_study(spec, trials=args.trials, storage=args.storage, progress=not args.quiet,
@@ -211,11 +211,11 @@ def _budgeted(spec, seconds: float | None):
 def _worker(args: argparse.Namespace) -> int:
     from ._run import run_worker
     from ._spec import load_spec
-    from ._store import completed_count
+    from ._store import StudyStore
 
     spec = _budgeted(load_spec(args.spec), args.time_budget)
     study = run_worker(spec, args.storage, trials=args.trials, progress=not args.quiet)
-    print(f"study {spec.name!r}: {completed_count(study)} completed trials")
+    print(f"study {spec.name!r}: {StudyStore(study).completed_count()} completed trials")
     return 0
 
 
@@ -304,7 +304,7 @@ def _warn(message: str) -> None:
 
 def _readable(args: argparse.Namespace):
     """The study a read-only verb names, as a readable in-memory copy, and its spec."""
-    from ._snapshot import resolve_readable
+    from ._study import resolve_readable
 
     return resolve_readable(args.study, args.storage, _warn)
 

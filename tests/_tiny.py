@@ -195,3 +195,42 @@ def write_study(tmp_path, trials=2, width="[0.5, 1.0]", broken=False):
         spec_text += "[task_options]\nbroken_student = true\n"
     (tmp_path / "study.toml").write_text(spec_text)
     return tmp_path / "study.toml"
+
+
+def recorded_trial(study, *, recipe=None, metrics=None, values=None, state=None,
+                   constraint=None, **fields):
+    """Ask ``study`` for a trial, write its record (``fields``: other TrialRecord fields,
+    e.g. ``failure``, ``stopped``, ``duplicate_of``), set its quality ``constraint`` and, with
+    ``state`` (a TrialState) or ``values``, tell it; return the trial."""
+    from optuna.trial import TrialState
+
+    from paretoslim.search._record import TrialRecord
+    from paretoslim.search._store import StudyStore
+
+    trial = study.ask()
+    StudyStore.write(trial, TrialRecord(recipe=recipe or {}, metrics=metrics or {},
+                                        values=None if values is None else tuple(values),
+                                        **fields))
+    if constraint is not None:
+        trial.set_constraint("max_quality_drop", constraint)
+    if state is not None or values is not None:
+        study.tell(trial, values, state=state or TrialState.COMPLETE)
+    return trial
+
+
+def recorded_study(name=None, *, sampler=None, objectives=("quality", "latency_ms", "size_mb"),
+                   max_quality_drop=None):
+    """An in-memory study of those objectives whose spec record names them (and the quality
+    limit, when given)."""
+    import optuna
+
+    from paretoslim.search._store import StudyStore
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    directions = ["maximize" if n == "quality" else "minimize" for n in objectives]
+    study = optuna.create_study(study_name=name, sampler=sampler, directions=directions)
+    record = {"objectives": list(objectives)}
+    if max_quality_drop is not None:
+        record["max_quality_drop"] = max_quality_drop
+    StudyStore(study).write_spec_record(record)
+    return study

@@ -74,7 +74,7 @@ def test_a_study_name_may_have_inner_spaces_and_dots():
 
 
 def test_postgresql_urls_use_the_driver_of_the_postgres_extra(in_tmp, capsys):
-    from paretoslim.search._store import database_url, shown
+    from paretoslim.search._storage import database_url, shown
 
     pytest.importorskip("psycopg2")
     url = f"postgresql://user:s3cret@127.0.0.1:{_closed_port()}/paretoslim"
@@ -117,7 +117,7 @@ def test_read_only_verbs_do_not_create_a_database(in_tmp, capsys):
 
 def test_export_of_an_empty_study_says_it_has_no_trials(in_tmp, capsys):
     spec_path = write_study(in_tmp)
-    from paretoslim.search._store import open_study
+    from paretoslim.search._study import open_study
 
     open_study(load_spec(spec_path))
     line = _fails(["export", str(spec_path), "--trial", "7", "--out", "x"], capsys)
@@ -133,7 +133,7 @@ def test_dashboard_port_out_of_range(in_tmp, capsys, port):
 def test_dashboard_port_in_use(in_tmp, capsys):
     pytest.importorskip("optuna_dashboard")
     spec_path = write_study(in_tmp)
-    from paretoslim.search._store import open_study
+    from paretoslim.search._study import open_study
 
     open_study(load_spec(spec_path))
     with socket.socket() as busy:
@@ -148,7 +148,7 @@ def test_dashboard_port_in_use(in_tmp, capsys):
                                   ["verify", ".", "--tolerance", "nan", "--task", "t.py:f"]])
 def test_nan_options_are_refused(in_tmp, capsys, argv):
     spec_path = write_study(in_tmp)
-    from paretoslim.search._store import open_study
+    from paretoslim.search._study import open_study
 
     open_study(load_spec(spec_path))
     assert "nan" in _fails(argv, capsys).lower()
@@ -181,7 +181,7 @@ def test_bad_arguments_are_one_line(capsys, argv, message):
 
 def test_an_output_file_that_cannot_be_written_is_one_line(in_tmp, capsys):
     spec_path = write_study(in_tmp)
-    from paretoslim.search._store import open_study
+    from paretoslim.search._study import open_study
 
     open_study(load_spec(spec_path))
     line = _fails(["front", "tiny", "--out", str(in_tmp / "no" / "such" / "dir" / "f.csv")],

@@ -15,7 +15,11 @@ from _tiny import write_study
 from optuna.trial import TrialState
 
 from paretoslim.search import load_spec
-from paretoslim.search._store import FAILURE_ATTR, WORKER_ATTR, make_storage, open_study
+from paretoslim.search._storage import make_storage
+from paretoslim.search._store import StudyStore
+from paretoslim.search._study import open_study
+
+record = StudyStore.record
 
 pytestmark = pytest.mark.xdist_group("cluster")  # one worker: servers, process counts
 
@@ -88,11 +92,11 @@ def _resumed(journal, completed: int):
     their own, none left running or waiting, and every failure an interrupted trial."""
     study = _study(journal)
     states = _states(study)
-    assert sum(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    assert sum(t.state == TrialState.COMPLETE and record(t).duplicate_of is None
                for t in study.get_trials()) == completed
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     for trial in study.get_trials(states=(TrialState.FAIL,)):
-        assert trial.user_attrs[FAILURE_ATTR].startswith("interrupted")
+        assert record(trial).failure.startswith("interrupted")
     return study
 
 
@@ -120,7 +124,7 @@ def test_first_workers_create_a_new_database_study_at_once_without_crashing(
         tmp_path, postgres_url):
     write_study(tmp_path, trials=1)
     code = ("import sys\nfrom paretoslim.search import load_spec\n"
-            "from paretoslim.search._store import open_study\n"
+            "from paretoslim.search._study import open_study\n"
             "open_study(load_spec(sys.argv[1]), sys.argv[2])\n")
     starters = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "study.toml"),
                                   postgres_url], stderr=subprocess.PIPE, text=True)
@@ -170,7 +174,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
         except KeyError:
             return None
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if t.user_attrs.get(WORKER_ATTR, "").endswith(f":{victim.pid}")]
+                if (record(t).worker or "").endswith(f":{victim.pid}")]
 
     lost = _wait_for(victim_is_training, 240, "the first worker to start a trial", victim)[0]
     time.sleep(1.0)
@@ -182,7 +186,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
     study = _study(postgres_url)
     trials = study.get_trials()
     states = [t.state for t in trials]
-    assert sum(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    assert sum(t.state == TrialState.COMPLETE and record(t).duplicate_of is None
                for t in trials) == 4  # a repeated recipe copies its figures, uncounted
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     # every failed trial was lost by a dead worker and retried exactly once, by a trial that
@@ -190,11 +194,11 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert lost.number in [t.number for t in failed]
     for trial in failed:
-        assert trial.user_attrs[FAILURE_ATTR].startswith("lost")
+        assert record(trial).failure.startswith("lost")
         retries = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
         assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
         assert retries[0].params == trial.params
-    workers_seen = {t.user_attrs[WORKER_ATTR] for t in trials if WORKER_ATTR in t.user_attrs}
+    workers_seen = {record(t).worker for t in trials if record(t).worker}
     assert any(w.endswith(f":{victim.pid}") for w in workers_seen)
     assert any(w.endswith(f":{survivor.pid}") for w in workers_seen)
     assert "4 completed trials" in out
@@ -223,7 +227,7 @@ def test_a_ray_study_runs_on_two_nodes_times_on_the_target_and_resumes_after_a_k
     # in the last second before the kill could be unknown to the restored experiment
     study = _resumed(journal, completed=4)
     completed = study.get_trials(states=(TrialState.COMPLETE,))
-    metrics = [t.user_attrs["metrics"] for t in completed if "duplicate_of" not in t.user_attrs]
+    metrics = [record(t).metrics for t in completed if record(t).duplicate_of is None]
     assert {m["trained_on_node"] for m in metrics} == {RAY_HEAD, RAY_WORKER}
     # only the head holds the target resource: every latency was measured there
     assert {m["measured_on_node"] for m in metrics} == {RAY_HEAD}
@@ -271,7 +275,7 @@ def test_a_restored_ray_searcher_forgets_a_trial_its_experiment_never_held(tmp_p
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL,
                                          TrialState.RUNNING]
-    assert trials[1].user_attrs[FAILURE_ATTR].startswith("interrupted")
+    assert record(trials[1]).failure.startswith("interrupted")
 
 
 def test_a_restored_ray_searcher_adopts_a_trial_saved_only_by_its_experiment(tmp_path):

@@ -214,14 +214,14 @@ def test_trial_job_times_sparse_layers_dense_or_through_sparse_mm():
 
     from _tiny import tiny_task
 
-    from paretoslim.search import Baseline, TrialSettings
-    from paretoslim.search._trial import latency_job
+    from paretoslim.search import Baseline, LatencySpec
+    from paretoslim.search._measuring import latency_job
 
     task = tiny_task("mlp")
     model = _pruned_mlp(0.9)
     task.model = TinyMLP(64, 256, 4).eval()
     task.example_input = torch.randn(4, 64)
-    job = latency_job(task, model, "fp32", TrialSettings(), Baseline(0.9, 1.0, 1))
+    job = latency_job(task, model, "fp32", LatencySpec(), Baseline(0.9, 1.0, 1))
 
     def targets(data):
         graph = torch.export.load(io.BytesIO(data)).graph
@@ -254,8 +254,8 @@ def test_stored_weight_forms_are_timed_decoded():
 
     from _tiny import tiny_task
 
-    from paretoslim.search import Baseline, TrialSettings
-    from paretoslim.search._trial import latency_job
+    from paretoslim.search import Baseline, LatencySpec
+    from paretoslim.search._measuring import latency_job
     from paretoslim.spaces import StoredWeight, densify
     from paretoslim.spaces._cluster import cluster_weights
 
@@ -270,7 +270,7 @@ def test_stored_weight_forms_are_timed_decoded():
 
     task = tiny_task("mlp")
     task.model, task.example_input = TinyMLP(64, 256, 4).eval(), x
-    job = latency_job(task, model, "fp32", TrialSettings(), Baseline(0.9, 1.0, 1))
+    job = latency_job(task, model, "fp32", LatencySpec(), Baseline(0.9, 1.0, 1))
     graph = torch.export.load(io.BytesIO(job.program)).graph
     ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
     assert not any("shift" in op or "bitwise" in op for op in ops)  # no unpacking per call

@@ -1,5 +1,6 @@
 import optuna
 import pytest
+from _tiny import recorded_study, recorded_trial
 
 from paretoslim.search import ParetoslimError
 from paretoslim.search._pick import PickRule, pick
@@ -16,17 +17,13 @@ TRIALS = [
 
 @pytest.fixture
 def study():
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    study.set_user_attr("spec", {"objectives": ["quality", "latency_ms", "size_mb"],
-                                 "max_quality_drop": 0.01})
+    study = recorded_study(max_quality_drop=0.01)
     for drop, latency, size in TRIALS:
-        trial = study.ask()
         quality = 0.9 - drop
-        trial.set_user_attr("recipe", {"pruning": {"ratio": 0.1}})
-        trial.set_user_attr("metrics", {
-            "quality": quality, "quality_drop": drop, "latency_ms": latency,
-            "size_mb": size, "speedup": 10.0 / latency, "compression": 4.0 / size})
-        study.tell(trial, [quality, latency, size])
+        recorded_trial(study, recipe={"pruning": {"ratio": 0.1}}, values=[quality, latency, size],
+                       metrics={"quality": quality, "quality_drop": drop, "latency_ms": latency,
+                                "size_mb": size, "speedup": 10.0 / latency,
+                                "compression": 4.0 / size})
     failed = study.ask()
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
     return study

@@ -19,8 +19,8 @@ from paretoslim.spaces import (
     QuantizationConfig,
     Recipe,
     SearchSpace,
-    Stopped,
     Technique,
+    Verdict,
     compress,
     param,
     parameter_table,
@@ -164,36 +164,52 @@ def test_compress_names_no_technique():
     assert named == []
 
 
-def test_the_fine_tune_shows_its_rungs_and_can_be_stopped_there(mlp_task):
-    seen = []
+class _Watch:
+    """A fine-tune watch that records what it sees and stops at ``stop_at``."""
 
-    def on_rung(step, steps, model):
+    def __init__(self, rungs, stop_at=None, extend_to=None):
+        self.rungs, self.stop_at, self.extend_to = tuple(rungs), stop_at, extend_to
+        self.seen, self.steps = [], []
+
+    def at_rung(self, step, steps, model):
         assert not model.training
-        seen.append((step, steps))
-        if step == 5:
-            raise Stopped("hopeless", {"rung_quality": 0.1})
+        self.seen.append((step, steps))
+        if step == self.stop_at:
+            return Verdict(stop="hopeless")
+        if step and self.extend_to:
+            return Verdict(extend_to=self.extend_to)
+        return Verdict()
 
+    def after_step(self, done, total):
+        self.steps.append((done, total))
+
+
+def test_the_fine_tune_shows_its_rungs_and_can_be_stopped_or_extended_there(mlp_task):
     recipe = Recipe(PruningConfig(0.5))
     kwargs = dict(example_input=mlp_task.example_input, train=mlp_task.train,
                   calibration=None, learning_rate=1e-3, seed=0)
-    compress(mlp_task.model, recipe, finetune_steps=20, rungs=(0.1, 0.5), on_rung=lambda *a:
-             seen.append(a[:2]), **kwargs)
-    assert seen == [(0, 20), (2, 20), (10, 20)]
-    seen.clear()
-    with pytest.raises(Stopped, match="hopeless") as stop:
-        compress(mlp_task.model, recipe, finetune_steps=10, rungs=(0.5,), on_rung=on_rung,
-                 **kwargs)
-    assert seen == [(0, 10), (5, 10)] and stop.value.figures == {"rung_quality": 0.1}
-    seen.clear()
-    compress(mlp_task.model, Recipe(), finetune_steps=10, rungs=(0.5,), on_rung=on_rung,
-             **kwargs)
-    assert seen == []  # nothing changed: no fine-tune, no rung
+    watch = _Watch((0.1, 0.5))
+    _, facts = compress(mlp_task.model, recipe, finetune_steps=20, watch=watch, **kwargs)
+    assert watch.seen == [(0, 20), (2, 20), (10, 20)] and "stopped" not in facts
+    assert watch.steps == [(k, 20) for k in range(1, 21)]
+    watch = _Watch((0.5,), stop_at=5)
+    model, facts = compress(mlp_task.model, recipe, finetune_steps=10, watch=watch, **kwargs)
+    assert watch.seen == [(0, 10), (5, 10)] and len(watch.steps) == 5
+    assert facts["stopped"] == "hopeless" and facts["stopped_at_step"] == 5
+    assert facts["finetune_steps"] == 10
+    watch = _Watch((0.5,), extend_to=16)
+    _, facts = compress(mlp_task.model, recipe, finetune_steps=10, watch=watch, **kwargs)
+    assert watch.seen == [(0, 10), (5, 10)] and len(watch.steps) == 16
+    assert facts["finetune_steps"] == 16 and facts["promoted_at_step"] == 5
+    watch = _Watch((0.5,), stop_at=5)
+    compress(mlp_task.model, Recipe(), finetune_steps=10, watch=watch, **kwargs)
+    assert watch.seen == []  # nothing changed: no fine-tune, no rung
 
 
 def test_rungs_wait_until_gradual_sparsity_has_settled(mlp_task):
-    seen = []
+    watch = _Watch((0.25, 0.5, 0.8))
     recipe = Recipe.from_dict({"sparsity": {"ratio": 0.5, "schedule": "gradual"}})
     compress(mlp_task.model, recipe, example_input=mlp_task.example_input,
              train=mlp_task.train, calibration=None, learning_rate=1e-3, seed=0,
-             finetune_steps=20, rungs=(0.25, 0.5, 0.8), on_rung=lambda *a: seen.append(a[0]))
-    assert seen == [0, 16]
+             finetune_steps=20, watch=watch)
+    assert [step for step, _ in watch.seen] == [0, 16]

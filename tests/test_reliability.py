@@ -14,8 +14,12 @@ import pytest
 from _tiny import write_study
 
 from paretoslim.search import TrialResult, load_spec
-from paretoslim.search._store import open_study, record_result, shown
+from paretoslim.search._storage import shown
+from paretoslim.search._store import StudyStore
+from paretoslim.search._study import open_study
 from paretoslim.search.cli import main
+
+record = StudyStore.record
 
 READ_VERBS = (["front"], ["front", "--all"], ["front", "--format", "json"],
               ["front", "--sort", "speedup"], ["pick", "--max-quality-drop", "0.5"],
@@ -52,18 +56,16 @@ def stored_study(root, trials: int = 3, damage: dict | None = None):
         trial = study.ask()
         recipe = spec.space.recipe({"student.width": 1.0, "pruning.ratio": 0.25 * number,
                                     "quantization.scheme": "int8_static"})
-        from paretoslim.search._store import RECIPE_ATTR
-
-        trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
+        StudyStore.begin(trial, recipe.to_dict())
         quality, latency, size = 0.9 - 0.01 * number, 1.0 / (number + 1), 0.1 / (number + 1)
         metrics = {"quality": quality, "quality_drop": 0.01 * number, "latency_ms": latency,
                    "size_mb": size, "speedup": number + 1.0, "compression": number + 1.0,
                    "baseline_quality": 0.9, "baseline_latency_ms": 1.0,
                    "baseline_size_mb": 0.1, "rungs": "0:0.5000,5:0.8000"}
-        values = record_result(trial, spec, TrialResult(
+        values = StudyStore.write_result(trial, spec, TrialResult(
             recipe, {"quality": quality, "latency_ms": latency, "size_mb": size}, metrics))
         for key, value in (damage or {}).items() if number == 1 else ():
-            trial.set_user_attr(key, value)
+            trial.set_user_attr(key, value)  # a stored record of another type
         study.tell(trial, values)
     return spec, study
 
@@ -102,7 +104,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_next_run_resumes(in_tmp, c
     status, err = _ends_cleanly(["run", str(spec_path), "--quiet"], capsys)
     assert status == 0 and "removed an incomplete last record" in err
     trials = _load(journal)
-    assert sum(t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs
+    assert sum(t.state.name == "COMPLETE" and record(t).duplicate_of is None
                for t in trials) == 2
     assert sum(t.state.name == "COMPLETE" for t in trials) >= before
     assert _ends_cleanly(["front", "tiny"], capsys)[0] == 0
@@ -213,8 +215,8 @@ def test_a_run_where_every_recipe_is_stopped_ends_saying_why(in_tmp, width, said
     trials = _load_named(in_tmp / "runs" / "gate" / "journal.log", "gate")
     assert all(t.state.name == "PRUNED" for t in trials if t.state.is_finished())
     assert len(trials) <= 8 and time.monotonic() - started < 300
-    recipes = [json.dumps(t.user_attrs.get("recipe"), sort_keys=True) for t in trials
-               if "duplicate_of" not in t.user_attrs]
+    recipes = [json.dumps(record(t).recipe, sort_keys=True) for t in trials
+               if record(t).duplicate_of is None]
     assert len(recipes) == len(set(recipes))  # no stopped recipe was run twice
 
 
@@ -234,10 +236,10 @@ def test_repeated_recipes_do_not_count_towards_the_trials(in_tmp, capsys):
     assert main(["run", str(spec_path)]) == 0
     captured = capsys.readouterr()
     assert "every recipe of the space has been tried (1 distinct" in captured.out
-    from paretoslim.search._store import completed_count, resolve_study
+    from paretoslim.search._study import resolve_study
 
     study, _ = resolve_study("tiny")
-    assert completed_count(study) == 1 and len(study.trials) <= 3
+    assert StudyStore(study).completed_count() == 1 and len(study.trials) <= 3
 
 
 def test_the_time_budget_counts_from_the_first_trial(in_tmp, monkeypatch):
@@ -261,7 +263,7 @@ def test_the_time_budget_counts_from_the_first_trial(in_tmp, monkeypatch):
 
     monkeypatch.setattr(_local, "load_task", slow_load)
     monkeypatch.setattr(_local, "run_trial", quick_trial)
-    _local.run_local(spec, target=2, storage=None, progress=False)
+    _local.run_in_process(spec, target=2, storage=None, progress=False)
     assert seen and seen[0] >= loaded_at[0] + 5.0 - 0.05
 
 
@@ -284,7 +286,7 @@ def test_a_trial_past_its_time_limit_names_the_setting():
     ("postgresql://host/db?user=u&PASSWORD=s3cret", "s3cret"),
 ])
 def test_no_form_of_password_is_printed(url, secret):
-    from paretoslim.search._store import _first_line
+    from paretoslim.search._storage import _first_line
 
     assert secret not in shown(url) and "***" in shown(url)
     assert secret not in _first_line(RuntimeError(f"cannot connect to {url}: {secret}"), url)

@@ -9,15 +9,18 @@ import warnings
 import numpy as np
 import optuna
 import pytest
+from _tiny import recorded_study
 from optuna.trial import TrialState
 
 from paretoslim.search import ParetoslimError
+from paretoslim.search._record import TrialRecord
 from paretoslim.search._report import write_report
 from paretoslim.search._report_data import (
     MIN_TRIALS_FOR_IMPORTANCE,
     hypervolume,
     report_data,
 )
+from paretoslim.search._store import StudyStore
 from paretoslim.search.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,22 +45,17 @@ FRONT = {0, 3, 5}
 
 def _record(trial, quality, latency, size, recipe):
     drop = BASELINE["quality"] - quality
-    trial.set_user_attr("recipe", recipe)
-    trial.set_user_attr("metrics", {
+    StudyStore.write(trial, TrialRecord(recipe=recipe, metrics={
         "quality": quality, "latency_ms": latency, "size_mb": size,
         **{f"baseline_{k}": v for k, v in BASELINE.items()},
         "quality_drop": drop, "speedup": BASELINE["latency_ms"] / latency,
         "compression": BASELINE["size_mb"] / size,
-    })
+    }))
     trial.set_constraint("max_quality_drop", drop - MAX_DROP)
 
 
 def _new_study(name="tiny", seed=0):
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(study_name=name, sampler=optuna.samplers.RandomSampler(seed),
-                                directions=["maximize", "minimize", "minimize"])
-    study.set_user_attr("spec", {"objectives": ["quality", "latency_ms", "size_mb"]})
-    return study
+    return recorded_study(name, sampler=optuna.samplers.RandomSampler(seed))
 
 
 def _design_study():
@@ -69,8 +67,8 @@ def _design_study():
         recipe = {"student": {"width": width}, "pruning": {"ratio": 0.05 * k},
                   "quantization": {"scheme": scheme}}
         if row is None:
-            trial.set_user_attr("recipe", recipe)
-            trial.set_user_attr("fail_reason", "compiled model disagrees with eager")
+            StudyStore.write(trial, TrialRecord(recipe=recipe,
+                                                failure="compiled model disagrees with eager"))
             study.tell(trial, state=TrialState.FAIL)
             continue
         _record(trial, *row, recipe)
@@ -130,12 +128,11 @@ def test_plot_data_marks_pareto_infeasible_baseline_and_hover(study):
 
 
 def test_recipe_in_hover_is_the_short_form(study):
-    from paretoslim.spaces import Recipe
 
     data = report_data(study)
     for trial, point in zip(study.get_trials(states=(TrialState.COMPLETE,)), data.points,
                             strict=True):
-        assert Recipe.from_dict(trial.user_attrs["recipe"]).short() in point.hover
+        assert StudyStore.record(trial).parsed_recipe().short() in point.hover
 
 
 def test_pair_front_is_the_front_of_two_objectives_among_feasible_trials(study):
@@ -298,7 +295,7 @@ def test_report_without_a_browser_exits_0_with_the_page_and_a_warning(study, tmp
         raise RuntimeError("Kaleido requires Google Chrome to be installed.\nInstall it.")
 
     monkeypatch.setattr(BaseFigure, "write_image", no_browser)
-    monkeypatch.setattr("paretoslim.search._store.resolve_study",
+    monkeypatch.setattr("paretoslim.search._study.resolve_study",
                         lambda ref, storage=None: (study, None))
     out = tmp_path / "r.html"
     assert main(["report", "tiny", "--out", str(out)]) == 0

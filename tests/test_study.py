@@ -16,21 +16,20 @@ from optuna.trial import TrialState
 
 from paretoslim.search import (
     ParetoslimError,
-    _store,
+    _storage,
     load_spec,
     pareto_front,
     render_front,
     resolve_study,
     run_study,
 )
-from paretoslim.search._store import (
-    FAILURE_ATTR,
-    HEARTBEAT_ATTR,
-    make_storage,
-    open_study,
-    storage_of,
-)
+from paretoslim.search._record import TrialRecord
+from paretoslim.search._storage import make_storage, storage_of
+from paretoslim.search._store import StudyStore
+from paretoslim.search._study import open_study
 from paretoslim.search.cli import main
+
+record = StudyStore.record
 
 
 @pytest.fixture
@@ -50,20 +49,20 @@ def test_run_records_objectives_metrics_and_constraint_then_resumes(in_tmp):
     assert len(first) == 2
     assert (in_tmp / "runs" / "tiny" / "journal.log").is_file()
     for t in first:
-        m = t.user_attrs["metrics"]
+        m = record(t).metrics
         assert t.values == [m["quality"], m["latency_ms"], m["size_mb"]]
         for key in ("baseline_quality", "baseline_latency_ms", "baseline_size_mb", "speedup",
                     "compression"):
             assert m[key] > 0
         assert t.system_attrs["constraints:max_quality_drop"] == pytest.approx(
             m["quality_drop"] - 0.01)
-        assert t.user_attrs["recipe"] == spec.space.recipe(t.params).to_dict()
+        assert record(t).recipe == spec.space.recipe(t.params).to_dict()
         assert {"student", "pruning", "low_rank", "distillation",
-                "quantization"} <= set(t.user_attrs["recipe"])
+                "quantization"} <= set(record(t).recipe)
 
     # resume: completed trials kept, the count of distinct recipes topped up to the target
     again = run_study(spec, trials=3, progress=False)
-    done = [t for t in _completed(again) if "duplicate_of" not in t.user_attrs]
+    done = [t for t in _completed(again) if record(t).duplicate_of is None]
     assert len(done) == 3
     kept = {t.number: t.values for t in done}
     assert all(kept[t.number] == t.values for t in first)
@@ -81,7 +80,7 @@ def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(in_tmp):
     assert len(_completed(study)) == 2
     assert [t.number for t in failed][:1] == [0]
     for t in failed:
-        assert "this student family has no narrow members" in t.user_attrs[FAILURE_ATTR]
+        assert "this student family has no narrow members" in record(t).failure
     table = render_front(study, all_trials=True)
     assert "fail" in table and "no narrow members" in table
 
@@ -97,11 +96,11 @@ def test_trials_of_a_killed_process_are_marked_failed_on_resume(in_tmp):
     spec = load_spec(write_study(in_tmp, trials=1))
     study = open_study(spec)
     study.ask()  # a trial left running, as by a killed process
-    study.ask().set_user_attr(HEARTBEAT_ATTR, True)  # a worker's, maybe still running
+    StudyStore.claim(study.ask(), "elsewhere:1", lost="lost")  # a worker's, maybe running
     study = run_study(spec, progress=False)
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.COMPLETE]
-    assert "interrupted" in study.trials[0].user_attrs[FAILURE_ATTR]
+    assert "interrupted" in record(study.trials[0]).failure
 
 
 def test_front_json_export_and_cli(in_tmp, capsys):
@@ -179,9 +178,9 @@ def test_a_repeated_recipe_reuses_the_measured_figures(in_tmp):
     study.enqueue_trial(params)
     study = run_study(spec, progress=False)
     first, second = study.trials[:2]
-    assert second.user_attrs["duplicate_of"] == first.number
+    assert record(second).duplicate_of == first.number
     assert second.values == first.values
-    assert second.user_attrs["metrics"] == first.user_attrs["metrics"]
+    assert record(second).metrics == record(first).metrics
     assert [p.number for p in pareto_front(study)].count(second.number) == 0
 
 
@@ -195,7 +194,7 @@ def test_a_recipe_stored_before_a_new_parameter_is_still_recognized(in_tmp):
         values=[0.9, 1.0, 0.1], user_attrs={"recipe": old, "metrics": {"quality": 0.9}}))
     study.enqueue_trial(params)
     study = run_study(spec, progress=False)
-    assert study.trials[1].user_attrs["duplicate_of"] == 0
+    assert record(study.trials[1]).duplicate_of == 0
     assert study.trials[1].values == [0.9, 1.0, 0.1]
 
 
@@ -255,7 +254,7 @@ def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
     write_study(in_tmp, trials=1)
     url = f"sqlite:///{in_tmp / 'shared.db'}"
     code = ("import sys\nfrom paretoslim.search import load_spec\n"
-            "from paretoslim.search._store import open_study\n"
+            "from paretoslim.search._study import open_study\n"
             "open_study(load_spec(sys.argv[1]), sys.argv[2])\n")
     starters = [subprocess.Popen([sys.executable, "-c", code, "study.toml", url], cwd=in_tmp,
                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -265,7 +264,7 @@ def test_simultaneous_first_workers_create_an_sqlite_study_once(in_tmp):
 
 
 def test_a_journal_lock_left_by_a_killed_writer_is_taken_over(in_tmp, monkeypatch):
-    monkeypatch.setattr(_store, "JOURNAL_LOCK_GRACE_S", 3)
+    monkeypatch.setattr(_storage, "JOURNAL_LOCK_GRACE_S", 3)
     spec = load_spec(write_study(in_tmp, trials=1))  # journal at relative runs/tiny/
     open_study(spec)
     make_storage(storage_of(spec))._backend._lock.acquire()  # its writer killed: never released
@@ -364,7 +363,7 @@ def test_a_signal_fails_the_running_trial_with_its_name_and_ends_the_measuring_p
     study = open_study(load_spec(spec_path))
     trial = study.trials[0]
     assert trial.state == TrialState.FAIL
-    assert trial.user_attrs[FAILURE_ATTR] == f"interrupted by {name}"
+    assert record(trial).failure == f"interrupted by {name}"
 
 
 def test_a_second_run_of_a_live_study_exits_2_and_leaves_its_trial_alone(in_tmp, capsys):
@@ -388,24 +387,23 @@ def test_a_second_run_of_a_live_study_exits_2_and_leaves_its_trial_alone(in_tmp,
     finally:
         _stop(first, measuring)
     assert study.trials[0].state == TrialState.FAIL
-    assert "interrupted: the process running" in study.trials[0].user_attrs[FAILURE_ATTR]
+    assert "interrupted: the process running" in record(study.trials[0]).failure
     assert len(_completed(study)) == 1
 
 
 def test_a_trial_whose_result_was_recorded_before_a_kill_is_completed_on_resume(in_tmp):
-    from paretoslim.search._store import record_result
-    from paretoslim.search._trial import TrialResult
+    from paretoslim.search import TrialResult
 
     spec = load_spec(write_study(in_tmp, trials=1))
     study = open_study(spec)
     trial = study.ask()
     recipe = spec.space.recipe({"student.width": 1.0, "pruning.ratio": 0.0,
                                 "quantization.scheme": "fp32"})
-    trial.set_user_attr("recipe", recipe.to_dict())
+    StudyStore.begin(trial, recipe.to_dict())
     result = TrialResult(recipe, {"quality": 0.9, "latency_ms": 1.0, "size_mb": 0.1},
                          {"quality": 0.9, "latency_ms": 1.0, "size_mb": 0.1,
                           "quality_drop": 0.001})
-    values = record_result(trial, spec, result)
+    values = StudyStore.write_result(trial, spec, result)
     # killed here: between the result's last write and Optuna's COMPLETE
     assert values == (0.9, 1.0, 0.1) and study.trials[0].state == TrialState.RUNNING
     study = run_study(spec, progress=False)
@@ -413,20 +411,18 @@ def test_a_trial_whose_result_was_recorded_before_a_kill_is_completed_on_resume(
     kept = study.trials[0]
     assert kept.state == TrialState.COMPLETE and kept.values == [0.9, 1.0, 0.1]
     assert kept.system_attrs["constraints:max_quality_drop"] == pytest.approx(0.001 - 0.01)
-    assert FAILURE_ATTR not in kept.user_attrs
+    assert record(kept).failure is None
 
 
 def test_a_stopped_or_failed_trial_left_running_keeps_its_own_outcome(in_tmp):
-    from paretoslim.search._store import STOPPED_ATTR, mark_interrupted
-
     spec = load_spec(write_study(in_tmp, trials=1))
     study = open_study(spec)
     stopped, failed, bare = study.ask(), study.ask(), study.ask()
-    stopped.set_user_attr("metrics", {"quality": 0.5})
-    stopped.set_user_attr(STOPPED_ATTR, "hopeless at rung 0.25")
-    failed.set_user_attr(FAILURE_ATTR, "quality: RuntimeError: boom")
-    assert mark_interrupted(study) == {"pruned": 1, "fail": 2}
-    states = [(t.state, t.user_attrs.get(FAILURE_ATTR)) for t in study.trials]
+    StudyStore.write(stopped, TrialRecord(metrics={"quality": 0.5},
+                                          stopped="hopeless at rung 0.25"))
+    StudyStore.note_failure(failed, "quality: RuntimeError: boom")
+    assert StudyStore(study).mark_interrupted() == {"pruned": 1, "fail": 2}
+    states = [(t.state, record(t).failure) for t in study.trials]
     assert states[0] == (TrialState.PRUNED, None)
     assert states[1] == (TrialState.FAIL, "quality: RuntimeError: boom")
     assert states[2][0] == TrialState.FAIL and "interrupted" in states[2][1]

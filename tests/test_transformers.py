@@ -334,7 +334,7 @@ def test_stored_embedding_tables_look_up_what_the_table_holds():
 
 def test_latency_inputs_take_the_batch_and_sequence_length_of_the_settings():
     from paretoslim.search import LatencySpec
-    from paretoslim.search._trial import latency_input
+    from paretoslim.search._measuring import latency_input
 
     model, batch = _encoder("bert")
     task = Task(model=model, train=[batch()], val=[batch()], example_input=_inputs(batch(4)))

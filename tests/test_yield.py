@@ -4,6 +4,7 @@ import pytest
 from _tiny import TASK_FILE, tiny_task
 from optuna.trial import TrialState
 
+from paretoslim.evaluators import LATENCY_FIGURES
 from paretoslim.search import (
     ParetoslimError,
     TrialSettings,
@@ -14,10 +15,10 @@ from paretoslim.search import (
     run_study,
     run_trial,
 )
+from paretoslim.search._guide import Guide
 from paretoslim.search._sampling import auto_seeds
 from paretoslim.search._spec import FinetuneSpec, LatencySpec, StoppingSpec
-from paretoslim.search._store import STOPPED_ATTR
-from paretoslim.search._trial import LATENCY_FIGURES, Guide
+from paretoslim.search._store import StudyStore
 from paretoslim.spaces import Recipe
 
 STOPPING = StoppingSpec(rungs=[0.25, 0.5], slice_samples=128)
@@ -111,7 +112,7 @@ def test_the_structure_is_timed_while_it_fine_tunes(mlp):
 @pytest.mark.parametrize("stop", ["rung", "interrupt"])
 def test_a_trial_that_ends_early_ends_its_timing(mlp, monkeypatch, stop):
     from paretoslim.evaluators import MeasurementCancelled
-    from paretoslim.search import _trial
+    from paretoslim.search import _timing
 
     task, baseline = mlp
     cancelled = []
@@ -120,7 +121,7 @@ def test_a_trial_that_ends_early_ends_its_timing(mlp, monkeypatch, stop):
         cancelled.append(cancel.wait(timeout=60))
         raise MeasurementCancelled("the measurement was cancelled")
 
-    monkeypatch.setattr(_trial, "run_isolated", isolated)
+    monkeypatch.setattr(_timing, "run_isolated", isolated)
 
     fine_tunes = []
 
@@ -231,13 +232,13 @@ def test_a_study_runs_its_seeds_reuses_timings_and_keeps_stopped_trials(tmp_path
     study = run_study(spec, progress=False)
     trials = study.get_trials(deepcopy=False)
     assert [t.params.get("pruning.ratio") for t in trials[:2]] == [0.25, 0.25]
-    first, second = (t.user_attrs["metrics"] for t in trials[:2])
+    first, second = (StudyStore.record(t).metrics for t in trials[:2])
     assert second["structure"] == first["structure"]
     assert second["latency_cached_from"] == trials[0].number
     assert "latency_cached_from" not in first
     stopped = [t for t in trials if t.state == TrialState.PRUNED]
     assert stopped, "the third seed loses more than 2 points at 20 steps"
-    assert all(t.user_attrs[STOPPED_ATTR] for t in stopped)
+    assert all(StudyStore.record(t).stopped for t in stopped)
     front = {p.number for p in pareto_front(study)}
     assert front and not front & {t.number for t in stopped}
     again = run_study(spec, trials=4, progress=False)
@@ -274,24 +275,18 @@ def test_seeds_and_stopping_are_checked_in_the_spec():
         parse_spec({"task": "t.py:f", "seeds": "some"})
 
 
-def test_a_recipe_stopped_before_is_not_run_again():
-    import optuna
+def test_a_recipe_stopped_before_is_marked_a_repeat_of_its_stop():
+    from _tiny import recorded_study, recorded_trial
 
-    from paretoslim.search._store import RECIPE_ATTR, stopped_earlier
-
-    study = optuna.create_study(directions=["maximize", "minimize"])
+    study = recorded_study(objectives=("quality", "latency_ms"))
     recipe = Recipe.from_dict({"pruning": {"ratio": 0.6}}).to_dict()
-    first = study.ask()
-    first.set_user_attr(RECIPE_ATTR, recipe)
-    first.set_user_attr(STOPPED_ATTR, "stopped at fine-tune step 400/800")
-    study.tell(first, state=TrialState.PRUNED)
-    again = study.ask()
-    again.set_user_attr(RECIPE_ATTR, recipe)
-    assert stopped_earlier(again) == "stopped at fine-tune step 400/800"
-    assert again.user_attrs["duplicate_of"] == first.number
-    other = study.ask()
-    other.set_user_attr(RECIPE_ATTR, Recipe().to_dict())
-    assert stopped_earlier(other) is None
+    first = recorded_trial(study, recipe=recipe, stopped="stopped at fine-tune step 400/800",
+                           state=TrialState.PRUNED)
+    again = recorded_trial(study, recipe=recipe)
+    assert StudyStore(study).copy_earlier(again) == (None, "stopped at fine-tune step 400/800")
+    assert StudyStore.record(again).duplicate_of == first.number
+    other = recorded_trial(study, recipe=Recipe().to_dict())
+    assert StudyStore(study).copy_earlier(other) == (None, None)
 
 
 # a limit above the teacher (max_quality_drop < 0) puts every curve in the promotion band;
@@ -332,15 +327,16 @@ def test_a_promoted_trial_that_ends_above_the_limit_keeps_its_structure_latency(
 def test_a_promotion_fits_the_budget_at_the_pace_of_the_last_steps():
     import time
 
-    from paretoslim.search._trial import PACE_STEPS, _Trial
+    from paretoslim.search._rung_policy import PACE_STEPS, RungPolicy
 
-    trial = _Trial(None, None, None, None, Guide(ends_at=time.time() + 10.0), print, None)
+    policy = RungPolicy(None, None, Guide(ends_at=time.time() + 10.0), None, None, print,
+                        print)
     now = time.perf_counter()
-    trial.finetune_started = now - 100.0  # the first steps waited for a timing
-    assert not trial._fits(100, 1000)  # at 1 s a step, 900 s more
-    trial.step_ends.extend(now - 0.01 * k for k in reversed(range(PACE_STEPS + 1)))
-    assert trial._fits(100, 1000)  # at the last steps' 10 ms, 9 s more
-    assert not trial._fits(100, 2000)
+    policy.finetune_started = now - 100.0  # the first steps waited for a timing
+    assert not policy._fits(100, 1000)  # at 1 s a step, 900 s more
+    policy.step_ends.extend(now - 0.01 * k for k in reversed(range(PACE_STEPS + 1)))
+    assert policy._fits(100, 1000)  # at the last steps' 10 ms, 9 s more
+    assert not policy._fits(100, 2000)
 
 
 @pytest.mark.parametrize("guide", [
@@ -360,18 +356,16 @@ def test_a_trial_keeps_its_steps_unless_a_promotion_pays(mlp, guide):
 
 
 def test_the_study_guide_counts_promotions_and_knows_the_feasible_extremes():
-    import optuna
+    from _tiny import recorded_study, recorded_trial
 
-    from paretoslim.search._store import METRICS_ATTR, guide_data, guide_for
+    from paretoslim.search._guide import guide_data, guide_for
 
     spec = parse_spec({"task": "t.py:f", "stopping": {"promote_steps": 900, "promotions": 2}})
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study = recorded_study()
     for drop, latency, size, promoted in [(0.005, 2.0, 0.2, True), (0.02, 1.0, 0.1, False)]:
-        trial = study.ask()
         metrics = {"quality_drop": drop, "latency_ms": latency, "size_mb": size,
                    **({"promoted": "promoted at step 400/800"} if promoted else {})}
-        trial.set_user_attr(METRICS_ATTR, metrics)
-        study.tell(trial, [1 - drop, latency, size])
+        recorded_trial(study, metrics=metrics, values=[1 - drop, latency, size])
     guide = guide_for(spec, guide_data(study, spec))
     assert guide.promotions_left == 1
     assert guide.extends_front(1.5, 0.3) and guide.extends_front(3.0, 0.15)
@@ -402,20 +396,19 @@ def test_successive_halving_stops_a_trial_outranked_at_its_rung(mlp, earlier, st
 
 
 def test_the_study_guide_holds_each_timed_trial_at_its_rungs():
-    import optuna
+    from _tiny import recorded_study, recorded_trial
 
+    from paretoslim.search._guide import guide_data, guide_for
     from paretoslim.search._stopping import RungPoint
-    from paretoslim.search._store import METRICS_ATTR, guide_data, guide_for
 
     spec = parse_spec({"task": "t.py:f", "finetune": {"steps": 800},
                        "stopping": {"halving": 3}})
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study = recorded_study()
     for metrics in ({"quality_drop": 0.0, "latency_ms": 2.0, "size_mb": 0.2,
                      "rungs": "0:0.5,200:0.9,400:0.92"},
                     {"quality_drop": 0.0, "latency_ms": 1.0, "size_mb": 0.1}):  # no rungs
-        trial = study.ask()
-        trial.set_user_attr(METRICS_ATTR, metrics)
-        study.tell(trial, [1.0, metrics["latency_ms"], metrics["size_mb"]])
+        recorded_trial(study, metrics=metrics,
+                       values=[1.0, metrics["latency_ms"], metrics["size_mb"]])
     guide = guide_for(spec, guide_data(study, spec))
     assert guide.rung_points == (RungPoint(0.25, 0.9, 2.0, 0.2), RungPoint(0.5, 0.92, 2.0, 0.2))
     with pytest.raises(ParetoslimError, match="stopping.halving must be 0"):
@@ -436,7 +429,7 @@ def test_a_time_budget_ends_the_run_after_the_trial_running_then(tmp_path, monke
 
 
 def test_a_drop_of_exactly_the_limit_is_feasible():
-    from paretoslim.search._trial import quality_drop
+    from paretoslim.search._measuring import quality_drop
 
     assert 0.9337 - 0.9237 > 0.01  # the floating-point residue
     assert quality_drop(0.9337, 0.9237) <= 0.01
