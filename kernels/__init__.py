@@ -6,10 +6,10 @@ if "." not in __name__:  # this folder, imported by its own name from a checkout
     __package__ = step_aside(__name__, __path__[0])
 
 from ._lower import (
-    BACKENDS,
+    LOWERINGS,
     TOLERANCE,
-    Backend,
     Lowered,
+    Lowering,
     LoweringError,
     lower,
     register_quantized_ops,
@@ -19,11 +19,11 @@ from ._sparse import dense_execution, sparse_execution, sparse_layers
 from ._target import TARGETS, Target, detect_target
 
 __all__ = [
-    "BACKENDS",
+    "LOWERINGS",
     "TARGETS",
     "TOLERANCE",
-    "Backend",
     "Lowered",
+    "Lowering",
     "LoweringError",
     "Target",
     "dense_execution",

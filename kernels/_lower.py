@@ -19,8 +19,9 @@ from torch import nn
 
 from ..spaces import model_io, scheme, scheme_names
 
-Backend = Literal["aoti", "compile"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+Lowering = Literal["aoti", "compile"]
+LOWERINGS: tuple[str, ...] = get_args(Lowering)
+relative_error = model_io.relative_error  # written once, in spaces; offered here too
 
 # Largest relative output difference (max |lowered - eager| / max |eager|) accepted per scheme.
 TOLERANCE = {name: scheme(name).tolerance for name in scheme_names()}
@@ -47,7 +48,7 @@ class Lowered:
 
 
 def lower(model: nn.Module | torch.export.ExportedProgram, example_input: model_io.Inputs,
-          scheme: str, backend: Backend = "aoti", *, package: str | Path | None = None,
+          scheme: str, backend: Lowering = "aoti", *, package: str | Path | None = None,
           ) -> Lowered:
     """Compile ``model`` with Inductor, weights frozen as constants, for ``example_input``'s shape.
 
@@ -61,8 +62,8 @@ def lower(model: nn.Module | torch.export.ExportedProgram, example_input: model_
     specializes on it). Raises LoweringError when the compiled outputs differ from eager
     beyond the scheme's tolerance or the input is modified in place.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown lowering backend {backend!r}; valid: {list(BACKENDS)}.")
+    if backend not in LOWERINGS:
+        raise ValueError(f"Unknown lowering backend {backend!r}; valid: {list(LOWERINGS)}.")
     if isinstance(model, torch.export.ExportedProgram):
         eager = model.module()  # traced in eval mode already; eval() is not supported
     else:
@@ -134,10 +135,3 @@ def _aoti(model: nn.Module | torch.export.ExportedProgram, example_input: model_
             shutil.copyfile(scratch, partial)
             os.replace(partial, path)
     return torch._inductor.aoti_load_package(str(path))
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (in float32)."""
-    actual, expected = actual.float(), expected.float()
-    scale = expected.abs().max().clamp_min(1e-12)
-    return ((actual - expected).abs().max() / scale).item()

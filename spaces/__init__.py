@@ -7,7 +7,7 @@ if "." not in __name__:  # this folder, imported by its own name from a checkout
     __package__ = step_aside(__name__, __path__[0])
 
 # Technique modules register themselves on import, in this order of files; the pipeline
-# order is each technique's ``order``.
+# order is each technique's ``phase``.
 from ._student import StudentConfig  # isort: skip
 from ._pruning import PruningConfig  # isort: skip
 from ._lowrank import LowRankConfig  # isort: skip
@@ -20,23 +20,18 @@ from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
 from . import _model_io as model_io  # inputs, batches and outputs in every form
 from ._apply import compress
 from ._attention import UnfusedAttention, prune_heads
+from ._bf16 import Bf16Model
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
 from ._config import Config, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
 from ._progress import PhaseProgress
-from ._quantize import (
-    Bf16Model,
-    convert_qat,
-    export_dynamic_batch,
-    float_layers,
-    graph_reads,
-    prepare_qat,
-)
+from ._pt2e import convert_qat, export_dynamic_batch, graph_reads, prepare_qat
 from ._readme import parameter_table
 from ._recipe import Recipe
-from ._schemes import Scheme, quantize, register_scheme, scheme, scheme_names
+from ._schemes import Scheme, SchemeConfig, quantize, register_scheme, scheme, scheme_names
+from ._sensitivity import float_layers
 from ._space import SearchSpace, default_domains
 from ._sparse import (
     SPARSE_MODULES,
@@ -55,7 +50,7 @@ from ._structure import (
     repeated_blocks,
     sensitivity_ratios,
 )
-from ._technique import Context, Technique, register, technique, techniques
+from ._technique import Context, Phase, Technique, register, technique, techniques
 from ._training import (
     BudgetExceeded,
     Deadline,
@@ -89,10 +84,12 @@ __all__ = [
     "Fixed",
     "FloatRange",
     "LowRankConfig",
+    "Phase",
     "PruningConfig",
     "QuantizationConfig",
     "Recipe",
     "Scheme",
+    "SchemeConfig",
     "SearchSpace",
     "SparseConv2d",
     "SparseLinear",

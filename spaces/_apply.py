@@ -41,7 +41,7 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
                   deadline=deadline or Deadline(None), on_stage=on_stage or (lambda _n: None),
                   watch=watch)
     for t in techniques():
-        ctx.later(t.order, t.stage, partial(_apply, t, getattr(recipe, t.section)))
+        ctx.later(t.phase, t.stage, partial(_apply, t, getattr(recipe, t.section)))
     model = ctx.run(copy.deepcopy(teacher))
     if ctx.stopped is not None:
         ctx.facts["stopped"] = ctx.stopped

@@ -14,25 +14,31 @@ from torch import nn
 from ._config import Config, param
 from ._schemes import scheme
 from ._sparse import TENSOR_OVERHEAD, StoredWeight
-from ._technique import Context, Technique, register
+from ._technique import Context, Phase, Technique, register
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integers in [0, 2^bits) packed little-endian into a uint8 tensor of ceil(n * bits / 8)."""
+    """Integers in [0, 2^bits) packed little-endian along the last dimension into uint8:
+    n integers take ceil(n * bits / 8) bytes."""
     if codes.numel() and (codes.min() < 0 or codes.max() >= 2 ** bits):
         raise ValueError(f"codes must lie in [0, {2 ** bits}) to pack at {bits} bits")
-    shifts = torch.arange(bits)
-    stream = ((codes.reshape(-1, 1).long() >> shifts) & 1).reshape(-1)
-    stream = F.pad(stream, (0, (-stream.numel()) % 8)).reshape(-1, 8)
-    return (stream << torch.arange(8)).sum(dim=1).to(torch.uint8)
+    shifts = torch.arange(bits, device=codes.device)
+    stream = ((codes.long().unsqueeze(-1) >> shifts) & 1).flatten(-2)
+    stream = F.pad(stream, (0, (-stream.shape[-1]) % 8)).unflatten(-1, (-1, 8))
+    return (stream << torch.arange(8, device=codes.device)).sum(dim=-1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the first ``count`` integers (int64)."""
+    """Inverse of ``pack_bits``: the first ``count`` integers (int64) along the last
+    dimension."""
+    packed = packed.long()
+    if 8 % bits == 0:  # whole integers in each byte: one shift per integer, not per bit
+        shifts = torch.arange(0, 8, bits, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)).flatten(-2)[..., :count]
     shifts = torch.arange(8, device=packed.device)
-    stream = ((packed.long().reshape(-1, 1) >> shifts) & 1).reshape(-1)[: count * bits]
+    stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : count * bits]
     weights = 1 << torch.arange(bits, device=packed.device)
-    return (stream.reshape(count, bits) * weights).sum(dim=1)
+    return (stream.unflatten(-1, (count, bits)) * weights).sum(dim=-1)
 
 
 class _Clustered(StoredWeight):
@@ -172,7 +178,8 @@ class WeightSharingConfig(Config):
 class WeightSharing(Technique):
     """After the fine-tune, each float Linear / Conv2d not kept in float is clustered."""
 
-    section, config, order, stage = "weight_sharing", WeightSharingConfig, 70, "weight sharing"
+    section, config, stage = "weight_sharing", WeightSharingConfig, "weight sharing"
+    phase = Phase.WEIGHT_SHARING
 
     def apply(self, model: nn.Module, config: WeightSharingConfig, ctx: Context) -> nn.Module:
         if config.bits:

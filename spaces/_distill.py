@@ -14,7 +14,7 @@ from torch import nn
 from ._config import Config, param
 from ._model_io import Inputs, call, predict
 from ._structure import evenly_spaced, output_layers, repeated_blocks
-from ._technique import Context, Technique, register, techniques
+from ._technique import Context, Phase, Technique, register, techniques
 from ._training import Deadline, count_parameters, cycle, distillation_loss
 
 
@@ -127,9 +127,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Iterable, *, steps: i
     learning rate; deterministic for a given seed and data order. ``on_step(step, loss)``
     runs after each optimizer step and may return the fine-tune's new length: a larger
     step count extends it (a promotion: the learning rate decays from its current value to
-    zero over the added steps), one not past the steps done ends it there. Raises FloatingPointError when the loss becomes NaN
-    or infinite, BudgetExceeded past the deadline. ``steps == 0`` leaves the student
-    untouched.
+    zero over the added steps), one not past the steps done ends it there. Raises
+    FloatingPointError when the loss becomes NaN or infinite, BudgetExceeded past the
+    deadline. ``steps == 0`` leaves the student untouched.
     """
     if steps <= 0:
         return student
@@ -229,7 +229,8 @@ class Distillation(Technique):
     (or QAT must learn its ranges); the step hooks run after each optimizer step, then the
     context's watch (see FineTuneWatch)."""
 
-    section, config, order, stage = "distillation", DistillationConfig, 60, "fine-tune"
+    section, config, stage = "distillation", DistillationConfig, "fine-tune"
+    phase = Phase.FINE_TUNE
 
     def apply(self, model: nn.Module, config: DistillationConfig, ctx: Context) -> nn.Module:
         steps = ctx.finetune_steps if ctx.changed or ctx.needs_training else 0

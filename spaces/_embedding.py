@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cluster import kmeans_codebook
+from ._cluster import kmeans_codebook, pack_bits, unpack_bits
 from ._config import Config, param
 from ._sparse import TENSOR_OVERHEAD
-from ._technique import Context, Technique, register
+from ._technique import Context, Phase, Technique, register
 
 
 class Int8Embedding(nn.Module):
@@ -51,11 +51,7 @@ class KMeans4Embedding(nn.Module):
         table = embedding.weight.detach()
         rows, dim = table.shape
         codebook, codes = kmeans_codebook(table, 4, seed)
-        codes = codes.reshape(rows, dim)
-        if dim % 2:
-            codes = F.pad(codes, (0, 1))
-        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-        self.register_buffer("codes", packed)
+        self.register_buffer("codes", pack_bits(codes.reshape(rows, dim), 4))
         self.register_buffer("codebook", codebook.to(table.dtype))
         self.padding_idx = embedding.padding_idx
         self.num_embeddings, self.embedding_dim = rows, dim
@@ -66,9 +62,7 @@ class KMeans4Embedding(nn.Module):
         return self._values(self.codes)
 
     def _values(self, packed: torch.Tensor) -> torch.Tensor:
-        low, high = (packed & 15).long(), (packed >> 4).long()
-        codes = torch.stack([low, high], dim=-1).flatten(-2)[..., : self.embedding_dim]
-        return self.codebook[codes]
+        return self.codebook[unpack_bits(packed, 4, self.embedding_dim)]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._values(F.embedding(ids, self.codes))
@@ -114,7 +108,7 @@ class Embeddings(Technique):
     """After the fine-tune, the embedding tables take their stored form; the other layers'
     scheme is applied after it."""
 
-    section, config, order, stage = "embedding", EmbeddingConfig, 75, "embeddings"
+    section, config, phase, stage = "embedding", EmbeddingConfig, Phase.EMBEDDING, "embeddings"
 
     def apply(self, model: nn.Module, config: EmbeddingConfig, ctx: Context) -> nn.Module:
         if config.form != "float":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._config import Config, param
-from ._technique import Context, Technique, register
+from ._technique import Context, Phase, Technique, register
 
 
 def factorize_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
@@ -161,7 +161,7 @@ class LowRankConfig(Config):
 class LowRank(Technique):
     """Each Linear / Conv2d factorized where that reduces its cost."""
 
-    section, config, order, stage = "low_rank", LowRankConfig, 30, "low-rank"
+    section, config, phase, stage = "low_rank", LowRankConfig, Phase.LOW_RANK, "low-rank"
 
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module:
         model, count = factorize(model, config.rank_fraction, config.energy, config.conv)

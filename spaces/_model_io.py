@@ -68,6 +68,13 @@ def predict(model: Callable, inputs: Inputs) -> torch.Tensor:
     return logits(call(model, inputs))
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (in float32)."""
+    actual, expected = actual.float(), expected.float()
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual - expected).abs().max() / scale).item()
+
+
 def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor]:
     """``(inputs, targets)`` of one batch in either batch form."""
     if isinstance(batch, Mapping):

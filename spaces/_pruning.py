@@ -11,7 +11,7 @@ from ._attention import prune_heads
 from ._config import Config, param
 from ._domains import Fixed, FloatRange
 from ._structure import prune_channels, sensitivity_ratios
-from ._technique import Context, Technique, register
+from ._technique import Context, Phase, Technique, register
 
 StructuredCriterion = Literal["l2", "l1", "taylor", "bn_scale"]
 Allocation = Literal["global", "uniform", "sensitivity"]
@@ -44,7 +44,7 @@ class Pruning(Technique):
     """Heads ranked per module or globally, then channels on Torch-Pruning's dependency
     graph (consumers shrink across residual adds, concatenations, norms, attention)."""
 
-    section, config, order, stage = "pruning", PruningConfig, 20, "prune"
+    section, config, phase, stage = "pruning", PruningConfig, Phase.PRUNING, "prune"
     # Channel counts at multiples of 8 by default: on an AMD EPYC Zen 4 the Fashion-MNIST
     # CNN pruned by half ran int8 static 6.1x faster than the fp32 teacher at multiples
     # of 8 against 4.8x at any count (bf16: 5.9x against 4.1x), at the same size.

@@ -113,18 +113,11 @@ def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
-            model,
-            example_input,
-            importance=importance,
-            global_pruning=global_ranking,
-            pruning_ratio=ratio,
-            pruning_ratio_dict=layer_ratios,
-            max_pruning_ratio=0.95,
+            model, example_input, importance=importance, global_pruning=global_ranking,
+            pruning_ratio=ratio, pruning_ratio_dict=layer_ratios, max_pruning_ratio=0.95,
             ignored_layers=output_layers(model, example_input),
-            round_to=step if step > 1 else None,
-            num_heads=_head_groups(model),
-            output_transform=logits,
-        )
+            round_to=step if step > 1 else None, num_heads=_head_groups(model),
+            output_transform=logits)
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
             loss(model).backward()

@@ -11,7 +11,7 @@ from ._attention import unfuse_attention
 from ._config import Config, param
 from ._domains import FloatRange
 from ._structure import derive_student, drop_blocks
-from ._technique import Context, Technique, register
+from ._technique import Context, Phase, Technique, register
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Student(Technique):
     separate q / k / v / output Linear layers, so every later technique treats them like
     any other layer (int8 would leave the fused one float)."""
 
-    section, config, order, stage = "student", StudentConfig, 10, "student"
+    section, config, phase, stage = "student", StudentConfig, Phase.STUDENT, "student"
     searched = {"width": FloatRange(0.5, 1.0, 0.125)}
 
     def apply(self, model: nn.Module, config: StudentConfig, ctx: Context) -> nn.Module:

@@ -6,6 +6,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from itertools import islice
 from typing import Any, ClassVar
 
@@ -20,13 +21,33 @@ LOSS_BATCHES = 4  # training batches behind Taylor gradients and sensitivity mea
 Step = Callable[[nn.Module, "Context"], nn.Module]
 
 
+class Phase(IntEnum):
+    """The places of the pipeline, in the order they run: a technique's ``apply`` runs at
+    its phase, a step scheduled with ``Context.later`` at the phase it names."""
+
+    STUDENT = 1  # a smaller student replaces the teacher
+    PRUNING = 2  # channels removed
+    LOW_RANK = 3  # layers factorized
+    SPARSITY = 4  # masks set
+    QUANTIZATION_SETUP = 5  # fake quantization inserted (QAT)
+    FINE_TUNE = 6  # distillation from the teacher
+    FINAL_MASKS = 7  # the sparsity masks made final
+    FLOAT_LAYERS = 8  # the layers kept in float chosen
+    WEIGHT_SHARING = 9  # k-means codebooks
+    EMBEDDING = 10  # embedding tables stored compactly
+    QUANTIZE = 11  # conversion to the numeric scheme
+    SPARSE_STORAGE = 12  # layers stored sparse where that is smaller
+
+
 class Technique:
     """One compression technique; a subclass is registered with ``register``.
 
     ``section`` names its part of the Recipe and ``config`` its frozen dataclass (fields
-    declared with ``param``, all defaulted); ``order`` places ``apply`` in the pipeline
-    (student 10, pruning 20, low rank 30, sparsity 40, quantization set-up 50, fine-tune
-    60, weight sharing 70; follow-up steps scheduled with ``Context.later`` up to 100);
+    declared with ``param``, all defaulted); ``phase`` places ``apply`` in the pipeline,
+    whose phases run in this order: student, pruning, low rank, sparsity, quantization
+    set-up, fine-tune, final masks, float layers, weight sharing, embedding, quantize,
+    sparse storage (final masks, float layers, quantize and sparse storage hold the steps
+    scheduled with ``Context.later``; techniques of one phase run in registration order);
     ``stage`` names it in progress displays; ``searched`` maps the fields searched by
     default to their domain (or to a callable giving it, read when the space is built).
 
@@ -42,7 +63,7 @@ class Technique:
 
     section: ClassVar[str]
     config: ClassVar[type]
-    order: ClassVar[float]
+    phase: ClassVar[Phase]
     stage: ClassVar[str]
     searched: ClassVar[Mapping[str, Any]] = {}
 
@@ -66,13 +87,16 @@ def register(technique: type[Technique]) -> type[Technique]:
     """Class decorator: add a technique to the registry (one per section)."""
     if technique.section in _REGISTRY:
         raise ValueError(f"a technique for recipe section {technique.section!r} is registered")
+    if not isinstance(getattr(technique, "phase", None), Phase):
+        raise ValueError(f"The 'phase' of {technique.__name__} must be a Phase. "
+                         f"Got {getattr(technique, 'phase', None)!r} instead.")
     _REGISTRY[technique.section] = technique()
     return technique
 
 
 def techniques() -> list[Technique]:
     """The registered techniques in pipeline order."""
-    return sorted(_REGISTRY.values(), key=lambda t: t.order)
+    return sorted(_REGISTRY.values(), key=lambda t: t.phase)
 
 
 def technique(section: str) -> Technique:
@@ -117,10 +141,10 @@ class Context:
     _loss_cache: list = field(default_factory=list)
     _calibration_cache: dict = field(default_factory=dict)
 
-    def later(self, order: float, name: str, step: Step) -> None:
-        """Run ``step(model, ctx)`` at ``order`` of the pipeline, named ``name`` in progress
-        and budget messages."""
-        heapq.heappush(self._queue, (order, next(self._ticket), name, step))
+    def later(self, phase: Phase, name: str, step: Step) -> None:
+        """Run ``step(model, ctx)`` at ``phase`` of the pipeline (after the steps scheduled
+        there before), named ``name`` in progress and budget messages."""
+        heapq.heappush(self._queue, (phase, next(self._ticket), name, step))
 
     def loss(self, model: nn.Module) -> torch.Tensor:
         """The distillation loss of ``model`` on the first training batches."""
@@ -147,7 +171,7 @@ class Context:
     def run(self, model: nn.Module) -> nn.Module:
         """Pop and run the scheduled steps in order; return the final model."""
         while self._queue and self.stopped is None:
-            _order, _ticket, name, step = heapq.heappop(self._queue)
+            _phase, _ticket, name, step = heapq.heappop(self._queue)
             self.on_stage(name)
             result = step(model, self)
             if result is not model:

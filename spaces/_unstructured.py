@@ -13,7 +13,7 @@ from torch import nn
 from ._config import Config, param
 from ._sparse import SPARSE_MODULES, sparsify
 from ._structure import output_layers
-from ._technique import Context, Technique, register
+from ._technique import Context, Phase, Technique, register
 from ._training import Loss
 
 GRADUAL_END = 0.75  # share of the fine-tune over which gradual sparsity reaches its ratio
@@ -163,7 +163,7 @@ class Sparsity(Technique):
     """Masks set before the fine-tune (or raised on schedule during it) and kept through
     it; after quantization, layers whose CSR / BSR storage is smaller are stored sparse."""
 
-    section, config, order, stage = "sparsity", SparsityConfig, 40, "sparsify"
+    section, config, phase, stage = "sparsity", SparsityConfig, Phase.SPARSITY, "sparsify"
 
     def apply(self, model: nn.Module, config: SparsityConfig, ctx: Context) -> nn.Module:
         if config.ratio == 0:
@@ -187,8 +187,8 @@ class Sparsity(Technique):
             ctx.facts["sparse_layout"] = ",".join(sorted(layouts)) or "dense"
             return compressed
 
-        ctx.later(61, "sparsify", final_masks)
-        ctx.later(95, "sparse storage", storage)
+        ctx.later(Phase.FINAL_MASKS, "sparsify", final_masks)
+        ctx.later(Phase.SPARSE_STORAGE, "sparse storage", storage)
         return model
 
     def normalize(self, config: SparsityConfig, sections: dict[str, Any]) -> SparsityConfig:

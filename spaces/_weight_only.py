@@ -8,16 +8,27 @@ int4 values in int8 bytes, neither smaller nor faster than int8.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ._quantize import torchao_granularity, torchao_quantize
-from ._schemes import Scheme, register_scheme
+from ._schemes import Granularity, Scheme, SchemeConfig, register_scheme
+
+
+@dataclass(frozen=True)
+class Int8WeightOnlyConfig(SchemeConfig):
+    """int8 weights (per channel or per tensor) of the layers ``layers`` accepts (plain
+    ``nn.Linear``)."""
+
+    granularity: Granularity = "per_channel"
 
 
 @register_scheme
 class Int8WeightOnly(Scheme):
-    name, integer_weights, levels, tolerance = "int8_weight_only", True, 256, 1e-1
+    name, config, integer_weights = "int8_weight_only", Int8WeightOnlyConfig, True
+    levels, tolerance = 256, 1e-1
 
-    def convert(self, model, example_input, calibration, granularity, keep, activations):
-        from torchao.quantization import Int8WeightOnlyConfig
+    def convert(self, model, config, calibration):
+        import torchao.quantization as ao
 
-        config = Int8WeightOnlyConfig(granularity=torchao_granularity(granularity))
-        return torchao_quantize(model, config, keep)
+        return torchao_quantize(model, ao.Int8WeightOnlyConfig(
+            granularity=torchao_granularity(config.granularity)), config.layers)
