@@ -14,7 +14,8 @@ from ._pick import Pick, PickRule, pick
 from ._record import TrialResult
 from ._report import write_report
 from ._run import run_study, run_worker
-from ._spec import OBJECTIVES, FinetuneSpec, LatencySpec, StudySpec, load_spec, parse_spec
+from ._spec import OBJECTIVES, FinetuneSpec, LatencySpec, StudySpec
+from ._spec_file import load_spec, parse_spec
 from ._study import open_study, resolve_study
 from ._task import Task, load_task
 from ._trial import TrialSettings, run_trial

@@ -11,7 +11,8 @@ import optuna
 
 from ._errors import ParetoslimError
 from ._sampling import make_sampler
-from ._spec import StudySpec, WorkerSpec, check_study_name, load_spec
+from ._spec import StudySpec, WorkerSpec, check_study_name
+from ._spec_file import load_spec
 from ._storage import (
     check_storage,
     database_url,

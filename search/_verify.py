@@ -17,7 +17,8 @@ from ._errors import ParetoslimError
 from ._export import METRICS_FILE, MODEL_FILE, load_program
 from ._figures import FIGURE_FORMATS
 from ._measuring import latency_input, quality_of
-from ._spec import LatencySpec, StudySpec, parse_section
+from ._spec import LatencySpec, StudySpec
+from ._spec_file import parse_section
 from ._task import Task, load_task
 
 DEFAULT_TOLERANCE = 0.002

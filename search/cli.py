@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ._front import render_front
     from ._run import run_study
-    from ._spec import load_spec
+    from ._spec_file import load_spec
     from ._storage import shown, storage_of
 
     spec = _budgeted(load_spec(args.spec), args.time_budget)
@@ -210,7 +210,7 @@ def _budgeted(spec, seconds: float | None):
 
 def _worker(args: argparse.Namespace) -> int:
     from ._run import run_worker
-    from ._spec import load_spec
+    from ._spec_file import load_spec
     from ._store import StudyStore
 
     spec = _budgeted(load_spec(args.spec), args.time_budget)
@@ -270,7 +270,7 @@ def _verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ._export import METRICS_FILE
-    from ._spec import load_spec
+    from ._spec_file import load_spec
     from ._verify import read_metrics, recorded_task, render_verification, verify_artifact
 
     task = args.task or (load_spec(args.spec) if args.spec else None)

@@ -11,10 +11,10 @@ import time
 import optuna
 import pytest
 from _servers import RAY_ENV, RAY_HEAD, RAY_WORKER, end_session, start_in_session
-from _tiny import write_study
+from _tiny import tiny_task, write_study
 from optuna.trial import TrialState
 
-from paretoslim.search import load_spec
+from paretoslim.search import TrialResult, load_spec
 from paretoslim.search._storage import make_storage
 from paretoslim.search._store import StudyStore
 from paretoslim.search._study import open_study
@@ -247,7 +247,7 @@ def _restored_searcher(tmp_path, suggested: int, saved_after: int, held: int):
     pytest.importorskip("ray.tune", reason="needs ray[tune]: pip install -e '.[test]'")
     from types import SimpleNamespace
 
-    from paretoslim.search._ray import FollowExperiment, StudySearch
+    from paretoslim.search._ray_search import FollowExperiment, StudySearch
 
     spec, journal = load_spec(write_study(tmp_path, trials=3)), str(tmp_path / "journal.log")
     searcher = StudySearch(spec, journal, max_failures=5)
@@ -291,7 +291,7 @@ def test_a_ray_searcher_suggests_nothing_once_the_time_budget_is_spent(tmp_path)
 
     from ray.tune.search import Searcher
 
-    from paretoslim.search._ray import StudySearch
+    from paretoslim.search._ray_search import StudySearch
 
     spec, journal = load_spec(write_study(tmp_path, trials=3)), str(tmp_path / "journal.log")
     roomy = StudySearch(dataclasses.replace(spec, time_budget_s=3600.0), journal, 5)
@@ -299,3 +299,49 @@ def test_a_ray_searcher_suggests_nothing_once_the_time_budget_is_spent(tmp_path)
     spent = StudySearch(dataclasses.replace(spec, name="spent", time_budget_s=1e-6), journal,
                         5)
     assert spent.suggest("t1") == Searcher.FINISHED
+
+
+def _stopped_before(tmp_path):
+    """A journal study whose trial 0 ran the recipe ``params`` and was stopped, with that
+    recipe proposed next."""
+    from _tiny import recorded_trial
+
+    spec, journal = load_spec(write_study(tmp_path, trials=3)), str(tmp_path / "journal.log")
+    params = {"student.width": 0.5, "pruning.ratio": 0.25, "quantization.scheme": "fp32"}
+    study = open_study(spec, journal)
+    recorded_trial(study, recipe=spec.space.recipe(params).to_dict(),
+                   stopped="stopped at fine-tune step 5/20", state=TrialState.PRUNED)
+    study.enqueue_trial(params)
+    return spec, journal, params
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_recipe_stopped_before_is_never_run_again(tmp_path, backend):
+    """The shared flow refuses it on every backend: marked a repeat of trial 0's stop, and
+    the next trial runs another recipe."""
+    spec, journal, params = _stopped_before(tmp_path)
+    ran = []
+    if backend == "local":
+        from paretoslim.search._local import Objective
+        from paretoslim.search._progress import StudyProgress
+        from paretoslim.search._tally import RunTally
+
+        objective = Objective(spec, tiny_task("mlp"), None,
+                              StudyProgress(target=3, completed=0, enabled=False),
+                              RunTally(3, None))
+        objective._trial = lambda recipe, guide: ran.append(recipe) or TrialResult(
+            recipe, failure="not run here")
+        study = open_study(spec, journal)
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        objective.flow.count(study, "repeat")  # as the local loop does after the trial
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+    else:
+        pytest.importorskip("ray.tune", reason="needs ray[tune]: pip install -e '.[test]'")
+        from paretoslim.search._ray_search import StudySearch
+
+        config = StudySearch(spec, journal, max_failures=5).suggest("t0")
+        ran.append(spec.space.recipe(config["params"]))
+    repeat = _study(journal).trials[1]
+    assert repeat.state == TrialState.PRUNED and record(repeat).duplicate_of == 0
+    assert record(repeat).stopped == "stopped at fine-tune step 5/20"
+    assert len(ran) == 1 and ran[0] != spec.space.recipe(params)

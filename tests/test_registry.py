@@ -2,6 +2,7 @@
 
 import ast
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from paretoslim.spaces import (
     Choice,
     Config,
     Fixed,
+    Phase,
     PruningConfig,
     QuantizationConfig,
     Recipe,
@@ -42,7 +44,7 @@ class ScaleConfig(Config):
 class Scale(Technique):
     """A toy technique: the output layer's weights scaled; the fine-tune is asked for."""
 
-    section, config, order, stage = "scale", ScaleConfig, 35, "scale"
+    section, config, phase, stage = "scale", ScaleConfig, Phase.LOW_RANK, "scale"
 
     def apply(self, model, config, ctx):
         if config.factor != 1.0:
@@ -66,7 +68,7 @@ def scale_registered(monkeypatch):
 
 def test_a_registered_technique_joins_recipe_space_labels_and_compress(scale_registered,
                                                                          mlp_task):
-    assert [t.section for t in techniques()].index("scale") == 3  # by its order, 35
+    assert [t.section for t in techniques()].index("scale") == 3  # after low rank
     recipe = Recipe.from_dict({"scale": {"factor": 2.0}})
     assert recipe.scale == ScaleConfig(2.0) and Recipe.from_json(recipe.to_json()) == recipe
     assert recipe.short() == "scale=2 fp32"
@@ -88,7 +90,7 @@ def test_a_registered_technique_joins_recipe_space_labels_and_compress(scale_reg
 def test_a_section_registers_once():
     with pytest.raises(ValueError, match="registered"):
         register(type("Again", (Technique,), {"section": "pruning", "config": ScaleConfig,
-                                              "order": 1, "stage": "x"}))
+                                              "phase": Phase.STUDENT, "stage": "x"}))
 
 
 def test_recipe_sections_are_placed_by_type_and_checked():
@@ -140,7 +142,7 @@ def test_compress_with_int8_weight_only_keeps_quality(mlp_task):
     assert size_mb(model) < 0.5 * size_mb(mlp_task.model)
 
 
-def _long_functions(folder: str, limit: int = 60) -> list[str]:
+def _long_functions(folder: str, limit: int = 50) -> list[str]:
     found = []
     for path in sorted((ROOT / folder).glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -154,6 +156,24 @@ def _long_functions(folder: str, limit: int = 60) -> list[str]:
 @pytest.mark.parametrize("folder", ["spaces", "search"])
 def test_every_function_fits_on_a_screen(folder):
     assert _long_functions(folder) == []
+
+
+@pytest.mark.parametrize("folder", ["spaces", "search"])
+def test_every_module_holds_one_job(folder, limit=350):
+    long = [f"{path.name} ({n} lines)" for path in sorted((ROOT / folder).glob("*.py"))
+            if (n := len(path.read_text().splitlines())) >= limit]
+    assert long == []
+
+
+def test_the_size_checks_find_what_is_too_long(tmp_path, monkeypatch):
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    body = "\n".join(f"    x{k} = {k}" for k in range(50))
+    (folder / "long.py").write_text(f"def f():\n{body}\n" + "\n" * 300)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _long_functions("pkg") == ["long.py:f (51 lines)"]
+    with pytest.raises(AssertionError, match="long.py"):
+        test_every_module_holds_one_job("pkg")
 
 
 def test_compress_names_no_technique():

@@ -28,7 +28,7 @@ from paretoslim.spaces import (
     prune_channels,
     quantize,
 )
-from paretoslim.spaces._quantize import drop_unused_attributes
+from paretoslim.spaces._pt2e import drop_unused_attributes
 
 
 def _full_recipe():

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paretoslim.search import ParetoslimError, StudySpec, parse_spec
-from paretoslim.search._spec import _SECTIONS, _TOP_LEVEL
+from paretoslim.search._spec_file import _SECTIONS, _TOP_LEVEL
 from paretoslim.spaces import DEFAULT_DOMAINS
 
 SECTION_KEYS = [(section, f.name) for section, spec_type in _SECTIONS.items()
