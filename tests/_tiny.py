@@ -178,6 +178,7 @@ steps = 5
 [latency]
 min_calls = 20
 min_seconds = 0.0
+lowering = "compile"  # half the compile time of AOTInductor: these studies test the search
 [space.student]
 width = {width}
 [space.pruning]

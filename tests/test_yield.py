@@ -30,6 +30,24 @@ def mlp():
     return task, measure_baseline(task)
 
 
+HALF = {"pruning": {"ratio": 0.5}}
+
+
+@pytest.fixture
+def trial(mlp):
+    """``trial(recipe, steps=, overlap=, guide=, ...)``: one trial of the tiny MLP, its latency
+    measured by a FakeMeasure; returns the result and the measure."""
+    task, baseline = mlp
+
+    def run(recipe=HALF, *, steps=40, overlap=True, **kwargs):
+        measure = kwargs.pop("measure", None) or FakeMeasure()
+        result = run_trial(task, Recipe.from_dict(recipe), _settings(steps, overlap), baseline,
+                           measure=measure, **kwargs)
+        return result, measure
+
+    return run
+
+
 def _settings(steps=40, overlap=True):
     return TrialSettings(FinetuneSpec(steps=steps, trial_timeout_s=None),
                          LatencySpec(min_calls=20, min_seconds=0.0, overlap=overlap))
@@ -49,35 +67,26 @@ class FakeMeasure:
         return type("Report", (), {"metrics": lambda self: dict(figures)})()
 
 
-def test_a_hopeless_curve_is_stopped_at_a_rung_with_its_figures(mlp):
-    task, baseline = mlp
-    measure = FakeMeasure()
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}),
-                       _settings(overlap=False), baseline, measure=measure,
-                       guide=Guide(stopping=STOPPING, max_quality_drop=-100.0))
+def test_a_hopeless_curve_is_stopped_at_a_rung_with_its_figures(trial):
+    result, measure = trial(overlap=False,
+                            guide=Guide(stopping=STOPPING, max_quality_drop=-100.0))
     assert result.stopped is not None and "stopped at fine-tune step 10/40" in result.stopped
     assert not result.ok and result.failure is None and measure.calls == 0
     assert result.metrics["stopped_at_step"] == 10
     assert result.metrics["rungs"].startswith("0:") and ",10:" in result.metrics["rungs"]
 
 
-def test_a_promising_curve_runs_to_the_end(mlp):
-    task, baseline = mlp
-    measure = FakeMeasure()
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure,
-                       guide=Guide(stopping=STOPPING, max_quality_drop=100.0))
+def test_a_promising_curve_runs_to_the_end(trial):
+    result, measure = trial(guide=Guide(stopping=STOPPING, max_quality_drop=100.0))
     assert result.ok and measure.calls == 1
     assert result.metrics["rungs"].count(":") == 3  # step 0 and both rungs
     assert result.metrics["finetune_steps"] == 40
 
 
-def test_a_trial_above_the_quality_limit_is_not_timed(mlp):
-    task, baseline = mlp
-    measure = FakeMeasure()
-    result = run_trial(task, Recipe.from_dict({"sparsity": {"ratio": 0.97}}),
-                       _settings(1, overlap=False), baseline, measure=measure,
-                       guide=Guide(stopping=StoppingSpec(rungs=[0.5]), max_quality_drop=0.0))
+def test_a_trial_above_the_quality_limit_is_not_timed(trial):
+    result, measure = trial({"sparsity": {"ratio": 0.97}}, steps=1, overlap=False,
+                            guide=Guide(stopping=StoppingSpec(rungs=[0.5]),
+                                        max_quality_drop=0.0))
     assert result.stopped is not None and "above the limit 0 after its fine-tune" in \
         result.stopped
     assert measure.calls == 0 and result.metrics["quality_drop"] > 0
@@ -295,13 +304,9 @@ PROMOTING = StoppingSpec(rungs=[0.25, 0.5], slice_samples=128, slack=1.0, promot
                          promote_margin=1.0, time_infeasible=True)
 
 
-def test_a_near_miss_with_a_front_extending_structure_trains_longer(mlp):
-    task, baseline = mlp
-    measure = FakeMeasure()
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure,
-                       guide=Guide(stopping=PROMOTING, max_quality_drop=-0.5,
-                                   promotions_left=1))
+def test_a_near_miss_with_a_front_extending_structure_trains_longer(trial):
+    result, measure = trial(guide=Guide(stopping=PROMOTING, max_quality_drop=-0.5,
+                                        promotions_left=1))
     assert result.ok and result.metrics["finetune_steps"] == 80
     assert result.metrics["promoted_at_step"] == 20 and "promoted at" in \
         result.metrics["promoted"]
@@ -310,15 +315,11 @@ def test_a_near_miss_with_a_front_extending_structure_trains_longer(mlp):
     assert measure.calls == 1 and result.metrics["latency_timed_before_finetune"]
 
 
-def test_a_promoted_trial_that_ends_above_the_limit_keeps_its_structure_latency(mlp):
-    task, baseline = mlp
-    measure = FakeMeasure()
+def test_a_promoted_trial_that_ends_above_the_limit_keeps_its_structure_latency(trial):
     stopping = StoppingSpec(rungs=[0.25, 0.5], slice_samples=128, slack=1.0,
                             promote_steps=80, promote_margin=1.0)
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure,
-                       guide=Guide(stopping=stopping, max_quality_drop=-0.5,
-                                   promotions_left=1))
+    result, measure = trial(guide=Guide(stopping=stopping, max_quality_drop=-0.5,
+                                        promotions_left=1))
     assert result.stopped is not None and "after its fine-tune" in result.stopped
     assert result.metrics["latency_ms"] == 1.0 and measure.calls == 1
     assert "promoted at" in result.metrics["promoted"]
@@ -345,12 +346,9 @@ def test_a_promotion_fits_the_budget_at_the_pace_of_the_last_steps():
     {"promotions_left": 1, "max_quality_drop": 100.0},  # feasible with room to spare
     {"promotions_left": 1, "ends_at": 0.0},  # the run's time budget is spent
 ], ids=["none-left", "dominated-structure", "comfortable", "no-time-left"])
-def test_a_trial_keeps_its_steps_unless_a_promotion_pays(mlp, guide):
-    task, baseline = mlp
-    measure = FakeMeasure()
+def test_a_trial_keeps_its_steps_unless_a_promotion_pays(trial, guide):
     guide = {"max_quality_drop": -0.5, **guide}  # as promoted above, but for one condition
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure, guide=Guide(stopping=PROMOTING, **guide))
+    result, measure = trial(guide=Guide(stopping=PROMOTING, **guide))
     assert result.metrics["finetune_steps"] == 40 and "promoted" not in result.metrics
     assert measure.calls == 1  # the structure, timed once; its trained model reuses it
 
@@ -375,16 +373,13 @@ def test_the_study_guide_counts_promotions_and_knows_the_feasible_extremes():
 @pytest.mark.parametrize("earlier, stopped", [
     ((1.0, 1e-3, 1e-6), True),   # two earlier trials ahead on every axis at this rung
     ((0.0, 1e3, 1e3), False)])   # two behind on every axis
-def test_successive_halving_stops_a_trial_outranked_at_its_rung(mlp, earlier, stopped):
+def test_successive_halving_stops_a_trial_outranked_at_its_rung(trial, earlier, stopped):
     from paretoslim.search._stopping import RungPoint
 
-    task, baseline = mlp
-    measure = FakeMeasure()
     points = tuple(RungPoint(0.25, *earlier) for _ in range(2))
     guide = Guide(stopping=StoppingSpec(rungs=[0.25, 0.5], slice_samples=128, halving=2),
                   max_quality_drop=100.0, rung_points=points)
-    result = run_trial(task, Recipe.from_dict({"pruning": {"ratio": 0.5}}), _settings(),
-                       baseline, measure=measure, guide=guide)
+    result, measure = trial(guide=guide)
     assert measure.calls == 1  # the structure, timed once: at the rung, kept for the end
     if stopped:
         assert result.stopped.startswith("stopped by successive halving at 0.25")
