@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from paretoslim.evaluators import cache_dir, run_isolated
 from paretoslim.search import Task, measure_baseline, run_trial
-from paretoslim.search._trial import latency_job, quality_of
+from paretoslim.search._measuring import latency_job, quality_of
 from paretoslim.spaces import Recipe, prune_heads
 from paretoslim.studies._data import TensorBatches
 from paretoslim.studies.fashion_mnist import load_fashion_mnist, normalize
@@ -114,7 +114,8 @@ def main() -> None:
             if data is None:  # the representation alone, no head removed, no fine-tune
                 control = copy.deepcopy(task.model)
                 prune_heads(control, 0.0, global_ranking=True)
-                report = run_isolated(latency_job(task, control, "fp32", settings, baseline))
+                job = latency_job(task, control, "fp32", settings.latency, baseline)
+                report = run_isolated(job)
                 quality = quality_of(task, control)
                 metrics = {**report.metrics(), "quality": quality, "compression": 1.0,
                            "quality_drop": baseline.quality - quality}

@@ -14,9 +14,12 @@ from optuna.trial import TrialState
 
 from paretoslim.kernels import detect_target
 from paretoslim.search import load_spec, run_study
-from paretoslim.search._store import FAILURE_ATTR, METRICS_ATTR, STOPPED_ATTR, open_study
-from paretoslim.search._trial import calibration_batches, quality_of
+from paretoslim.search._measuring import calibration_batches, quality_of
+from paretoslim.search._store import StudyStore
+from paretoslim.search._study import open_study
 from paretoslim.spaces import Recipe, compress
+
+record = StudyStore.record
 
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.toml"
 
@@ -26,15 +29,15 @@ def summarize(study, spec, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
     ran = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
                                             TrialState.FAIL)
-           and "duplicate_of" not in t.user_attrs]  # a repeated recipe reuses its figures
+           and record(t).duplicate_of is None]  # a repeated recipe reuses its figures
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     limit = spec.constraints.max_quality_drop
-    done = [t.user_attrs[METRICS_ATTR] for t in trials if t.state == TrialState.COMPLETE]
+    done = [record(t).metrics for t in trials if t.state == TrialState.COMPLETE]
     feasible = [m for m in done if m["quality_drop"] <= limit]
     rung_stops = [t for t in trials if t.state == TrialState.PRUNED
-                  and "fine-tune step" in t.user_attrs.get(STOPPED_ATTR, "")]
+                  and "fine-tune step" in (record(t).stopped or "")]
     full_infeasible = len(done) - len(feasible) + sum(
-        t.state == TrialState.PRUNED and "above the limit" in t.user_attrs.get(STOPPED_ATTR, "")
+        t.state == TrialState.PRUNED and "above the limit" in (record(t).stopped or "")
         for t in trials)
     best = {key: max(feasible, key=lambda m, k=key: m[k], default=None)
             for key in ("speedup", "compression")}
@@ -43,7 +46,7 @@ def summarize(study, spec, seconds: float) -> dict:
         "states": {k: v for k, v in states.items() if v},
         "trials_per_hour": round(3600 * len(ran) / seconds, 1),
         "full_budget_infeasible": full_infeasible, "rung_stops": len(rung_stops),
-        "failures": [t.user_attrs.get(FAILURE_ATTR) for t in trials
+        "failures": [record(t).failure for t in trials
                      if t.state == TrialState.FAIL],
         "trials": [_row(t) for t in trials],
         **{f"best_{key}": None if m is None else {
@@ -55,20 +58,20 @@ def summarize(study, spec, seconds: float) -> dict:
 
 def _row(trial) -> dict:
     """One trial's outcome in a line of figures."""
-    m = trial.user_attrs.get(METRICS_ATTR, {})
-    recipe = trial.user_attrs.get("recipe")
+    m = record(trial).metrics
+    recipe = record(trial).recipe
     return {"number": trial.number, "state": trial.state.name,
             "recipe": Recipe.from_dict(recipe).short() if recipe else "",
             **{k: m[k] for k in ("quality_drop", "speedup", "compression", "finetune_steps",
                                  "trial_s", "promoted") if k in m},
-            **({"stopped": trial.user_attrs[STOPPED_ATTR]}
-               if STOPPED_ATTR in trial.user_attrs else {})}
+            **({"stopped": record(trial).stopped}
+               if record(trial).stopped else {})}
 
 
 def _short(study, metrics: dict) -> str:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get(METRICS_ATTR) is metrics or t.user_attrs.get(METRICS_ATTR) == metrics:
-            return Recipe.from_dict(t.user_attrs["recipe"]).short()
+        if record(t).metrics is metrics or record(t).metrics == metrics:
+            return Recipe.from_dict(record(t).recipe).short()
     return ""
 
 
@@ -80,9 +83,9 @@ def false_stops(study, spec) -> dict:
     teacher = quality_of(task, task.model)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-        if "fine-tune step" not in t.user_attrs.get(STOPPED_ATTR, ""):
+        if "fine-tune step" not in (record(t).stopped or ""):
             continue
-        model, _ = compress(task.model, Recipe.from_dict(t.user_attrs["recipe"]),
+        model, _ = compress(task.model, Recipe.from_dict(record(t).recipe),
                             example_input=task.example_input, train=task.train,
                             calibration=calibration_batches(task),
                             finetune_steps=spec.finetune.steps,

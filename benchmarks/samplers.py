@@ -25,7 +25,9 @@ from optuna.trial import TrialState
 from paretoslim.kernels import detect_target
 from paretoslim.search import parse_spec, run_study
 from paretoslim.search._private import compute_hypervolume
-from paretoslim.search._store import METRICS_ATTR
+from paretoslim.search._store import StudyStore
+
+record = StudyStore.record
 
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.toml"
 OFF = {"seeds": [], "stopping": {"enabled": False}}
@@ -49,8 +51,8 @@ def hypervolume(study, limit: float) -> tuple[float, int]:
     """The feasible front's hypervolume and how many feasible trials it was taken over."""
     points = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        m = t.user_attrs.get(METRICS_ATTR, {})
-        if m.get("quality_drop", np.inf) <= limit and "duplicate_of" not in t.user_attrs:
+        m = record(t).metrics
+        if m.get("quality_drop", np.inf) <= limit and record(t).duplicate_of is None:
             points.append([m["quality_drop"], 1 / m["speedup"], 1 / m["compression"]])
     if not points:
         return 0.0, 0
@@ -69,8 +71,8 @@ def run_arm(name: str, seed: int, budget: float, runs: Path) -> dict:
     seconds = time.perf_counter() - started
     limit = spec.constraints.max_quality_drop
     hv, feasible = hypervolume(study, limit)
-    done = [t.user_attrs[METRICS_ATTR] for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE,)) if METRICS_ATTR in t.user_attrs]
+    done = [record(t).metrics for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,)) if record(t).metrics]
     ok = [m for m in done if m["quality_drop"] <= limit]
     return {"arm": name, "seed": seed, "wall_s": round(seconds, 1), "hypervolume": hv,
             "feasible": feasible, "trials": len(study.trials),

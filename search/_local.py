@@ -87,7 +87,7 @@ class Objective:
 
 
 def run_in_process(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
-              address: str | None = None) -> optuna.Study:
+                   address: str | None = None) -> optuna.Study:
     """Run the study in this process until it holds ``target`` completed trials, holding
     its lease (see ``_lease``): trials a killed earlier process left running are finished
     first (``mark_interrupted``); a study another live run drives raises ParetoslimError."""

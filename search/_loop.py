@@ -21,7 +21,7 @@ from ._record import TrialResult
 from ._sampling import enqueue_untried
 from ._spec import StudySpec
 from ._store import StudyStore
-from ._tally import RunTally
+from ._tally import OutcomeKind, RunTally
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Outcome:
     ``values`` are its objective values when it completed, ``reason`` why it stopped or
     failed."""
 
-    kind: str
+    kind: OutcomeKind
     values: tuple[float, ...] | None = None
     reason: str | None = None
 
@@ -66,7 +66,7 @@ class TrialFlow:
                                                       f"{stopped}")
         return Outcome("repeat", values, stopped)
 
-    def guide(self, study: optuna.Study) -> dict[str, Any]:
+    def guide_data(self, study: optuna.Study) -> dict[str, Any]:
         """What the study's finished trials can save the next one (see ``guide_data``)."""
         return guide_data(study, self.spec, self.tally.ends_at)
 
@@ -91,12 +91,14 @@ class TrialFlow:
             self.progress.trial_done(trial.number, result, feasible, where)
         return outcome
 
-    def count(self, study: optuna.Study, kind: str) -> str | None:
+    def count(self, study: optuna.Study, kind: OutcomeKind, done: int | None = None
+              ) -> str | None:
         """Count a trial Optuna was told of; return why the run should start no other one
-        (see ``RunTally.why_stop``). After a repeat, the next trial runs an untried recipe
+        (see ``RunTally.why_stop``; ``done``: the study's distinct completed trials, read
+        from it when not given). After a repeat, the next trial runs an untried recipe
         rather than the sampler's next repeat."""
         self.tally.record(kind)
-        done = StudyStore(study).completed_count()
+        done = StudyStore(study).completed_count() if done is None else done
         if (kind == "repeat" and self.tally.why_stop(done) is None
                 and not enqueue_untried(study, self.spec)):
             self.tally.exhausted = True
@@ -111,4 +113,4 @@ def run_one(flow: TrialFlow, trial: optuna.Trial, recipe: Recipe,
     if repeat is not None:
         return repeat
     StudyStore.claim(trial, f"{socket.gethostname()}:{os.getpid()}")
-    return flow.finish(trial, run(recipe, flow.guide(trial.study)))
+    return flow.finish(trial, run(recipe, flow.guide_data(trial.study)))

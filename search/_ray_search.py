@@ -162,14 +162,15 @@ class StudySearch(_OptunaSearchOnStudy):
                 self._recipes[trial_id] = recipe
                 self._show_running()
                 return {"params": params, "number": trial.number,
-                        "guide": self._flow().guide(study)}
+                        "guide": self._flow().guide_data(study)}
             self._tell(study, trial, repeat)
             self.forget(trial_id)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
         study.tell(trial, outcome.values, state=outcome.state)
-        self._flow().count(study, outcome.kind)
-        self._done += outcome.kind == "new"
+        if outcome.kind == "new":
+            self._done += 1
+        self._flow().count(study, outcome.kind, self._done)
 
     def _show_running(self) -> None:
         progress = driver.get("progress")

@@ -50,8 +50,8 @@ class TrialRecord:
     and whether that process sends heartbeats (a worker's)."""
 
     number: int = -1
-    recipe: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None  # a record read from storage holds dicts here
+    metrics: dict[str, Any] | None = None
     values: tuple[float, ...] | None = None
     failure: str | None = None
     stopped: str | None = None
@@ -76,7 +76,7 @@ class TrialRecord:
                            (HEARTBEATS, self.heartbeats or None), (METRICS, self.metrics),
                            (DUPLICATE, self.duplicate_of), (STOPPED, self.stopped),
                            (FAILURE, self.failure)):
-            if value is not None and value != {}:
+            if value is not None:
                 attrs[key] = value
         if self.values is not None:
             attrs[VALUES] = list(self.values)

@@ -26,7 +26,8 @@ PACE_STEPS = 100  # the last fine-tune steps whose median time projects a promot
 
 
 class TrialStopped(Exception):
-    """A trial stopped on purpose by the rung policy outside its fine-tune."""
+    """A trial stopped on purpose (at a rung, by the quality gate, or dominated before its
+    fine-tune); its message is the reason."""
 
 
 class RungPolicy:
@@ -63,8 +64,8 @@ class RungPolicy:
         self.share.pause_point()
 
     def at_rung(self, step: int, steps: int, model: nn.Module) -> Verdict:
-        """Record the slice quality at a rung; promote a near miss (its new step count), or
-        stop when the curve cannot reach the limit."""
+        """Record the slice quality at a rung; the Verdict extends a near miss's fine-tune
+        (a promotion) or stops a curve that cannot reach the limit."""
         if not self.watching:
             return Verdict()
         stopping = self.guide.stopping
@@ -86,8 +87,7 @@ class RungPolicy:
 
     def gate(self, quality: float) -> None:
         """Raise TrialStopped when the quality after the fine-tune is above the limit."""
-        stopping = self.guide.stopping
-        if stopping is None or not stopping.enabled or stopping.time_infeasible:
+        if not self.watches() or self.guide.stopping.time_infeasible:
             return
         drop = quality_drop(self.baseline.quality, quality)
         if drop > self.guide.max_quality_drop:

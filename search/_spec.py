@@ -1,20 +1,15 @@
-"""Study specs: one TOML file per study, validated with errors naming the file and key."""
+"""What a study spec holds: its sections as frozen dataclasses, each validating its values
+(read from a TOML file by ``_spec_file``)."""
 
 from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..spaces import SearchSpace
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
+from ..spaces import SearchSpace, check_range
 
 OBJECTIVES: dict[str, str] = {
     "quality": "maximize",
@@ -56,10 +51,10 @@ class FinetuneSpec:
 
     def __post_init__(self) -> None:
         _at_least("steps", self.steps, 0)
-        _in_range("threads", self.threads, 0, MAX_THREADS)
-        _in_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_range("threads", self.threads, 0, MAX_THREADS)
+        check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         if self.trial_timeout_s is not None:
-            _in_range("trial_timeout_s", self.trial_timeout_s, 0.0, math.inf, low_open=True,
+            check_range("trial_timeout_s", self.trial_timeout_s, 0.0, math.inf, low_open=True,
                       infinite=True)
             if math.isinf(self.trial_timeout_s):  # no budget
                 object.__setattr__(self, "trial_timeout_s", None)
@@ -87,12 +82,12 @@ class LatencySpec:
 
         _one_of("target", self.target, TARGETS)
         _one_of("lowering", self.lowering, LOWERINGS)
-        _in_range("batch_size", self.batch_size, 0, MAX_BATCH)
-        _in_range("sequence_length", self.sequence_length, 0, MAX_SEQUENCE)
-        _in_range("threads", self.threads, 1, MAX_THREADS)
-        _in_range("min_calls", self.min_calls, 10, 10**7)
-        _in_range("min_seconds", self.min_seconds, 0.0, 600.0)
-        _in_range("max_spread", self.max_spread, 0.0, 10.0, low_open=True)
+        check_range("batch_size", self.batch_size, 0, MAX_BATCH)
+        check_range("sequence_length", self.sequence_length, 0, MAX_SEQUENCE)
+        check_range("threads", self.threads, 1, MAX_THREADS)
+        check_range("min_calls", self.min_calls, 10, 10**7)
+        check_range("min_seconds", self.min_seconds, 0.0, 600.0)
+        check_range("max_spread", self.max_spread, 0.0, 10.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -102,7 +97,7 @@ class ConstraintsSpec:
     max_quality_drop: float = 0.01
 
     def __post_init__(self) -> None:
-        _in_range("max_quality_drop", self.max_quality_drop, 0.0, float("inf"))
+        check_range("max_quality_drop", self.max_quality_drop, 0.0, float("inf"))
 
 
 @dataclass(frozen=True)
@@ -139,14 +134,14 @@ class StoppingSpec:
             raise ValueError(f"halving must be 0 (off) or an integer >= 2. "
                              f"Got {self.halving!r}.")
         _at_least("promotions", self.promotions, 0)
-        _in_range("promote_margin", self.promote_margin, 0.0, 1.0)
+        check_range("promote_margin", self.promote_margin, 0.0, 1.0)
         rungs = tuple(self.rungs)
         for value in rungs:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"rungs must be numbers in (0, 1). Got {value!r}.")
-            _in_range("rungs", value, 0.0, 1.0, low_open=True)
+            check_range("rungs", value, 0.0, 1.0, low_open=True)
         object.__setattr__(self, "rungs", tuple(sorted(rungs)))
-        _in_range("slack", self.slack, 0.0, 1.0)
+        check_range("slack", self.slack, 0.0, 1.0)
         _at_least("slice_samples", self.slice_samples, 1)
 
 
@@ -168,8 +163,8 @@ class RaySpec:
     time_on_target: bool = True
 
     def __post_init__(self) -> None:
-        _in_range("cpu", self.cpu, 0.0, 1024.0)
-        _in_range("gpu", self.gpu, 0.0, 64.0)
+        check_range("cpu", self.cpu, 0.0, 1024.0)
+        check_range("gpu", self.gpu, 0.0, 64.0)
         _at_least("max_concurrent_trials", self.max_concurrent_trials, 1)
 
 
@@ -218,9 +213,9 @@ class StudySpec:
     def __post_init__(self) -> None:
         _at_least("trials", self.trials, 1)
         if self.time_budget_s is not None:
-            _in_range("time_budget_s", self.time_budget_s, 0.0, math.inf, low_open=True,
+            check_range("time_budget_s", self.time_budget_s, 0.0, math.inf, low_open=True,
                       infinite=True)
-        _in_range("seed", self.seed, 0, MAX_SEED)
+        check_range("seed", self.seed, 0, MAX_SEED)
         check_study_name(self.name)
         if isinstance(self.seeds, str):
             _one_of("seeds", self.seeds, ("auto",))
@@ -260,19 +255,6 @@ def _one_of(name: str, value: Any, valid: tuple) -> None:
 def _at_least(name: str, value: Any, low: int) -> None:
     if not value >= low:
         raise ValueError(f"{name} must be >= {low}. Got {value!r}.")
-
-
-def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False,
-              infinite: bool = False) -> None:
-    """``value`` within the bounds; NaN never, infinity only where ``infinite`` allows it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        if math.isnan(value) or not infinite:
-            raise ValueError(f"{name} must be a finite number. Got {value!r}.")
-    below = value <= low if low_open else value < low
-    if below or value > high:
-        raise ValueError(
-            f"{name} must be in {'(' if low_open else '['}{low}, {high}]. Got {value!r}."
-        )
 
 
 def check_study_name(name: str) -> None:

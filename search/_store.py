@@ -1,5 +1,6 @@
 """The study store: every record paretoslim keeps of a study and its trials, over an Optuna
-storage. The only module that reads or writes Optuna user attributes.
+storage. The only module that reads or writes Optuna user attributes (a dead process's trial
+is failed through ``_private.fail_trial``, which writes its reason where this module says).
 
 The contract, as Optuna's ``BaseStorage`` states its own:
 
@@ -29,13 +30,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import _record as field
+from . import _record as stored
 from ._private import fail_trial, finish_trial
 from ._record import TrialRecord, TrialResult, json_safe, sound_study_attrs, sound_trial_attrs
 from ._spec import StudySpec
+from ._tally import OutcomeKind
 
 Trial = optuna.Trial | FrozenTrial
-OUTCOMES = ("new", "repeat", "stopped", "failed")
 
 
 class StudyStore:
@@ -62,7 +63,7 @@ class StudyStore:
         return sum(r.duplicate_of is None for _, r in self.trials(TrialState.COMPLETE))
 
     @classmethod
-    def outcome(cls, trial: FrozenTrial) -> str:
+    def outcome(cls, trial: FrozenTrial) -> OutcomeKind:
         """What a finished trial brought: ``new`` (a recipe completed), ``repeat`` (an earlier
         recipe's figures or stop copied), ``stopped`` or ``failed``."""
         if cls.record(trial).duplicate_of is not None:
@@ -72,7 +73,7 @@ class StudyStore:
 
     def spec_record(self) -> dict[str, Any]:
         """The spec's path, name, objectives and quality limit, as the run recorded them."""
-        spec = self.study.user_attrs.get(field.SPEC)
+        spec = self.study.user_attrs.get(stored.SPEC)
         return spec if isinstance(spec, dict) else {}
 
     def objective_names(self) -> list[str]:
@@ -82,16 +83,18 @@ class StudyStore:
 
     def target(self, default: int) -> int:
         """The completed trials the last Ray run aimed at (``default`` when none did)."""
-        return int(self.study.user_attrs.get(field.TARGET, default))
+        return int(self.study.user_attrs.get(stored.TARGET, default))
 
     def driver(self) -> str:
         """The run that holds a database study's lease, as it named itself."""
-        return str(self.study.user_attrs.get(field.DRIVER, ""))
+        return str(self.study.user_attrs.get(stored.DRIVER, ""))
 
     def same_recipe(self, recipe: Any, state: TrialState, *, stopped: bool = False
                     ) -> FrozenTrial | None:
         """The first trial in ``state`` that ran ``recipe`` itself (not as a repeat), with a
         stop reason when ``stopped``."""
+        if recipe is None:  # an unreadable recipe matches nothing
+            return None
         for trial, record in self.trials(state):
             if (record.duplicate_of is None and (record.stopped or not stopped)
                     and record.recipe and record.parsed_recipe() == recipe):
@@ -102,20 +105,20 @@ class StudyStore:
 
     def write_spec(self, spec: StudySpec) -> None:
         """Record the spec once, when the study is created (see ``spec_record``)."""
-        if field.SPEC not in self.study.user_attrs:
+        if stored.SPEC not in self.study.user_attrs:
             path = str(spec.path.resolve()) if spec.path is not None else None
             self.write_spec_record({
                 "path": path, "name": spec.name, "objectives": list(spec.objectives),
                 "max_quality_drop": spec.constraints.max_quality_drop})
 
     def write_spec_record(self, record: dict[str, Any]) -> None:
-        self.study.set_user_attr(field.SPEC, record)
+        self.study.set_user_attr(stored.SPEC, record)
 
     def write_target(self, target: int) -> None:
-        self.study.set_user_attr(field.TARGET, target)
+        self.study.set_user_attr(stored.TARGET, target)
 
     def write_driver(self, holder: str) -> None:
-        self.study.set_user_attr(field.DRIVER, holder)
+        self.study.set_user_attr(stored.DRIVER, holder)
 
     @staticmethod
     def write(trial: optuna.Trial, record: TrialRecord) -> None:
@@ -129,20 +132,24 @@ class StudyStore:
         cls.write(trial, TrialRecord(recipe=recipe))
 
     @classmethod
-    def claim(cls, trial: optuna.Trial, worker: str, lost: str | None = None) -> None:
-        """Record the process running ``trial``; ``lost``: a worker's trial, which fails with
-        that reason should the worker die (``clear_lost`` once its result is written)."""
-        cls.write(trial, TrialRecord(worker=worker, heartbeats=lost is not None,
-                                     failure=lost))
+    def claim(cls, trial: optuna.Trial, worker: str) -> None:
+        """Record the process about to run ``trial``'s recipe."""
+        cls.write(trial, TrialRecord(worker=worker))
+
+    @classmethod
+    def expect_heartbeats(cls, trial: optuna.Trial, lost: str) -> None:
+        """Mark a worker's trial, which fails with the reason ``lost`` should the worker die
+        (``clear_lost`` once its result is written)."""
+        cls.write(trial, TrialRecord(heartbeats=True, failure=lost))
 
     @staticmethod
     def clear_lost(trial: optuna.Trial) -> None:
-        trial.set_user_attr(field.FAILURE, "")
+        trial.set_user_attr(stored.FAILURE, "")
 
     @staticmethod
     def note_failure(trial: optuna.Trial, reason: str) -> None:
         """Record why a running trial fails (before Optuna is told)."""
-        trial.set_user_attr(field.FAILURE, reason)
+        trial.set_user_attr(stored.FAILURE, reason)
 
     def copy_earlier(self, trial: optuna.Trial) -> tuple[tuple[float, ...] | None, str | None]:
         """If a trial ran ``trial``'s recipe to completion, copy its figures here and return
@@ -151,11 +158,11 @@ class StudyStore:
         recipe = self.record(trial).parsed_recipe()
         other = self.same_recipe(recipe, TrialState.COMPLETE)
         if other is not None:
+            self.write(trial, TrialRecord(metrics=self.record(other).metrics,
+                                          duplicate_of=other.number))
             for name, value in other.constraints.items():
                 trial.set_constraint(name, value)
-            earlier = self.record(other)
-            self.write(trial, TrialRecord(metrics=earlier.metrics, duplicate_of=other.number,
-                                          values=tuple(other.values)))
+            self.write(trial, TrialRecord(values=tuple(other.values)))
             return tuple(other.values), None
         other = self.same_recipe(recipe, TrialState.PRUNED, stopped=True)
         if other is None:
@@ -202,7 +209,7 @@ class StudyStore:
 
     def fail_running(self, trial: FrozenTrial, reason: str) -> None:
         """Record a trial its process left running as failed, saying why."""
-        fail_trial(self.study, trial, field.FAILURE, reason)
+        fail_trial(self.study, trial, stored.FAILURE, reason)
 
     def mark_interrupted(self) -> dict[str, int]:
         """Settle the trials a killed process left running (``settle_running``), except a
@@ -254,7 +261,7 @@ def _sound_system(trial: FrozenTrial, problems: list[str]) -> dict[str, Any]:
     system = dict(trial.system_attrs)
     constraints = system.get("constraints")
     if "constraints" in system and not (isinstance(constraints, (list, tuple)) and all(
-            field.is_a(c, float) for c in constraints)):
+            stored.is_a(c, float) for c in constraints)):
         problems.append(f"trial {trial.number} constraints")
         system.pop("constraints")
     return system

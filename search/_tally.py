@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-Outcome = Literal["new", "failed", "stopped", "repeat"]
+OutcomeKind = Literal["new", "failed", "stopped", "repeat"]  # what a finished trial brought
 
 
 def fruitless_limit(target: int) -> int:
@@ -37,7 +37,7 @@ class RunTally:
         if self.ends_at is None and self.budget_s is not None:
             self.ends_at = time.time() + self.budget_s
 
-    def record(self, outcome: Outcome) -> None:
+    def record(self, outcome: OutcomeKind) -> None:
         if outcome == "new":
             self.fruitless.clear()
         else:

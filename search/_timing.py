@@ -126,14 +126,14 @@ class StructureTimer:
 class _Pending:
     """A latency job measured on a thread of its own while the trial goes on.
 
-    The default measure (None: ``run_isolated``) is cancellable: ``abandon`` ends its
+    The default measure (None or ``run_isolated``) is cancellable: ``abandon`` ends its
     process. Another measure (e.g. on a cluster node) runs to its end, its figures dropped.
     """
 
     def __init__(self, fingerprint: str, job: LatencyJob, measure: Measure | None):
         self.fingerprint, self.job = fingerprint, job
         self.cancel = threading.Event()
-        self.cancellable = measure is None
+        self.cancellable = measure is None or measure is run_isolated
         call = partial(run_isolated, cancel=self.cancel) if self.cancellable else measure
         self.report: LatencyReport | None = None
         self.error: BaseException | None = None

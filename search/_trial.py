@@ -59,7 +59,8 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     add the baseline figures (teacher through the same fp32 lowering, timed interleaved
     with the candidate), ``speedup``, ``compression``, spreads, timings, the structure
     fingerprint and the facts of compression. ``measure`` runs the latency job: by default
-    in a fresh local process (``run_isolated``), or e.g. on a node of the target; an
+    (None) in a fresh local process (``run_isolated``), the only timing a trial that ends
+    early can cancel, or e.g. on a node of the target; an
     identical structure's figures from ``guide.known_latency`` are reused instead. A
     failure (exception, NaN, budget exceeded, wrong lowered outputs) sets ``failure``;
     a stop by the ``guide`` (a hopeless rung, quality above the limit, dominated before

@@ -25,10 +25,9 @@ class SharedObjective(Objective):
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         # a finished trial cannot be annotated: say now why it fails if this worker dies
-        worker = f"{socket.gethostname()}:{os.getpid()}"
-        StudyStore.claim(trial, worker, lost=(
-            f"lost: worker {worker} stopped sending heartbeats (killed or disconnected); "
-            "the recipe is retried"))
+        StudyStore.expect_heartbeats(trial, (
+            f"lost: worker {socket.gethostname()}:{os.getpid()} stopped sending heartbeats "
+            "(killed or disconnected); the recipe is retried"))
         values = self.run(trial)
         StudyStore.clear_lost(trial)
         return values

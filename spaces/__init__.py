@@ -22,7 +22,7 @@ from ._apply import compress
 from ._attention import UnfusedAttention, prune_heads
 from ._bf16 import Bf16Model
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
-from ._config import Config, param
+from ._config import Config, check_range, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
@@ -82,6 +82,7 @@ __all__ = [
     "EmbeddingConfig",
     "Domain",
     "Fixed",
+    "FineTuneWatch",
     "FloatRange",
     "LowRankConfig",
     "Phase",
@@ -95,13 +96,13 @@ __all__ = [
     "SparseLinear",
     "Sparsifier",
     "SparsityConfig",
-    "FineTuneWatch",
-    "Verdict",
     "StoredWeight",
     "StudentConfig",
     "Technique",
     "UnfusedAttention",
+    "Verdict",
     "WeightSharingConfig",
+    "check_range",
     "cluster_weights",
     "compress",
     "compress_embeddings",

@@ -48,16 +48,23 @@ def check_param(config: Any, f: Field) -> None:
                              f"Got {value} instead.")
         object.__setattr__(config, name, int(value))  # a sampled 4.0 is the integer 4
     elif meta.get("high") is not None:
-        _check_range(prefix, value, meta["low"], meta["high"], meta["low_open"])
+        check_range(prefix, value, meta["low"], meta["high"], low_open=meta["low_open"])
 
 
-def _check_range(prefix: str, value: Any, low: float, high: float, low_open: bool) -> None:
+def check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                infinite: bool = False) -> None:
+    """Raise unless ``value`` is a number within the bounds (``low`` excluded when
+    ``low_open``): TypeError for another type, ValueError for NaN, for infinity unless
+    ``infinite`` allows it, and outside the bounds; each message names ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{prefix} must be a number. Got {type(value).__name__} instead.")
+        raise TypeError(f"{name} must be a number. Got {type(value).__name__} instead.")
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value) or not infinite:
+            raise ValueError(f"{name} must be a finite number. Got {value!r}.")
     below = value <= low if low_open else value < low
-    if math.isnan(value) or below or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{prefix} must be in {bracket}{low}, {high}]. Got {value} instead.")
+    if below or value > high:
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}]. "
+                         f"Got {value!r}.")
 
 
 def valid_values(f: Field) -> str:

@@ -226,8 +226,8 @@ class DistillationConfig(Config):
 @register
 class Distillation(Technique):
     """``finetune_steps`` of distillation from the teacher when anything changed the model
-    (or QAT must learn its ranges); the step hooks run after each optimizer step, then the
-    context's watch (see FineTuneWatch)."""
+    (or QAT must learn its ranges); after each optimizer step the context's watch is told
+    (see FineTuneWatch), then the step hooks run."""
 
     section, config, stage = "distillation", DistillationConfig, "fine-tune"
     phase = Phase.FINE_TUNE
@@ -255,19 +255,21 @@ class Distillation(Technique):
 
     def _after_step(self, ctx: Context, model: nn.Module, rungs: set[int], step: int,
                     _loss: float) -> int | None:
-        """The fine-tune's new length: longer once promoted, ``step + 1`` once stopped."""
-        for hook in ctx.step_hooks:
-            hook(model, step)
+        """The fine-tune's new length when a rung changes it: longer once promoted,
+        ``step + 1`` once stopped; else None."""
         planned = ctx.finetune_steps
         total = ctx.facts["finetune_steps"]
         if ctx.watch is not None:
             ctx.watch.after_step(step + 1, total)
+        for hook in ctx.step_hooks:
+            hook(model, step)
         if step + 1 not in rungs or total != planned:
             return None
         if not self._rung(ctx, step + 1, planned, model):
             return step + 1
         model.train()
-        return ctx.facts["finetune_steps"]
+        extended = ctx.facts["finetune_steps"]
+        return extended if extended != planned else None
 
     @staticmethod
     def _rung(ctx: Context, step: int, steps: int, model: nn.Module) -> bool:
@@ -279,7 +281,7 @@ class Distillation(Technique):
             ctx.stopped = verdict.stop
             ctx.facts["stopped_at_step"] = step
             return False
-        if verdict.extend_to is not None and verdict.extend_to > steps:
+        if step > 0 and verdict.extend_to is not None and verdict.extend_to > steps:
             ctx.facts["finetune_steps"] = verdict.extend_to
             ctx.facts["promoted_at_step"] = step
         return True

@@ -1,4 +1,5 @@
-"""What fine-tuning shares: the distillation loss, endless batches and the time budget."""
+"""What fine-tuning shares: the distillation loss, endless batches, the time budget and the
+watch that follows a fine-tune from outside (``FineTuneWatch``, answering with a ``Verdict``)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ class FineTuneWatch(Protocol):
     """What follows a fine-tune from outside it, knowing nothing of how it is used.
 
     ``rungs`` are fractions of the fine-tune; ``at_rung(step, steps, model)`` sees the model
-    (in eval mode) before the first step (step 0) and after each rung's step, and returns a
-    Verdict; ``after_step(done, total)`` runs after every optimizer step."""
+    (in eval mode) before the first step (step 0: its verdict can stop, not extend) and
+    after each rung's step, and returns a Verdict; ``after_step(done, total)`` runs after
+    every optimizer step. Once extended, the fine-tune shows no further rung."""
 
     rungs: tuple[float, ...]
 

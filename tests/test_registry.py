@@ -196,7 +196,7 @@ class _Watch:
         self.seen.append((step, steps))
         if step == self.stop_at:
             return Verdict(stop="hopeless")
-        if step and self.extend_to:
+        if self.extend_to:  # asked at step 0 too, where it cannot extend
             return Verdict(extend_to=self.extend_to)
         return Verdict()
 
