@@ -158,6 +158,7 @@ def test_a_ceiling_without_the_probe_uses_the_table_and_says_so(monkeypatch, tmp
     assert measured.per_core("avx512_vnni") == (400.0, "measured")
 
 
+@pytest.mark.slow  # a rate of this core: true only with nothing else running beside it
 @pytest.mark.parametrize("isa", list(_peak.PROBES))
 def test_probe_rate_per_cycle_matches_the_table_on_this_cpu(isa):
     ceiling = measure_ceiling()

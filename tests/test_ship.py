@@ -16,6 +16,8 @@ from paretoslim.search._export import load_program
 from paretoslim.search._verify import verify_artifact
 from paretoslim.search.cli import main
 
+pytestmark = pytest.mark.xdist_group("shipped-study")  # its tiny study is run once
+
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
