@@ -139,10 +139,10 @@ _NUMERIC_METRICS = frozenset((
     "parameters", "speedup_spread", "latency_iqr_ms", "latency_cov", "baseline_latency_iqr_ms",
     "latency_calls", "latency_attempts", "compile_s", "sparse_speedup", "latency_batch_size",
     "threads", "compress_s", "trial_s", "seed", "finetune_steps", "stopped_at_step",
-    "latency_cached_from"))
-_TEXT_METRICS = frozenset(("structure", "rungs", "lowering", "lowering_error",
-                           "sparse_execution", "measured_on", "traceback"))
-_TABLE_METRICS = frozenset(("target", "stage_seconds"))
+    "latency_cached_from", "lowering_error", "promoted_at_step"))
+_TEXT_METRICS = frozenset(("structure", "rungs", "lowering", "sparse_execution",
+                           "measured_on", "traceback", "stage_seconds", "promoted"))
+_TABLE_METRICS = frozenset(("target",))
 _FLAG_METRICS = frozenset(("latency_noisy", "latency_timed_before_finetune"))
 _RUNGS = re.compile(r"(\d+:-?[\d.]+(e-?\d+)?)(,\d+:-?[\d.]+(e-?\d+)?)*")
 _TRIAL_TYPES = {METRICS: dict, VALUES: list, FAILURE: str, STOPPED: str, DUPLICATE: int,

@@ -60,6 +60,11 @@ def test_run_records_objectives_metrics_and_constraint_then_resumes(in_tmp):
         assert {"student", "pruning", "low_rank", "distillation",
                 "quantization"} <= set(record(t).recipe)
 
+    # what a run writes is what the read verbs accept: no record is left out of their copy
+    warnings = []
+    StudyStore(study).readable_copy(warnings.append)
+    assert warnings == []
+
     # resume: completed trials kept, the count of distinct recipes topped up to the target
     again = run_study(spec, trials=3, progress=False)
     done = [t for t in _completed(again) if record(t).duplicate_of is None]
