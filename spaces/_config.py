@@ -43,9 +43,7 @@ def check_param(config: Any, f: Field) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 not math.isfinite(value) or value != int(value)):
             raise TypeError(f"{prefix} must be an integer. Got {value!r} instead.")
-        if not meta["low"] <= value <= meta["high"]:
-            raise ValueError(f"{prefix} must be in [{meta['low']}, {meta['high']}]. "
-                             f"Got {value} instead.")
+        check_range(prefix, value, meta["low"], meta["high"])
         object.__setattr__(config, name, int(value))  # a sampled 4.0 is the integer 4
     elif meta.get("high") is not None:
         check_range(prefix, value, meta["low"], meta["high"], low_open=meta["low_open"])
