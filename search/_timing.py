@@ -43,6 +43,7 @@ class StructureTimer:
         self.timed: dict[str, dict[str, Any]] = {}  # figures this trial measured
         self.pending: _Pending | None = None  # a structure timed while the trial goes on
         self.structure: nn.Module | None = None  # the structure before its fine-tune
+        self._structure_fingerprint = ""
         self._structure_size: float | None = None
 
     def fingerprint(self, model: nn.Module) -> str:
@@ -61,7 +62,7 @@ class StructureTimer:
         """Keep the untrained ``structure`` for the rung rules; return the figures of an
         identical structure timed before, else (``overlap``) start timing it now."""
         self.structure = structure
-        fingerprint = self.fingerprint(structure)
+        fingerprint = self._structure_fingerprint = self.fingerprint(structure)
         known = self.known(fingerprint)
         if known is None and overlap:
             self.pending = _Pending(fingerprint, self._job(structure), self.measure)
@@ -76,7 +77,7 @@ class StructureTimer:
     def structure_latency(self) -> dict[str, Any]:
         """The latency figures of the kept structure, timed on the untrained copy (dense
         kernels do not depend on the weights' values) and kept for the trained model."""
-        return self._timed(self.structure, self.fingerprint(self.structure),
+        return self._timed(self.structure, self._structure_fingerprint,
                            "latency of the structure")
 
     def final(self, model: nn.Module) -> dict[str, Any]:
