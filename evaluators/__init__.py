@@ -27,14 +27,40 @@ from ._latency import (
     time_interleaved,
     torch_threads,
 )
+from ._latency_model import (
+    FORMATS,
+    OTHER,
+    Correction,
+    ErrorReport,
+    LatencyModel,
+    LayerCall,
+    error_summary,
+    is_weight_layer,
+    layer_calls,
+    target_key,
+)
+from ._layer_kernels import LayerTimingJob, time_layer_calls
 from ._quality import accuracy
-from ._size import deployed_tensors, graph_reads, serialized_size_bytes, size_mb
+from ._size import (
+    deployed_tensors,
+    estimated_size_mb,
+    graph_reads,
+    serialized_size_bytes,
+    size_mb,
+)
 
 __all__ = [
     "BenchRow",
     "CACHE_ENV",
     "ComputeShare",
+    "Correction",
+    "ErrorReport",
+    "FORMATS",
+    "OTHER",
     "LatencyJob",
+    "LatencyModel",
+    "LayerCall",
+    "LayerTimingJob",
     "LATENCY_FIGURES",
     "LatencyReport",
     "LatencyStats",
@@ -44,6 +70,10 @@ __all__ = [
     "accuracy",
     "cache_dir",
     "deployed_tensors",
+    "estimated_size_mb",
+    "error_summary",
+    "is_weight_layer",
+    "layer_calls",
     "graph_reads",
     "measure_speedup",
     "measurement_lock",
@@ -54,6 +84,8 @@ __all__ = [
     "run_latency_job",
     "serialized_size_bytes",
     "size_mb",
+    "target_key",
     "time_interleaved",
+    "time_layer_calls",
     "torch_threads",
 ]

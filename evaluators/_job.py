@@ -45,6 +45,7 @@ TIMING_ROUNDS = 3  # rounds of timing a job can take: two attempts and a sparse 
 CANCEL_POLL_S = 0.2  # how soon a cancelled measurement's process is ended
 # the metrics of a latency report (``LatencyReport.metrics``), reused for an identical structure
 LATENCY_FIGURES = ("latency_ms", "baseline_latency_ms", "speedup", "speedup_spread",
+                   "speedup_low", "speedup_high",
                    "latency_noisy", "latency_attempts", "latency_iqr_ms", "latency_cov",
                    "baseline_latency_iqr_ms", "latency_calls", "lowering", "lowering_error",
                    "compile_s", "measured_on", "sparse_execution", "sparse_speedup")
@@ -102,6 +103,8 @@ class LatencyReport:
             "baseline_latency_ms": base.median_ms,
             "speedup": self.timing.speedup,
             "speedup_spread": self.timing.speedup_spread,
+            "speedup_low": self.timing.speedup_low,
+            "speedup_high": self.timing.speedup_high,
             "latency_noisy": self.timing.noisy,
             "latency_attempts": self.timing.attempts,
             "latency_iqr_ms": model.iqr_ms,
@@ -195,7 +198,8 @@ def _child_command(job_path: Path, out_path: Path) -> list[str]:
 
 def run_isolated(job: LatencyJob, timeout_s: float | None = None,
                  cancel: threading.Event | None = None) -> LatencyReport:
-    """``run_latency_job`` in a new Python process; its exceptions are raised here.
+    """``run_latency_job`` in a new Python process; its exceptions are raised here. A job
+    with a ``run()`` method (e.g. ``LayerTimingJob``) runs that instead; pass its ``timeout_s``.
 
     The process runs in a process group of its own, ended with everything it started when
     it exceeds ``timeout_s`` (default: ``job_timeout(job)``), when ``cancel`` is set (then
@@ -304,8 +308,8 @@ def _die_with_parent() -> None:
 def _main(job_path: str, out_path: str) -> None:
     _die_with_parent()
     job = pickle.loads(Path(job_path).read_bytes())
-    try:
-        outcome: Any = run_latency_job(job)
+    try:  # another kind of job (e.g. layer micro-timings) says how it runs
+        outcome: Any = job.run() if hasattr(job, "run") else run_latency_job(job)
     except Exception as exc:
         outcome = exc
         try:

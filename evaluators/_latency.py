@@ -201,6 +201,8 @@ class SpeedupMeasurement:
     speedup_spread: float
     attempts: int
     noisy: bool
+    speedup_low: float = float("nan")  # the 95% confidence interval of ``speedup``
+    speedup_high: float = float("nan")
 
 
 def _bound(fn: Callable, example: model_io.Inputs) -> Callable[[], object]:
@@ -230,11 +232,13 @@ def measure_speedup(model: Callable, baseline: Callable, example: model_io.Input
             {"model": model, "baseline": baseline}, example, threads=threads,
             min_calls=min_calls, min_seconds=min_seconds, block_medians=blocks,
             enough=partial(steady_enough, max_spread=max_spread) if stop_when_steady else None)
-        spread = _relative_iqr(_round_ratios(blocks))
+        ratios = _round_ratios(blocks)
+        spread = _relative_iqr(ratios)
+        speedup = stats["baseline"].median_ms / stats["model"].median_ms
+        low, high = median_interval(ratios)
         tries.append(SpeedupMeasurement(
-            stats["model"], stats["baseline"],
-            stats["baseline"].median_ms / stats["model"].median_ms, spread, 0,
-            spread > max_spread))
+            stats["model"], stats["baseline"], speedup, spread, 0, spread > max_spread,
+            speedup * low, speedup * high))
         if spread <= max_spread:
             break
     steadiest = min(tries, key=lambda m: m.speedup_spread)
@@ -249,6 +253,19 @@ def steady_enough(blocks: dict[str, list[float]], rounds: int, *, max_spread: fl
     ratios = _round_ratios(blocks)
     return bool(ratios) and _relative_iqr(ratios) <= max_spread * math.sqrt(
         len(ratios) / max(rounds, 1))
+
+
+def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """The distribution-free 95% confidence interval of the median of ``values`` (order
+    statistics of the binomial), relative to that median: ``(low, high)`` factors; NaN
+    with fewer than 6 values, too few to bound it."""
+    n = len(values)
+    if n < 6:
+        return float("nan"), float("nan")
+    ordered, middle = sorted(values), statistics.median(values)
+    half = z * math.sqrt(n) / 2
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return ordered[low] / middle, ordered[high] / middle
 
 
 def _round_ratios(blocks: dict[str, list[float]]) -> list[float]:

@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..spaces import Recipe
+from ._candidates import CandidateTier
 from ._guide import guide_for
 from ._lease import study_lease
 from ._loop import TrialFlow, run_one
@@ -49,6 +50,8 @@ class Objective:
         self.progress.stage("measuring the teacher")
         self.baseline = measure_baseline(self.task)
         self.flow = TrialFlow(self.spec, self.tally, self.progress)
+        self.tier = (CandidateTier(self.spec, self.task, self.baseline, self.progress)
+                     if self.spec.candidates.count else None)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         return self.run(trial)
@@ -83,7 +86,8 @@ class Objective:
     def _trial(self, recipe: Recipe, guide: dict) -> TrialResult:
         return run_trial(self.task, recipe, self.settings, self.baseline,
                          on_stage=self.progress.stage, on_step=self.progress.fine_tune_step,
-                         guide=guide_for(self.spec, guide))
+                         guide=guide_for(self.spec, guide),
+                         start=self.tier.start(recipe) if self.tier else None)
 
 
 def run_in_process(spec: StudySpec, *, target: int, storage: str | None, progress: bool,
@@ -96,7 +100,8 @@ def run_in_process(spec: StudySpec, *, target: int, storage: str | None, progres
     with contextlib.ExitStack() as stack:
         with storage_errors(location):
             leased = stack.enter_context(study_lease(study, location))
-        enqueue_seeds(study, spec)
+        if not spec.candidates.count:  # the predicted tier chooses the first trials
+            enqueue_seeds(study, spec)
         note = (settled_note(StudyStore(study).mark_interrupted()) if leased
                 else unleased_note(study))
         if note and progress:
@@ -139,6 +144,8 @@ def optimize_until(study: optuna.Study, spec: StudySpec, target: int, *, progres
         if room is not None and not room(study, reporter):
             return
         tally.start_clock()
+        if run.tier is not None and not run.tier.begin(study, tally.ends_at):
+            return
         study.optimize(run, n_trials=None, catch=(TrialFailed,),
                        callbacks=[functools.partial(_after_trial, run=run, room=room)],
                        gc_after_trial=True)
@@ -153,6 +160,8 @@ def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, run: O
                  room: Room | None) -> None:
     run.raise_interruption()  # one that came after the trial's result was recorded
     if run.flow.count(study, StudyStore.outcome(trial)) is not None:
+        study.stop()
+    elif run.tier is not None and not run.tier.after(study, trial):
         study.stop()
     elif room is not None and not room(study, run.progress):
         study.stop()

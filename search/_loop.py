@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from ..spaces import Recipe
 from ._guide import guide_data
 from ._progress import StudyProgress
-from ._record import TrialResult
+from ._record import TrialResult, prediction_errors
 from ._sampling import enqueue_untried
 from ._spec import StudySpec
 from ._store import StudyStore
@@ -71,7 +71,11 @@ class TrialFlow:
         return guide_data(study, self.spec, self.tally.ends_at)
 
     def finish(self, trial: optuna.Trial, result: TrialResult, where: str = "") -> Outcome:
-        """Record the run's result on ``trial`` (before Optuna is told) and show it."""
+        """Record the run's result on ``trial`` (before Optuna is told) and show it; a
+        measured candidate records its prediction's errors."""
+        prediction = StudyStore.record(trial).prediction
+        if prediction and result.ok:
+            result.metrics.update(prediction_errors(prediction, result.metrics))
         values = StudyStore.write_result(trial, self.spec, result)
         if result.stopped is not None:
             outcome = Outcome("stopped", reason=result.stopped)

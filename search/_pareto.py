@@ -65,3 +65,30 @@ def knee(points: Sequence[FrontPoint], names: Sequence[str],
         return math.sqrt(sum(s * s for s in scaled))
 
     return min(front, key=lambda p: (distance(p), p.number))
+
+
+def within_noise(points: Sequence[FrontPoint]) -> set[int]:
+    """Numbers of the points whose place on the front rests on a latency difference inside
+    the timing noise: another point is at least as good in every other figure and its
+    speedup's 95% interval overlaps this one's (either may be the faster)."""
+    marked = set()
+    for p in points:
+        for q in points:
+            if q is p or not _overlap(p.metrics, q.metrics):
+                continue
+            others = [(n, v) for n, v in p.values.items() if n != "latency_ms"]
+            better = all((q.values[n] >= v) if n == "quality" else (q.values[n] <= v)
+                         for n, v in others if n in q.values)
+            if better:
+                marked.add(p.number)
+                break
+    return marked
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    bounds = [(m.get("speedup_low"), m.get("speedup_high")) for m in (a, b)]
+    if any(not isinstance(v, (int, float)) or not math.isfinite(v) for pair in bounds
+           for v in pair):
+        return False
+    (low_a, high_a), (low_b, high_b) = bounds
+    return low_a <= high_b and low_b <= high_a

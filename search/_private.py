@@ -1,6 +1,6 @@
 """The Optuna internals paretoslim relies on, used here and nowhere else.
 
-Checked against optuna 5.0.0: ``Study._storage``, ``Study._study_id``, the ``_trial_id`` of
+Checked against optuna 5.1.0: ``Study._storage``, ``Study._study_id``, the ``_trial_id`` of
 ``Trial`` and ``FrozenTrial``, and ``optuna._hypervolume.compute_hypervolume``. Optuna has
 no public way to annotate and finish (fail, complete or prune) a trial that another (dead)
 process asked for, nor to take up a running trial by its number, nor an exported
@@ -37,6 +37,11 @@ def trial_by_number(study: optuna.Study, number: int) -> optuna.Trial:
 def is_finished(trial: optuna.Trial) -> bool:
     """Whether the storage holds ``trial`` as finished (e.g. told before a restore)."""
     return trial.study._storage.get_trial(trial._trial_id).state.is_finished()
+
+
+def storage_of_study(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage object ``study`` lives in (another study can be opened beside it)."""
+    return study._storage
 
 
 def compute_hypervolume(points: Any, reference: Any) -> float:

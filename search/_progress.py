@@ -105,5 +105,18 @@ class StudyProgress:
             self.bar.n = min(count, self.bar.total)
             self.bar.refresh()
 
+    def counter(self, desc: str, total: int, initial: int = 0) -> tqdm:
+        """A bar of its own for work counted in many small units (e.g. candidates scored);
+        into a log, one line when it closes."""
+        bar = tqdm(total=total, initial=initial, desc=desc, disable=not (
+            self.enabled and self.terminal), dynamic_ncols=True, file=sys.stderr, leave=False)
+        close = bar.close
+
+        def closing() -> None:
+            close()
+            self._write(f"{desc}: {bar.n} of {total}")
+        bar.close = closing
+        return bar
+
     def close(self) -> None:
         self.bar.close()

@@ -20,6 +20,7 @@ STOPPED = "stopped"  # why a trial was stopped early (it is PRUNED)
 DUPLICATE = "duplicate_of"
 WORKER = "worker"
 HEARTBEATS = "sends_heartbeats"
+PREDICTION = "prediction"  # the predicted figures of a candidate the measured tier runs
 # the stored names of a study's fields
 SPEC = "spec"
 TARGET = "target_trials"
@@ -47,7 +48,8 @@ class TrialRecord:
     """What paretoslim records of trial ``number``: the recipe (as stored), the metrics, the
     objective ``values`` once its result is complete, why it ``failed`` or was ``stopped``,
     the trial whose figures or stop it copied (``duplicate_of``), the process that ran it
-    and whether that process sends heartbeats (a worker's)."""
+    and whether that process sends heartbeats (a worker's); for a candidate of the
+    predicted tier run by the measured one, its ``prediction``."""
 
     number: int = -1
     recipe: dict[str, Any] | None = None  # a record read from storage holds dicts here
@@ -58,6 +60,7 @@ class TrialRecord:
     duplicate_of: int | None = None
     worker: str | None = None
     heartbeats: bool = False
+    prediction: dict[str, Any] | None = None
 
     @classmethod
     def from_attrs(cls, number: int, attrs: dict[str, Any]) -> TrialRecord:
@@ -66,13 +69,15 @@ class TrialRecord:
         return cls(number, attrs.get(RECIPE) or {}, attrs.get(METRICS) or {},
                    tuple(values) if isinstance(values, list) else None,
                    attrs.get(FAILURE) or None, attrs.get(STOPPED) or None,
-                   attrs.get(DUPLICATE), attrs.get(WORKER), bool(attrs.get(HEARTBEATS)))
+                   attrs.get(DUPLICATE), attrs.get(WORKER), bool(attrs.get(HEARTBEATS)),
+                   attrs.get(PREDICTION) or None)
 
     def to_attrs(self) -> dict[str, Any]:
         """The stored attributes of the fields that are set, in the order they are written:
         the values last."""
         attrs: dict[str, Any] = {}
-        for key, value in ((RECIPE, self.recipe), (WORKER, self.worker),
+        for key, value in ((RECIPE, self.recipe), (PREDICTION, self.prediction),
+                           (WORKER, self.worker),
                            (HEARTBEATS, self.heartbeats or None), (METRICS, self.metrics),
                            (DUPLICATE, self.duplicate_of), (STOPPED, self.stopped),
                            (FAILURE, self.failure)):
@@ -114,6 +119,21 @@ class TrialRecord:
         return self.metrics.get("structure") or None
 
 
+def prediction_errors(prediction: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A measured candidate's predicted figures beside its measured ones: the prediction
+    itself and its errors (latency and size relative, ``predicted / measured - 1``; quality
+    drop in the metric's units, ``predicted - measured``)."""
+    out = {k: v for k, v in prediction.items() if k.startswith("predicted_") or k == "candidate"}
+    for name in ("latency_ms", "size_mb"):
+        predicted, measured = prediction.get(f"predicted_{name}"), metrics.get(name)
+        if predicted is not None and measured:
+            out[f"{name.split('_')[0]}_prediction_error"] = predicted / measured - 1.0
+    if "predicted_quality_drop" in prediction and "quality_drop" in metrics:
+        out["quality_drop_prediction_error"] = (prediction["predicted_quality_drop"]
+                                                - metrics["quality_drop"])
+    return out
+
+
 def rungs_text(rungs: list[tuple[int, float]]) -> str:
     """Rungs in their stored form, ``"step:quality,..."``."""
     return ",".join(f"{step}:{quality:.4f}" for step, quality in rungs)
@@ -139,14 +159,18 @@ _NUMERIC_METRICS = frozenset((
     "parameters", "speedup_spread", "latency_iqr_ms", "latency_cov", "baseline_latency_iqr_ms",
     "latency_calls", "latency_attempts", "compile_s", "sparse_speedup", "latency_batch_size",
     "threads", "compress_s", "trial_s", "seed", "finetune_steps", "stopped_at_step",
-    "latency_cached_from", "lowering_error", "promoted_at_step"))
+    "latency_cached_from", "lowering_error", "promoted_at_step", "speedup_low",
+    "speedup_high", "candidate", "predicted_quality", "predicted_quality_drop",
+    "predicted_latency_ms", "predicted_size_mb", "latency_prediction_error",
+    "size_prediction_error", "quality_drop_prediction_error", "proxy_s"))
 _TEXT_METRICS = frozenset(("structure", "rungs", "lowering", "sparse_execution",
-                           "measured_on", "traceback", "stage_seconds", "promoted"))
+                           "measured_on", "traceback", "stage_seconds", "promoted", "tier",
+                           "start"))
 _TABLE_METRICS = frozenset(("target",))
 _FLAG_METRICS = frozenset(("latency_noisy", "latency_timed_before_finetune"))
 _RUNGS = re.compile(r"(\d+:-?[\d.]+(e-?\d+)?)(,\d+:-?[\d.]+(e-?\d+)?)*")
 _TRIAL_TYPES = {METRICS: dict, VALUES: list, FAILURE: str, STOPPED: str, DUPLICATE: int,
-                WORKER: str, HEARTBEATS: bool}
+                WORKER: str, HEARTBEATS: bool, PREDICTION: dict}
 
 
 def sound_trial_attrs(number: int, attrs: dict[str, Any], problems: list[str]

@@ -13,13 +13,15 @@ from ..spaces import Choice, FloatRange, Recipe, technique
 from ._spec import StudySpec
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, population: int | None = None
+                 ) -> optuna.samplers.BaseSampler:
     """The spec's sampler (``nsga2``, multivariate ``tpe``, ``gp``: Gaussian process, or
-    ``random``), seeded with its seed; each reads the trials' quality constraint."""
+    ``random``), seeded with its seed; each reads the trials' quality constraint.
+    ``population`` replaces NSGA-II's generation size (``sampler.population_size``)."""
     name, seed = spec.sampler.name, spec.seed
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population_size,
-                                             seed=seed)
+        return optuna.samplers.NSGAIISampler(
+            population_size=population or spec.sampler.population_size, seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "gp":

@@ -146,6 +146,26 @@ class StoppingSpec:
 
 
 @dataclass(frozen=True)
+class CandidatesSpec:
+    """The predicted tier: ``count`` distinct candidates of the space scored by the proxies
+    (0: off, every trial is measured), proposed by the spec's sampler (NSGA-II with
+    ``population`` per generation); the elastic student they are sliced from trains
+    ``elastic_steps`` sandwich steps. The measured tier runs the candidates predicted within
+    ``margin`` of the quality limit that add most to the measured front."""
+
+    count: int = 0
+    population: int = 24
+    elastic_steps: int = 400
+    margin: float = 0.005
+
+    def __post_init__(self) -> None:
+        check_range("count", self.count, 0, 100_000)
+        _at_least("population", self.population, 2)
+        check_range("elastic_steps", self.elastic_steps, 0, 10**7)
+        check_range("margin", self.margin, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class RaySpec:
     """The Ray Tune backend: cluster address, resources of one trial, concurrency, results.
 
@@ -207,6 +227,7 @@ class StudySpec:
     ray: RaySpec = field(default_factory=RaySpec)
     workers: WorkerSpec = field(default_factory=WorkerSpec)
     stopping: StoppingSpec = field(default_factory=StoppingSpec)
+    candidates: CandidatesSpec = field(default_factory=CandidatesSpec)
     space: SearchSpace = field(default_factory=SearchSpace.default)
     seeds: tuple | str = "auto"
 

@@ -14,6 +14,7 @@ from ..spaces import SearchSpace
 from ._errors import ParetoslimError
 from ._spec import (
     OBJECTIVES,
+    CandidatesSpec,
     ConstraintsSpec,
     FinetuneSpec,
     LatencySpec,
@@ -37,6 +38,7 @@ _SECTIONS = {
     "ray": RaySpec,
     "workers": WorkerSpec,
     "stopping": StoppingSpec,
+    "candidates": CandidatesSpec,
 }
 _TOP_LEVEL = {"task", "name", "trials", "time_budget_s", "seed", "storage", "backend",
               "objectives", "task_options", "space", "seeds", *_SECTIONS}

@@ -8,7 +8,8 @@ The contract, as Optuna's ``BaseStorage`` states its own:
   trial's state. A trial whose process died is finished by the run holding the study's
   lease (``mark_interrupted``), never by another; a worker's trial (``heartbeats``) is
   left to Optuna's heartbeats, which fail it for the next worker to retry.
-- **What is written when.** On start: the recipe, then the process (``worker``), and for a
+- **What is written when.** On enqueueing a candidate of the predicted tier: its predicted
+  figures (``prediction``). On start: the recipe, then the process (``worker``), and for a
   worker the failure reason that holds should it die (cleared once the result is written).
   On a result (``write_result``): the metrics, then the stop or failure reason, or the
   quality constraint and then the objective values. On a repeat of a recipe: the
@@ -61,6 +62,16 @@ class StudyStore:
         """How many trials completed with a recipe of their own (a trial that repeated an
         earlier recipe and copied its figures is not counted)."""
         return sum(r.duplicate_of is None for _, r in self.trials(TrialState.COMPLETE))
+
+    def completed_records(self) -> list[TrialRecord]:
+        """The records of the trials that completed a recipe of their own."""
+        return [r for _, r in self.trials(TrialState.COMPLETE) if r.duplicate_of is None]
+
+    @staticmethod
+    def enqueue_predicted(study: optuna.Study, params: dict[str, Any],
+                          prediction: dict[str, Any]) -> None:
+        """Enqueue a candidate's parameters with its predicted figures."""
+        study.enqueue_trial(params, user_attrs={stored.PREDICTION: json_safe(prediction)})
 
     @classmethod
     def outcome(cls, trial: FrozenTrial) -> OutcomeKind:

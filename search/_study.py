@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 
 from ._errors import ParetoslimError
+from ._private import storage_of_study
 from ._sampling import make_sampler
 from ._spec import StudySpec, WorkerSpec, check_study_name
 from ._spec_file import load_spec
@@ -23,6 +24,8 @@ from ._storage import (
     storage_of,
 )
 from ._store import StudyStore
+
+CANDIDATES_SUFFIX = ".candidates"  # the study of a study's predicted tier, beside it
 
 _CREATION_LOCK_KEY = 0x70617265746F  # "pareto": the advisory lock serializing creation
 
@@ -140,6 +143,23 @@ def _load_study(name: str, location: str) -> optuna.Study:
         raise ParetoslimError(
             f"no study named {name!r} in {shown(location)}; studies there: {names or 'none'}"
         ) from None
+
+
+def resolve_candidates(ref: str, storage: str | None, warn: Callable[[str], None]
+                       ) -> optuna.Study | None:
+    """The readable copy of the candidate study beside the study ``ref`` names (its
+    predicted tier), or None when it has none."""
+    study, _ = resolve_study(ref, storage)
+    storage_object = storage_of_study(study)
+    name = study.study_name + CANDIDATES_SUFFIX
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage_object)}:
+        return None
+    candidates = optuna.load_study(study_name=name, storage=storage_object)
+    try:
+        return StudyStore(candidates).readable_copy(warn)
+    except ValueError:
+        warn(f"study {name!r}: its trials cannot be read; the predicted tier is left out")
+        return None
 
 
 def resolve_readable(ref: str, storage: str | None, warn: Callable[[str], None]

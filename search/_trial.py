@@ -52,7 +52,8 @@ class TrialSettings:
 def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Baseline,
               on_stage: Callable[[str], None] | None = None,
               measure: Measure | None = None, guide: Guide | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> TrialResult:
+              on_step: Callable[[int, int], None] | None = None,
+              start: nn.Module | None = None) -> TrialResult:
     """Compress, lower and measure one recipe; never raises for a failing recipe.
 
     The result's ``values`` hold ``quality``, ``latency_ms`` and ``size_mb``; ``metrics``
@@ -65,12 +66,15 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     failure (exception, NaN, budget exceeded, wrong lowered outputs) sets ``failure``;
     a stop by the ``guide`` (a hopeless rung, quality above the limit, dominated before
     its fine-tune) sets ``stopped`` and keeps the partial figures in ``metrics``.
-    ``on_step(done, total)`` follows the fine-tune after each of its steps.
+    ``on_step(done, total)`` follows the fine-tune after each of its steps. ``start`` is
+    the recipe's structure to fine-tune from (a slice of the elastic student) instead of
+    the one derived from the teacher.
     """
     clock = _StageClock(on_stage)
     started = time.perf_counter()
     trial = _Trial(task, recipe, settings, baseline, guide or Guide(), clock.enter,
                    measure, on_step or (lambda _done, _total: None))
+    trial.start = start
     try:
         measured = trial.run()
     except TrialStopped as stop:
@@ -146,6 +150,7 @@ class _Trial:
                                     baseline, measure, guide.known_latency, stage, self.share)
         self.policy = RungPolicy(task, baseline, guide, self.timer, self.share, stage, on_step)
         self.stop_figures: dict[str, Any] = {}
+        self.start: nn.Module | None = None
 
     def close(self) -> None:
         """End what the trial leaves running: a timing no longer wanted, the compute share."""
@@ -196,7 +201,8 @@ class _Trial:
                     train=self.task.train, calibration=calibration_batches(self.task),
                     finetune_steps=steps, learning_rate=finetune.learning_rate,
                     seed=self.settings.seed, student_factory=self.task.student,
-                    deadline=deadline, on_stage=self.stage, watch=self.policy)
+                    deadline=deadline, on_stage=self.stage, watch=self.policy,
+                    structure=self.start)
         finally:
             self.share.release()
 

@@ -223,13 +223,16 @@ def _front(args: argparse.Namespace) -> int:
     from ._front import render_front, write_front
 
     study, _ = _readable(args)
+    candidates = _candidates(args) if args.all_trials else None
     if args.out:
-        write_front(study, args.out, args.format, sort=args.sort, all_trials=args.all_trials)
+        write_front(study, args.out, args.format, sort=args.sort, all_trials=args.all_trials,
+                    candidates=candidates)
         print(f"wrote {args.out}")
         return 0
     if args.format == "parquet":
         raise ParetoslimError("--format parquet writes a file: add --out FILE.parquet")
-    print(render_front(study, args.format, sort=args.sort, all_trials=args.all_trials))
+    print(render_front(study, args.format, sort=args.sort, all_trials=args.all_trials,
+                       candidates=candidates))
     return 0
 
 
@@ -300,6 +303,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _warn(message: str) -> None:
     print(f"paretoslim: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _candidates(args: argparse.Namespace):
+    """The readable copy of the named study's predicted tier (None: it has none)."""
+    from ._study import resolve_candidates
+
+    return resolve_candidates(args.study, args.storage, _warn)
 
 
 def _readable(args: argparse.Namespace):

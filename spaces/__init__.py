@@ -25,7 +25,9 @@ from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, clust
 from ._config import Config, check_range, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
+from ._elastic import ElasticStudent, sliceable
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
+from ._numerics import SCHEME_FORMATS, layer_formats, simulate_numerics, weight_layers
 from ._progress import PhaseProgress
 from ._pt2e import convert_qat, export_dynamic_batch, graph_reads, prepare_qat
 from ._readme import parameter_table
@@ -79,6 +81,7 @@ __all__ = [
     "Context",
     "Deadline",
     "DistillationConfig",
+    "ElasticStudent",
     "EmbeddingConfig",
     "Domain",
     "Fixed",
@@ -136,6 +139,11 @@ __all__ = [
     "scheme",
     "scheme_names",
     "sensitivity_ratios",
+    "sliceable",
+    "simulate_numerics",
+    "layer_formats",
+    "weight_layers",
+    "SCHEME_FORMATS",
     "sparsify",
     "technique",
     "techniques",

@@ -11,8 +11,10 @@ from torch import nn
 
 from ._model_io import Inputs
 from ._recipe import Recipe
-from ._technique import Context, Technique, techniques
+from ._technique import Context, Phase, Technique, techniques
 from ._training import Deadline, FineTuneWatch
+
+_STRUCTURAL = (Phase.STUDENT, Phase.PRUNING)
 
 
 def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
@@ -21,7 +23,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
              student_factory: Callable[[float, float], nn.Module] | None = None,
              deadline: Deadline | None = None,
              on_stage: Callable[[str], None] | None = None,
-             watch: FineTuneWatch | None = None) -> tuple[nn.Module, dict]:
+             watch: FineTuneWatch | None = None,
+             structure: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Apply ``recipe`` to a copy of ``teacher``; return the compressed model and facts about it.
 
     Each registered technique's ``apply`` runs in the techniques' order with its section
@@ -32,6 +35,8 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
     The facts are numbers, strings and booleans. ``watch`` follows the fine-tune (see
     FineTuneWatch); when it stops it, the facts hold its reason as ``stopped`` and the step
     it stopped at as ``stopped_at_step``, and the model is the partly trained one.
+    ``structure``, when given, is the result of the student and pruning phases (e.g. a
+    slice of an elastic student): a copy of it starts the pipeline instead of the teacher.
     """
     torch.manual_seed(seed)
     teacher.eval()
@@ -41,8 +46,10 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
                   deadline=deadline or Deadline(None), on_stage=on_stage or (lambda _n: None),
                   watch=watch)
     for t in techniques():
-        ctx.later(t.phase, t.stage, partial(_apply, t, getattr(recipe, t.section)))
-    model = ctx.run(copy.deepcopy(teacher))
+        if structure is None or t.phase not in _STRUCTURAL:
+            ctx.later(t.phase, t.stage, partial(_apply, t, getattr(recipe, t.section)))
+    ctx.changed = structure is not None
+    model = ctx.run(copy.deepcopy(teacher if structure is None else structure))
     if ctx.stopped is not None:
         ctx.facts["stopped"] = ctx.stopped
     return model, ctx.facts

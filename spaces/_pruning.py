@@ -64,7 +64,7 @@ class Pruning(Technique):
             prune_channels(model, ctx.example_input, config.ratio,
                            global_ranking=config.allocation == "global",
                            round_to=config.round_to, criterion=config.criterion,
-                           layer_ratios=layer_ratios, loss=ctx.loss)
+                           layer_ratios=layer_ratios, loss=ctx.loss, ranking=ctx.ranking)
             ctx.changed = True
         return model
 

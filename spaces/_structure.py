@@ -18,6 +18,9 @@ from ._training import Loss
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ROOTS = [nn.modules.conv._ConvNd, nn.Linear]
 
+Ranking = Callable[[tp.importance.Importance], tp.importance.Importance]
+"""Wraps the importance of a criterion, e.g. to rank fixed reference values of the weights."""
+
 
 
 def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callable,
@@ -86,7 +89,7 @@ def _head_groups(model: nn.Module) -> dict[nn.Module, int]:
 def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
                    global_ranking: bool, round_to: int | None = None, criterion: str = "l2",
                    layer_ratios: dict[nn.Module, float] | None = None,
-                   loss: Loss | None = None) -> nn.Module:
+                   loss: Loss | None = None, ranking: Ranking | None = None) -> nn.Module:
     """Physically remove ``ratio`` of the channels / neurons of every prunable group, in place.
 
     Channels are ranked by ``criterion`` (``l2`` / ``l1`` weight norm, ``taylor``
@@ -99,12 +102,13 @@ def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
     embedding shrinks evenly across its heads; an ``UnfusedAttention`` shrinks its heads
     evenly, apart from the residual stream). Channel counts stay multiples of
     ``round_to`` (and of the ``nn.MultiheadAttention`` head counts). The output layer
-    keeps its width.
+    keeps its width. ``ranking`` wraps the criterion's importance.
     ``ratio == 0`` without ``layer_ratios`` returns the model untouched.
     """
     if ratio == 0 and not layer_ratios:
         return model
     importance = _importance(criterion, model)
+    importance = ranking(importance) if ranking is not None else importance
     if criterion == "taylor" and loss is None:
         raise ValueError("the 'taylor' criterion needs a loss to take gradients of")
     was_training = model.training
@@ -165,15 +169,17 @@ def sensitivity_ratios(model: nn.Module, example_input: Inputs, ratio: float,
 
 
 def derive_student(teacher: nn.Module, example_input: Inputs, width: float,
-                   depth: float = 1.0, round_to: int | None = None) -> nn.Module:
+                   depth: float = 1.0, round_to: int | None = None,
+                   ranking: Ranking | None = None) -> nn.Module:
     """A copy of the teacher with ``depth`` of its repeated blocks (see ``drop_blocks``),
-    slimmed uniformly to ``width`` of its channels; weights inherited."""
+    slimmed uniformly to ``width`` of its channels (L2 ranking, wrapped by ``ranking``);
+    weights inherited."""
     student = copy.deepcopy(teacher)
     if depth < 1.0:
         drop_blocks(student, example_input, depth)
     if width < 1.0:
         prune_channels(student, example_input, 1.0 - width, global_ranking=False,
-                       round_to=round_to)
+                       round_to=round_to, ranking=ranking)
     return student
 
 

@@ -48,7 +48,8 @@ class Student(Technique):
             ctx.facts["blocks_removed"] = drop_blocks(model, ctx.example_input, depth)
             if width < 1.0:
                 model = derive_student(model, ctx.example_input, width,
-                                       round_to=ctx.recipe.pruning.round_to)
+                                       round_to=ctx.recipe.pruning.round_to,
+                                       ranking=ctx.ranking)
             ctx.changed |= width < 1.0 or depth < 1.0
         model.eval()
         unfuse_attention(model)

@@ -114,7 +114,8 @@ class Context:
     run whenever a step returns a new model object (e.g. masks re-applied to an exported
     copy); ``float_layers`` are the layer names kept at float precision. ``watch`` follows
     the fine-tune (see FineTuneWatch); when it stops it, ``stopped`` holds its reason and
-    no later step of the pipeline runs.
+    no later step of the pipeline runs. ``ranking`` wraps the importance that ranks
+    channels for removal (see ``prune_channels``).
     """
 
     recipe: Any
@@ -135,6 +136,7 @@ class Context:
     step_hooks: list[Callable[[nn.Module, int], None]] = field(default_factory=list)
     model_hooks: list[Callable[[nn.Module], None]] = field(default_factory=list)
     watch: FineTuneWatch | None = None
+    ranking: Callable[[Any], Any] | None = None
     stopped: str | None = None
     _queue: list = field(default_factory=list)
     _ticket: Any = field(default_factory=itertools.count)

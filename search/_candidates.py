@@ -1,0 +1,344 @@
+"""The predicted tier of a study: hundreds of candidates of the space scored by the proxies
+(``_proxy``) and recorded in the study's candidate study (``NAME.candidates``, in the same
+storage); the measured tier runs, one at a time, the candidate that would add most to the
+measured front, and every measured point teaches the proxies their error."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+from torch import nn
+
+from ..evaluators import (
+    OTHER,
+    LatencyModel,
+    cache_dir,
+    layer_calls,
+    target_key,
+    time_layer_calls,
+)
+from ..kernels import detect_target
+from ..spaces import ElasticStudent, Recipe, model_io
+from ._candidate_plan import design_recipes, structural_recipes
+from ._measuring import Baseline, latency_input
+from ._private import storage_of_study
+from ._progress import StudyProgress
+from ._proxy import CandidateScorer, Prediction, unpredicted
+from ._record import TrialResult
+from ._report_data import hypervolume
+from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
+from ._spec import StudySpec
+from ._store import StudyStore
+from ._study import CANDIDATES_SUFFIX
+from ._task import Task
+
+REPEATS_IN_A_ROW = 60  # proposals in a row of scored recipes: the space is exhausted
+
+
+def candidate_study(study: optuna.Study, spec: StudySpec) -> optuna.Study:
+    """The candidate study beside ``study`` (created when missing)."""
+    return optuna.create_study(
+        study_name=study.study_name + CANDIDATES_SUFFIX, storage=storage_of_study(study),
+        directions=spec.directions, load_if_exists=True,
+        sampler=make_sampler(spec, population=spec.candidates.population))
+
+
+class CandidateTier:
+    """Builds the proxies of ``spec``'s study (elastic student and latency model, cached per
+    teacher and per target), scores candidates and picks the ones worth measuring."""
+
+    def __init__(self, spec: StudySpec, task: Task, baseline: Baseline,
+                 progress: StudyProgress):
+        self.spec, self.task, self.baseline, self.progress = spec, task, baseline, progress
+        self.scorer: CandidateScorer | None = None
+        self.elastic_path = None
+        self.active = True
+
+    # --- the run ------------------------------------------------------------------------
+
+    def begin(self, study: optuna.Study, ends_at: float | None) -> bool:
+        """Build the proxies, score the candidates and enqueue the first one to measure;
+        False when none is worth measuring (the run ends). A space none of whose
+        candidates can be predicted runs as without the tier (seed recipes, then the
+        sampler)."""
+        self.prepare(ends_at)
+        count = self.screen(study, ends_at)
+        predicted = len(candidate_study(study, self.spec).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,)))
+        self.progress.note(f"candidates: {count} scored, {predicted} predicted")
+        if not predicted:
+            self.active = False
+            enqueue_seeds(study, self.spec)
+            return True
+        return self._next(study)
+
+    def after(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        """Learn from a finished measured trial and enqueue the next candidate; False when
+        none is left worth measuring."""
+        if not self.active:
+            return True
+        self.learn(study, trial)
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return True
+        return self._next(study)
+
+    def _next(self, study: optuna.Study) -> bool:
+        if self.enqueue_next(study):
+            return True
+        self.progress.note("no candidate left that the proxies predict would extend the "
+                           "measured front")
+        return False
+
+    def start(self, recipe: Recipe) -> nn.Module | None:
+        """A copy of the recalibrated slice of ``recipe``'s structure to fine-tune from
+        (None: derive it from the teacher)."""
+        if not self.active or self.scorer is None or unpredicted(recipe) is not None:
+            return None
+        return copy.deepcopy(self.scorer.structure(recipe))
+
+    # --- the proxies --------------------------------------------------------------------
+
+    def prepare(self, ends_at: float | None) -> None:
+        """Load or build the elastic student and the latency model."""
+        elastic = self._elastic(ends_at)
+        latency = self._latency_model()
+        self.scorer = CandidateScorer(self.task, self.spec, self.baseline, elastic, latency)
+        self._calibrate_latency()
+
+    def _elastic(self, ends_at: float | None) -> ElasticStudent:
+        c, teacher = self.spec.candidates, self.task.model
+        structures = structural_recipes(self.spec.space)
+        key = ElasticStudent.cache_key(
+            teacher, structures=[repr((r.student, r.pruning)) for r in structures],
+            steps=c.elastic_steps, learning_rate=self.spec.finetune.learning_rate,
+            distillation=repr(structures[0].distillation), seed=self.spec.seed)
+        path = cache_dir() / "elastic" / f"{key}.pt"
+        self.elastic_path = path
+        if path.exists():
+            self.progress.note(f"elastic student: loaded from cache {path}")
+            return ElasticStudent.load(path, teacher, self.task.example_input)
+        self.progress.stage("elastic student")
+        started = time.perf_counter()
+        elastic = ElasticStudent(teacher, self.task.example_input)
+        elastic.train(structures, self.task.train, c.elastic_steps,
+                      distillation=structures[0].distillation,
+                      learning_rate=self.spec.finetune.learning_rate, seed=self.spec.seed,
+                      on_step=self.progress.fine_tune_step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        elastic.save(path)
+        self.progress.note(f"elastic student: trained {c.elastic_steps} sandwich steps in "
+                           f"{time.perf_counter() - started:.0f} s, cached at {path}")
+        return elastic
+
+    def _latency_model(self) -> LatencyModel:
+        latency = self.spec.latency
+        key = target_key(detect_target(latency.target), threads=latency.threads,
+                         batch=self.scorer_batch(), lowering=latency.lowering)
+        self.latency_path = LatencyModel.path(cache_dir(), key)
+        if self.latency_path.exists():
+            model = LatencyModel.load(self.latency_path)
+            self.progress.note(f"latency model: loaded from cache ({len(model.table)} layers "
+                               f"timed, {len(model.measurements)} full measurements)")
+            return model
+        return LatencyModel(key)
+
+    def scorer_batch(self) -> int:
+        return model_io.batch_size(latency_input(self.task, self.spec.latency))
+
+    def _calibrate_latency(self) -> None:
+        """Micro-time the layers of a few structures under every scheme of the space that
+        the latency model has not timed (each distinct layer once)."""
+        scorer = self.scorer
+        calls = set(scorer.teacher_calls())
+        for recipe in design_recipes(self.spec.space):
+            structure = scorer.structure(recipe)
+            formats, _ = scorer.formats(recipe, structure)
+            calls.update(layer_calls(structure, scorer.example, formats))
+        missing = [c for c in calls if c.kind != OTHER and c not in scorer.latency.table]
+        if missing:
+            self.progress.stage(f"timing {len(missing)} layers")
+            started = time.perf_counter()
+            scorer.latency.add_timings(time_layer_calls(missing, self.spec.latency.threads))
+            scorer.latency.save(self.latency_path)
+            self.progress.note(f"latency model: {len(missing)} layers timed in "
+                               f"{time.perf_counter() - started:.0f} s")
+
+    # --- scoring ------------------------------------------------------------------------
+
+    def screen(self, study: optuna.Study, ends_at: float | None) -> int:
+        """Score candidates proposed by the spec's sampler until the candidate study holds
+        ``candidates.count`` distinct ones, the space is exhausted or ``ends_at``; return
+        how many it holds."""
+        candidates = candidate_study(study, self.spec)
+        scored = {_key(StudyStore.record(t).recipe): t for t in
+                  candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        target, repeats = self.spec.candidates.count, 0
+        bar = self.progress.counter("candidates scored", target, len(scored))
+        try:
+            while len(scored) < target and repeats < REPEATS_IN_A_ROW:
+                if ends_at is not None and time.time() >= ends_at:
+                    break
+                trial = candidates.ask()
+                recipe = suggest_recipe(trial, self.spec)
+                key = _key(recipe.to_dict())
+                if key in scored:
+                    repeats += 1
+                    earlier = scored[key]
+                    _tell_repeat(candidates, trial, earlier)
+                    continue
+                repeats = 0
+                self._score_one(candidates, trial, recipe)
+                scored[key] = candidates.get_trials(deepcopy=False)[trial.number]
+                bar.update(1)
+        finally:
+            bar.close()
+        return len(scored)
+
+    def _score_one(self, candidates: optuna.Study, trial: optuna.Trial, recipe: Recipe) -> None:
+        StudyStore.begin(trial, recipe.to_dict())
+        try:
+            prediction = self.scorer.score(recipe)
+        except ValueError as exc:
+            StudyStore.write_result(trial, self.spec, TrialResult(
+                recipe, failure=f"not predicted: {exc}"))
+            candidates.tell(trial, state=TrialState.FAIL)
+            return
+        values = StudyStore.write_result(trial, self.spec, TrialResult(
+            recipe, values=_values(prediction), metrics=prediction.metrics()))
+        candidates.tell(trial, values)
+
+    # --- the measured tier --------------------------------------------------------------
+
+    def enqueue_next(self, study: optuna.Study) -> bool:
+        """Enqueue in ``study`` the feasible-looking candidate not yet measured that adds
+        most predicted hypervolume to the measured front; False when none adds any."""
+        pick = self.pick(study)
+        if pick is None:
+            return False
+        recipe, prediction, number = pick
+        params = _params(recipe, self.spec)
+        StudyStore.enqueue_predicted(study, params, {
+            "candidate": number, "predicted_quality": prediction.quality,
+            "predicted_quality_drop": prediction.quality_drop,
+            "predicted_latency_ms": prediction.latency_ms,
+            "predicted_size_mb": prediction.size_mb})
+        return True
+
+    def pick(self, study: optuna.Study) -> tuple[Recipe, Prediction, int] | None:
+        candidates = candidate_study(study, self.spec)
+        taken = self.taken(study)
+        offset = self.quality_offset(study)
+        limit = self.spec.constraints.max_quality_drop + self.spec.candidates.margin
+        pool = []
+        for t in candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            record = StudyStore.record(t)
+            recipe = record.parsed_recipe()
+            if recipe is None or _key(recipe.to_dict()) in taken:
+                continue
+            drop = record.metrics["quality_drop"] - offset
+            if drop <= limit:
+                pool.append((recipe, t.number, drop))
+        if not pool:
+            return None
+        front = self.measured_losses(study)
+        reference = self.reference(limit)
+        base = hypervolume(front, reference) if len(front) else 0.0
+        best = None
+        for recipe, number, drop in pool:
+            prediction = self.scorer.score(recipe)  # latency re-predicted by the refined model
+            loss = [max(drop, 0.0), math.log(prediction.latency_ms),
+                    math.log(prediction.size_mb)]
+            gain = hypervolume(np.vstack([front, [loss]]) if len(front) else [loss],
+                               reference) - base
+            if best is None or gain > best[0]:
+                best = (gain, recipe, prediction, number)
+        if best is None or best[0] <= 0:
+            return None
+        return best[1], best[2], best[3]
+
+    def taken(self, study: optuna.Study) -> set[str]:
+        """The recipes ``study`` ran, runs or holds enqueued."""
+        keys = set()
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING:
+                try:
+                    recipe = self.spec.space.recipe(t.system_attrs.get("fixed_params", {}))
+                except (KeyError, TypeError, ValueError):
+                    continue
+            else:
+                recipe = StudyStore.record(t).parsed_recipe()
+            if recipe is not None:
+                keys.add(_key(recipe.to_dict()))
+        return keys
+
+    def reference(self, limit: float) -> list[float]:
+        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls())
+        return [limit + 1e-6, math.log(teacher_ms * 1.05), math.log(self.baseline.size_mb * 1.05)]
+
+    def measured_losses(self, study: optuna.Study) -> np.ndarray:
+        limit = self.spec.constraints.max_quality_drop
+        rows = []
+        for record in StudyStore(study).completed_records():
+            m = record.metrics
+            if m.get("quality_drop", 1.0) <= limit:
+                rows.append([m["quality_drop"], math.log(m["latency_ms"]), math.log(m["size_mb"])])
+        return np.array(rows).reshape(-1, 3)
+
+    def quality_offset(self, study: optuna.Study) -> float:
+        """The median of measured minus predicted quality drop over measured candidates (a
+        fine-tune recovers what a slice loses): 0 before any was measured."""
+        gaps = [r.metrics["quality_drop"] - r.metrics["predicted_quality_drop"]
+                for r in StudyStore(study).completed_records()
+                if "predicted_quality_drop" in r.metrics]
+        return -statistics.median(gaps) if gaps else 0.0
+
+    def learn(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Teach the latency model the measured latency of a completed trial."""
+        record = StudyStore.record(trial)
+        recipe = record.parsed_recipe()
+        if not record.complete or recipe is None or self.scorer is None:
+            return
+        try:
+            structure = self.scorer.structure(recipe)
+        except ValueError:
+            return
+        formats, _ = self.scorer.formats(recipe, structure)
+        self.scorer.latency.add_measurement(layer_calls(structure, self.scorer.example, formats),
+                                            record.metrics["latency_ms"])
+        baseline_ms = record.metrics.get("baseline_latency_ms")
+        if baseline_ms:
+            self.scorer.latency.add_measurement(self.scorer.teacher_calls(), baseline_ms)
+        self.scorer.latency.save(self.latency_path)
+
+
+def _key(recipe: dict[str, Any] | None) -> str:
+    return json.dumps(recipe, sort_keys=True)
+
+
+def _values(p: Prediction) -> dict[str, float]:
+    return {"quality": p.quality, "latency_ms": p.latency_ms, "size_mb": p.size_mb}
+
+
+def _tell_repeat(candidates: optuna.Study, trial: optuna.Trial, earlier) -> None:
+    if earlier.state == TrialState.COMPLETE:
+        for name, value in earlier.constraints.items():
+            trial.set_constraint(name, value)
+        candidates.tell(trial, earlier.values)
+    else:
+        candidates.tell(trial, state=TrialState.FAIL)
+
+
+def _params(recipe: Recipe, spec: StudySpec) -> dict[str, Any]:
+    flat = {}
+    for name in spec.space.searched():
+        section, key = name.split(".")
+        flat[name] = getattr(getattr(recipe, section), key)
+    return flat

@@ -1,0 +1,122 @@
+"""A candidate's figures predicted in a fraction of a second: quality read on a slice of the
+elastic student with its numerics simulated, latency from the target's latency model, size
+from its tensor shapes. Predictions guide the search; they are never shown as measurements."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..evaluators import LatencyModel, estimated_size_mb, layer_calls
+from ..spaces import (
+    ElasticStudent,
+    Recipe,
+    float_layers,
+    layer_formats,
+    simulate_numerics,
+    sliceable,
+)
+from ..spaces import model_io as io
+from ._measuring import Baseline, calibration_batches, latency_input, quality_of, val_slice
+from ._spec import StudySpec
+from ._task import Task
+
+RECALIBRATION_BATCHES = 8  # training batches that re-estimate a slice's BatchNorm statistics
+SIMULATION_BATCHES = 2  # calibration batches that set a simulated int8 layer's input range
+# techniques a slice cannot show without fine-tuning: their candidates are not predicted
+_UNPREDICTED = {"low_rank": ("rank_fraction", 1.0), "sparsity": ("ratio", 0.0)}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A candidate's predicted figures: ``quality`` on the validation slice shifted to the
+    teacher's full-validation quality, ``latency_ms`` at the study's batch and threads,
+    ``size_mb``, and how long scoring took."""
+
+    quality: float
+    quality_drop: float
+    latency_ms: float
+    speedup: float
+    size_mb: float
+    seconds: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {"tier": "predicted", "quality": self.quality, "quality_drop": self.quality_drop,
+                "latency_ms": self.latency_ms, "speedup": self.speedup, "size_mb": self.size_mb,
+                "proxy_s": round(self.seconds, 3)}
+
+
+def unpredicted(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot be predicted without a fine-tune (None: it can)."""
+    for section, (key, off) in _UNPREDICTED.items():
+        if getattr(getattr(recipe, section), key) != off:
+            return f"{section}.{key} is not predicted without a fine-tune"
+    if recipe.quantization.qat:
+        return "quantization-aware training is not predicted without a fine-tune"
+    return sliceable(recipe)
+
+
+class CandidateScorer:
+    """Scores recipes of ``spec``'s space on ``task`` (slices of ``elastic``, latencies of
+    ``latency``); a structure's slice and float quality are computed once."""
+
+    def __init__(self, task: Task, spec: StudySpec, baseline: Baseline,
+                 elastic: ElasticStudent, latency: LatencyModel):
+        self.task, self.spec, self.baseline = task, spec, baseline
+        self.elastic, self.latency = elastic, latency
+        self.val = val_slice(task, spec.stopping.slice_samples)
+        self.teacher_slice_quality = quality_of(task, task.model, self.val)
+        self.train = list(itertools.islice(itertools.cycle(task.train), RECALIBRATION_BATCHES))
+        self.calibration = [io.batch_inputs(b) for b in itertools.islice(
+            calibration_batches(task), SIMULATION_BATCHES)]
+        self.example = latency_input(task, spec.latency)
+        self._slices: dict[str, nn.Module] = {}
+
+    def structure(self, recipe: Recipe) -> nn.Module:
+        """The recalibrated slice of ``recipe``'s structure (shared: do not modify it)."""
+        key = repr((recipe.student, recipe.pruning))
+        if key not in self._slices:
+            model = self.elastic.slice(recipe)
+            self.elastic.recalibrate(model, self.train)
+            self._slices[key] = model
+        return self._slices[key]
+
+    def formats(self, recipe: Recipe, structure: nn.Module) -> tuple[dict[str, str], list[str]]:
+        """The format of each weight layer and the layers kept float."""
+        q = recipe.quantization
+        kept = float_layers(structure, self.task.example_input, q.keep_float,
+                            self.calibration, q.scheme, recipe.weight_sharing.bits)
+        return layer_formats(structure, q.scheme, kept), kept
+
+    def score(self, recipe: Recipe) -> Prediction:
+        """The predicted figures of ``recipe`` (ValueError when it cannot be predicted)."""
+        reason = unpredicted(recipe)
+        if reason is not None:
+            raise ValueError(reason)
+        started = time.perf_counter()
+        structure = self.structure(recipe)
+        formats, kept = self.formats(recipe, structure)
+        bits = recipe.weight_sharing.bits
+        clustered = frozenset(n for n in formats if n not in kept) if bits else frozenset()
+        simulated = simulate_numerics(copy.deepcopy(structure), formats, self.calibration,
+                                      cluster_bits=bits, clustered=clustered)
+        drop = max(0.0, self.teacher_slice_quality - quality_of(self.task, simulated, self.val))
+        latency = self.latency.predict(layer_calls(structure, self.example, formats))
+        teacher = self.latency.predict(self.teacher_calls())
+        return Prediction(
+            quality=self.baseline.quality - drop, quality_drop=drop, latency_ms=latency,
+            speedup=teacher / latency if latency > 0 else float("nan"),
+            size_mb=estimated_size_mb(structure, formats, cluster_bits=bits,
+                                      clustered=clustered),
+            seconds=time.perf_counter() - started)
+
+    def teacher_calls(self):
+        if not hasattr(self, "_teacher_calls"):
+            formats = layer_formats(self.task.model, "fp32")
+            self._teacher_calls = layer_calls(self.task.model, self.example, formats)
+        return self._teacher_calls

@@ -1,0 +1,132 @@
+"""The predicted tier: simulated numerics, estimated sizes, the speedup's interval, the
+front's noise marks, prediction errors, and a tiny two-tier study end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from _tiny import recorded_study, recorded_trial, tiny_task
+
+from paretoslim.evaluators import estimated_size_mb, size_mb
+from paretoslim.evaluators._latency import median_interval
+from paretoslim.search._pareto import FrontPoint, within_noise
+from paretoslim.search._record import prediction_errors
+from paretoslim.spaces import Recipe, compress, layer_formats, simulate_numerics
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return tiny_task("cnn")
+
+
+def test_layer_formats_follow_the_scheme_and_the_float_layers(cnn):
+    model = cnn.model
+    static = layer_formats(model, "int8_static", ["stem.0"])
+    assert static["stem.0"] == "fp32" and static["head.1"] == "int8"
+    assert set(static) == {"stem.0", "block.0", "block.3", "head.1", "head.3"}
+    dynamic = layer_formats(model, "int8_dynamic")
+    assert dynamic["block.0"] == "fp32" and dynamic["head.1"] == "int8_dynamic"
+    with pytest.raises(ValueError, match="no format is known"):
+        layer_formats(model, "int3")
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8_static", "int8_weight_only", "int8_dynamic"])
+def test_simulated_numerics_err_like_the_converted_model(cnn, scheme):
+    """The simulation's output error against the float model is within a factor of two of
+    the converted model's (it is a proxy of that error)."""
+    model, x = cnn.model, cnn.val[0][0]
+    calibration = [b[0] for b in cnn.train[:2]]
+    simulated = simulate_numerics(copy.deepcopy(model), layer_formats(model, scheme),
+                                  calibration)
+    converted, _ = compress(model, Recipe.from_dict({"quantization": {"scheme": scheme}}),
+                            example_input=cnn.example_input, train=cnn.train,
+                            calibration=cnn.train[:2], finetune_steps=0, learning_rate=1e-3,
+                            seed=0)
+    with torch.no_grad():
+        reference = model(x)
+        sim = (simulated(x) - reference).abs().mean().item()
+        real = (converted(x) - reference).abs().mean().item()
+    assert real > 0 and 0.5 * real <= sim <= 2.0 * real
+
+
+def test_simulated_int8_weights_take_at_most_255_levels_per_channel(cnn):
+    model = simulate_numerics(copy.deepcopy(cnn.model), layer_formats(cnn.model,
+                              "int8_weight_only"), [])
+    weight = model.head[1].weight
+    assert all(len(torch.unique(row)) <= 255 for row in weight)
+    assert not torch.equal(weight, cnn.model.head[1].weight)
+
+
+def test_kmeans_simulation_shares_the_codebook(cnn):
+    formats = layer_formats(cnn.model, "fp32")
+    model = simulate_numerics(copy.deepcopy(cnn.model), formats, [], cluster_bits=4,
+                              clustered=["head.1"])
+    assert len(torch.unique(model.head[1].weight)) <= 16
+    assert torch.equal(model.head[3].weight, cnn.model.head[3].weight)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "bf16", "int8_static", "int8_weight_only"])
+def test_estimated_size_is_within_5_percent_of_the_converted_size(cnn, scheme):
+    converted, _ = compress(cnn.model, Recipe.from_dict({"quantization": {"scheme": scheme}}),
+                            example_input=cnn.example_input, train=cnn.train,
+                            calibration=cnn.train[:2], finetune_steps=0, learning_rate=1e-3,
+                            seed=0)
+    estimate = estimated_size_mb(cnn.model, layer_formats(cnn.model, scheme))
+    assert estimate == pytest.approx(size_mb(converted), rel=0.05)
+
+
+def test_median_interval_brackets_the_median():
+    values = [float(v) for v in range(1, 101)]
+    low, high = median_interval(values)
+    assert low < 1.0 < high
+    assert 0.75 < low and high < 1.25  # order statistics about sqrt(n) = 10 ranks away
+    assert all(math.isnan(v) for v in median_interval([1.0, 2.0, 3.0]))
+    narrow = median_interval([10.0 + 0.01 * i for i in range(100)])
+    assert high - low > narrow[1] - narrow[0]
+
+
+def _point(number, quality, latency, size, low, high):
+    return FrontPoint(number, {"quality": quality, "latency_ms": latency, "size_mb": size},
+                      {}, {"speedup_low": low, "speedup_high": high})
+
+
+def test_points_whose_latency_difference_is_noise_are_marked():
+    a = _point(0, 0.93, 1.0, 0.5, 7.0, 8.0)   # faster than b inside the noise
+    b = _point(1, 0.93, 1.05, 0.4, 7.5, 8.5)  # smaller: its place is its size
+    c = _point(2, 0.92, 0.5, 0.3, 14.0, 16.0)  # far faster: no overlap with anyone
+    assert within_noise([a, b, c]) == {0}  # a is on the front only by a noisy latency
+    d = _point(3, 0.93, 1.02, 0.5, 7.4, 8.2)  # as good as a except latency, inside noise
+    assert within_noise([a, c, d]) == {0, 3}
+
+
+def test_prediction_errors_are_relative_for_latency_and_size():
+    errors = prediction_errors(
+        {"candidate": 7, "predicted_latency_ms": 1.1, "predicted_size_mb": 0.9,
+         "predicted_quality_drop": 0.004},
+        {"latency_ms": 1.0, "size_mb": 1.0, "quality_drop": 0.006})
+    assert errors["latency_prediction_error"] == pytest.approx(0.1)
+    assert errors["size_prediction_error"] == pytest.approx(-0.1)
+    assert errors["quality_drop_prediction_error"] == pytest.approx(-0.002)
+    assert errors["candidate"] == 7
+
+
+def test_all_trials_lists_the_predicted_tier_apart():
+    from paretoslim.search._front import render_front
+
+    study = recorded_study()
+    recorded_trial(study, metrics={"quality": 0.9, "quality_drop": 0.0, "latency_ms": 1.0,
+                                   "speedup": 2.0, "size_mb": 1.0, "compression": 2.0},
+                   values=(0.9, 1.0, 1.0))
+    candidates = recorded_study(name="x.candidates")
+    recorded_trial(candidates, metrics={"tier": "predicted", "quality": 0.95,
+                                        "quality_drop": 0.0, "latency_ms": 0.1,
+                                        "size_mb": 0.1}, values=(0.95, 0.1, 0.1))
+    rows = json.loads(render_front(study, "json", all_trials=True, candidates=candidates))
+    assert [(r["tier"], r["state"]) for r in rows] == [("measured", "complete"),
+                                                      ("predicted", "predicted")]
+    front = json.loads(render_front(study, "json"))
+    assert [p["number"] for p in front] == [0]  # a prediction is never on the front
