@@ -32,7 +32,7 @@ from ._measuring import Baseline, latency_input
 from ._private import storage_of_study
 from ._progress import StudyProgress
 from ._proxy import CandidateScorer, Prediction, unpredicted
-from ._record import TrialResult
+from ._record import TrialRecord, TrialResult
 from ._report_data import hypervolume
 from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
 from ._spec import StudySpec
@@ -71,9 +71,8 @@ class CandidateTier:
         sampler)."""
         self.prepare(ends_at)
         count = self.screen(study, ends_at)
-        predicted = len(candidate_study(study, self.spec).get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE,)))
-        self.progress.note(f"candidates: {count} scored, {predicted} predicted")
+        predicted = len(StudyStore(candidate_study(study, self.spec)).completed_records())
+        self.progress.note(f"candidates: {count} distinct scored, {predicted} predicted")
         if not predicted:
             self.active = False
             enqueue_seeds(study, self.spec)
@@ -178,8 +177,9 @@ class CandidateTier:
         ``candidates.count`` distinct ones, the space is exhausted or ``ends_at``; return
         how many it holds."""
         candidates = candidate_study(study, self.spec)
-        scored = {_key(StudyStore.record(t).recipe): t for t in
-                  candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        scored = {_key(StudyStore.record(t).recipe): t for t in candidates.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+            if StudyStore.record(t).duplicate_of is None and StudyStore.record(t).recipe}
         target, repeats = self.spec.candidates.count, 0
         bar = self.progress.counter("candidates scored", target, len(scored))
         try:
@@ -191,15 +191,14 @@ class CandidateTier:
                 key = _key(recipe.to_dict())
                 if key in scored:
                     repeats += 1
-                    earlier = scored[key]
-                    _tell_repeat(candidates, trial, earlier)
+                    _tell_repeat(candidates, trial, recipe, scored[key])
                     continue
                 repeats = 0
                 self._score_one(candidates, trial, recipe)
                 scored[key] = candidates.get_trials(deepcopy=False)[trial.number]
                 bar.update(1)
         finally:
-            bar.close()
+            bar.close(len(scored))
         return len(scored)
 
     def _score_one(self, candidates: optuna.Study, trial: optuna.Trial, recipe: Recipe) -> None:
@@ -241,21 +240,23 @@ class CandidateTier:
         for t in candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             record = StudyStore.record(t)
             recipe = record.parsed_recipe()
-            if recipe is None or _key(recipe.to_dict()) in taken:
+            if (record.duplicate_of is not None or recipe is None
+                    or _key(recipe.to_dict()) in taken):
                 continue
             drop = record.metrics["quality_drop"] - offset
             if drop <= limit:
-                pool.append((recipe, t.number, drop))
+                pool.append((recipe, t.number, drop, record.metrics))
         if not pool:
             return None
         front = self.measured_losses(study)
         reference = self.reference(limit)
         base = hypervolume(front, reference) if len(front) else 0.0
         best = None
-        for recipe, number, drop in pool:
-            prediction = self.scorer.score(recipe)  # latency re-predicted by the refined model
-            loss = [max(drop, 0.0), math.log(prediction.latency_ms),
-                    math.log(prediction.size_mb)]
+        for recipe, number, drop, metrics in pool:
+            latency = self.scorer.latency_ms(recipe)  # by the model as refined so far
+            prediction = Prediction(metrics["quality"], metrics["quality_drop"], latency,
+                                    metrics["speedup"], metrics["size_mb"], 0.0)
+            loss = [max(drop, 0.0), math.log(latency), math.log(prediction.size_mb)]
             gain = hypervolume(np.vstack([front, [loss]]) if len(front) else [loss],
                                reference) - base
             if best is None or gain > best[0]:
@@ -293,12 +294,13 @@ class CandidateTier:
         return np.array(rows).reshape(-1, 3)
 
     def quality_offset(self, study: optuna.Study) -> float:
-        """The median of measured minus predicted quality drop over measured candidates (a
-        fine-tune recovers what a slice loses): 0 before any was measured."""
+        """How much of a slice's predicted quality drop the fine-tune recovers: the median
+        over the measured candidates of predicted minus measured drop; before any was
+        measured, the spec's prior ``candidates.recovery``."""
         gaps = [r.metrics["quality_drop"] - r.metrics["predicted_quality_drop"]
                 for r in StudyStore(study).completed_records()
                 if "predicted_quality_drop" in r.metrics]
-        return -statistics.median(gaps) if gaps else 0.0
+        return -statistics.median(gaps) if gaps else self.spec.candidates.recovery
 
     def learn(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Teach the latency model the measured latency of a completed trial."""
@@ -327,7 +329,12 @@ def _values(p: Prediction) -> dict[str, float]:
     return {"quality": p.quality, "latency_ms": p.latency_ms, "size_mb": p.size_mb}
 
 
-def _tell_repeat(candidates: optuna.Study, trial: optuna.Trial, earlier) -> None:
+def _tell_repeat(candidates: optuna.Study, trial: optuna.Trial, recipe: Recipe,
+                 earlier: optuna.trial.FrozenTrial) -> None:
+    """Tell the sampler a proposal it made before what it got then (a repeat is recorded
+    as one, and counted once)."""
+    StudyStore.write(trial, TrialRecord(recipe=recipe.to_dict(), duplicate_of=earlier.number,
+                                        metrics=StudyStore.record(earlier).metrics or None))
     if earlier.state == TrialState.COMPLETE:
         for name, value in earlier.constraints.items():
             trial.set_constraint(name, value)

@@ -14,6 +14,23 @@ from ..spaces._progress import LOG_EVERY_S, is_terminal, time_left
 from ._figures import FIGURE_FORMATS
 
 
+class _Counter:
+    """A bar counting small units of work; ``close(count)`` writes the count reached."""
+
+    def __init__(self, progress: StudyProgress, desc: str, total: int, initial: int):
+        self.progress, self.desc, self.total = progress, desc, total
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not (
+            progress.enabled and progress.terminal), dynamic_ncols=True, file=sys.stderr,
+            leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self, count: int) -> None:
+        self.bar.close()
+        self.progress.note(f"{self.desc}: {count} of {self.total}")
+
+
 class StudyProgress:
     """Shows trials completed out of the target, the running trial's stage, and results."""
 
@@ -105,18 +122,10 @@ class StudyProgress:
             self.bar.n = min(count, self.bar.total)
             self.bar.refresh()
 
-    def counter(self, desc: str, total: int, initial: int = 0) -> tqdm:
+    def counter(self, desc: str, total: int, initial: int = 0) -> _Counter:
         """A bar of its own for work counted in many small units (e.g. candidates scored);
         into a log, one line when it closes."""
-        bar = tqdm(total=total, initial=initial, desc=desc, disable=not (
-            self.enabled and self.terminal), dynamic_ncols=True, file=sys.stderr, leave=False)
-        close = bar.close
-
-        def closing() -> None:
-            close()
-            self._write(f"{desc}: {bar.n} of {total}")
-        bar.close = closing
-        return bar
+        return _Counter(self, desc, total, initial)
 
     def close(self) -> None:
         self.bar.close()

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..evaluators import LatencyModel, estimated_size_mb, layer_calls
@@ -51,6 +52,20 @@ class Prediction:
                 "proxy_s": round(self.seconds, 3)}
 
 
+def _images(batches: list) -> bool:
+    inputs = [io.split_batch(b)[0] for b in batches]
+    return all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in inputs)
+
+
+def _channels_last(batches: list) -> list:
+    """Image batches laid out channels-last (eager convolutions and pooling run faster);
+    other batches as they are."""
+    if not batches or not _images(batches):
+        return batches
+    return [(x.contiguous(memory_format=torch.channels_last), y)
+            for x, y in map(io.split_batch, batches)]
+
+
 def unpredicted(recipe: Recipe) -> str | None:
     """Why ``recipe`` cannot be predicted without a fine-tune (None: it can)."""
     for section, (key, off) in _UNPREDICTED.items():
@@ -69,7 +84,7 @@ class CandidateScorer:
                  elastic: ElasticStudent, latency: LatencyModel):
         self.task, self.spec, self.baseline = task, spec, baseline
         self.elastic, self.latency = elastic, latency
-        self.val = val_slice(task, spec.stopping.slice_samples)
+        self.val = _channels_last(val_slice(task, spec.stopping.slice_samples))
         self.teacher_slice_quality = quality_of(task, task.model, self.val)
         self.train = list(itertools.islice(itertools.cycle(task.train), RECALIBRATION_BATCHES))
         self.calibration = [io.batch_inputs(b) for b in itertools.islice(
@@ -105,8 +120,10 @@ class CandidateScorer:
         clustered = frozenset(n for n in formats if n not in kept) if bits else frozenset()
         simulated = simulate_numerics(copy.deepcopy(structure), formats, self.calibration,
                                       cluster_bits=bits, clustered=clustered)
+        if _images(self.val):
+            simulated = simulated.to(memory_format=torch.channels_last)  # 1.6x faster eager
         drop = max(0.0, self.teacher_slice_quality - quality_of(self.task, simulated, self.val))
-        latency = self.latency.predict(layer_calls(structure, self.example, formats))
+        latency = self.latency_ms(recipe, structure, formats)
         teacher = self.latency.predict(self.teacher_calls())
         return Prediction(
             quality=self.baseline.quality - drop, quality_drop=drop, latency_ms=latency,
@@ -114,6 +131,14 @@ class CandidateScorer:
             size_mb=estimated_size_mb(structure, formats, cluster_bits=bits,
                                       clustered=clustered),
             seconds=time.perf_counter() - started)
+
+    def latency_ms(self, recipe: Recipe, structure: nn.Module | None = None,
+                   formats: dict[str, str] | None = None) -> float:
+        """The latency model's prediction for ``recipe`` (its structure and formats)."""
+        structure = structure if structure is not None else self.structure(recipe)
+        if formats is None:
+            formats, _ = self.formats(recipe, structure)
+        return self.latency.predict(layer_calls(structure, self.example, formats))
 
     def teacher_calls(self):
         if not hasattr(self, "_teacher_calls"):
