@@ -6,6 +6,7 @@ measured front, and every measured point teaches the proxies their error."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -39,6 +40,7 @@ from ._spec import StudySpec
 from ._store import StudyStore
 from ._study import CANDIDATES_SUFFIX
 from ._task import Task
+from ._trial import TrialSettings
 
 REPEATS_IN_A_ROW = 60  # proposals in a row of scored recipes: the space is exhausted
 
@@ -96,6 +98,12 @@ class CandidateTier:
                            "measured front")
         return False
 
+    def settings(self, settings: TrialSettings) -> TrialSettings:
+        """The settings of a trial that fine-tunes from its slice."""
+        finetune = dataclasses.replace(settings.finetune,
+                                       learning_rate=self.spec.candidates.learning_rate)
+        return dataclasses.replace(settings, finetune=finetune)
+
     def start(self, recipe: Recipe) -> nn.Module | None:
         """A copy of the recalibrated slice of ``recipe``'s structure to fine-tune from
         (None: derive it from the teacher)."""
@@ -117,20 +125,22 @@ class CandidateTier:
         structures = structural_recipes(self.spec.space)
         key = ElasticStudent.cache_key(
             teacher, structures=[repr((r.student, r.pruning)) for r in structures],
-            steps=c.elastic_steps, learning_rate=self.spec.finetune.learning_rate,
+            steps=c.elastic_steps, learning_rate=c.elastic_learning_rate,
             distillation=repr(structures[0].distillation), seed=self.spec.seed)
         path = cache_dir() / "elastic" / f"{key}.pt"
         self.elastic_path = path
         if path.exists():
             self.progress.note(f"elastic student: loaded from cache {path}")
             return ElasticStudent.load(path, teacher, self.task.example_input)
-        self.progress.stage("elastic student")
+        self.progress.current = "elastic student (sandwich steps)"
+        self.progress.stage("")
         started = time.perf_counter()
         elastic = ElasticStudent(teacher, self.task.example_input)
         elastic.train(structures, self.task.train, c.elastic_steps,
                       distillation=structures[0].distillation,
-                      learning_rate=self.spec.finetune.learning_rate, seed=self.spec.seed,
+                      learning_rate=c.elastic_learning_rate, seed=self.spec.seed,
                       on_step=self.progress.fine_tune_step)
+        self.progress.current = ""
         path.parent.mkdir(parents=True, exist_ok=True)
         elastic.save(path)
         self.progress.note(f"elastic student: trained {c.elastic_steps} sandwich steps in "
@@ -233,7 +243,7 @@ class CandidateTier:
 
     def pick(self, study: optuna.Study) -> tuple[Recipe, Prediction, int] | None:
         candidates = candidate_study(study, self.spec)
-        taken = self.taken(study)
+        taken, stopped = self.taken(study), self.stopped_structures(study)
         offset = self.quality_offset(study)
         limit = self.spec.constraints.max_quality_drop + self.spec.candidates.margin
         pool = []
@@ -241,7 +251,7 @@ class CandidateTier:
             record = StudyStore.record(t)
             recipe = record.parsed_recipe()
             if (record.duplicate_of is not None or recipe is None
-                    or _key(recipe.to_dict()) in taken):
+                    or _key(recipe.to_dict()) in taken or _structure(recipe) in stopped):
                 continue
             drop = record.metrics["quality_drop"] - offset
             if drop <= limit:
@@ -264,6 +274,14 @@ class CandidateTier:
         if best is None or best[0] <= 0:
             return None
         return best[1], best[2], best[3]
+
+    def stopped_structures(self, study: optuna.Study) -> set[str]:
+        """Structures whose fine-tune was stopped at a rung: the float fine-tune is the
+        same under every post-training scheme, so it would stop again."""
+        return {_structure(r.parsed_recipe()) for _, r in StudyStore(study).trials(
+            TrialState.PRUNED) if r.parsed_recipe() is not None and r.stopped
+            and r.stopped.startswith("stopped at fine-tune step")
+            and not r.parsed_recipe().quantization.qat}
 
     def taken(self, study: optuna.Study) -> set[str]:
         """The recipes ``study`` ran, runs or holds enqueued."""
@@ -319,6 +337,10 @@ class CandidateTier:
         if baseline_ms:
             self.scorer.latency.add_measurement(self.scorer.teacher_calls(), baseline_ms)
         self.scorer.latency.save(self.latency_path)
+
+
+def _structure(recipe: Recipe) -> str:
+    return repr((recipe.student, recipe.pruning))
 
 
 def _key(recipe: dict[str, Any] | None) -> str:

@@ -84,10 +84,11 @@ class Objective:
         return outcome.values
 
     def _trial(self, recipe: Recipe, guide: dict) -> TrialResult:
-        return run_trial(self.task, recipe, self.settings, self.baseline,
+        start = self.tier.start(recipe) if self.tier else None
+        settings = self.settings if start is None else self.tier.settings(self.settings)
+        return run_trial(self.task, recipe, settings, self.baseline,
                          on_stage=self.progress.stage, on_step=self.progress.fine_tune_step,
-                         guide=guide_for(self.spec, guide),
-                         start=self.tier.start(recipe) if self.tier else None)
+                         guide=guide_for(self.spec, guide), start=start)
 
 
 def run_in_process(spec: StudySpec, *, target: int, storage: str | None, progress: bool,

@@ -53,6 +53,8 @@ class FinetuneSpec:
         _at_least("steps", self.steps, 0)
         check_range("threads", self.threads, 0, MAX_THREADS)
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_range("elastic_learning_rate", self.elastic_learning_rate, 0.0, 1.0,
+                    low_open=True)
         if self.trial_timeout_s is not None:
             check_range("trial_timeout_s", self.trial_timeout_s, 0.0, math.inf, low_open=True,
                       infinite=True)
@@ -150,16 +152,20 @@ class CandidatesSpec:
     """The predicted tier: ``count`` distinct candidates of the space scored by the proxies
     (0: off, every trial is measured), proposed by the spec's sampler (NSGA-II with
     ``population`` per generation); the elastic student they are sliced from trains
-    ``elastic_steps`` sandwich steps. The measured tier runs the candidates predicted within
-    ``margin`` of the quality limit that add most to the measured front, counting that a
-    fine-tune from the slice recovers ``recovery`` of its predicted drop until measured
-    candidates tell how much it does."""
+    ``elastic_steps`` sandwich steps at ``elastic_learning_rate``. The measured tier runs
+    the candidates predicted within ``margin`` of the quality limit that add most to the
+    measured front, counting that a fine-tune from the slice recovers ``recovery`` of its
+    predicted drop until measured candidates tell how much it does. A measured candidate
+    fine-tunes from its slice at ``learning_rate`` (the slice starts trained: a high rate
+    would undo that)."""
 
     count: int = 0
     population: int = 24
     elastic_steps: int = 700
+    elastic_learning_rate: float = 2e-3
     margin: float = 0.005
     recovery: float = 0.01
+    learning_rate: float = 5e-4
 
     def __post_init__(self) -> None:
         check_range("count", self.count, 0, 100_000)
@@ -167,6 +173,7 @@ class CandidatesSpec:
         check_range("elastic_steps", self.elastic_steps, 0, 10**7)
         check_range("margin", self.margin, 0.0, 1.0)
         check_range("recovery", self.recovery, 0.0, 1.0)
+        check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
 
 
 @dataclass(frozen=True)

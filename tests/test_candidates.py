@@ -18,6 +18,12 @@ from paretoslim.search._record import prediction_errors
 from paretoslim.spaces import Recipe, compress, layer_formats, simulate_numerics
 
 
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def cnn():
     return tiny_task("cnn")
