@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
-import statistics
+import itertools
+import os
 import time
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 from torch import nn
@@ -30,11 +28,11 @@ from ..kernels import detect_target
 from ..spaces import ElasticStudent, Recipe, model_io
 from ._candidate_plan import design_recipes, structural_recipes
 from ._measuring import Baseline, latency_input
+from ._picking import Picker, recipe_key
 from ._private import storage_of_study
 from ._progress import StudyProgress
-from ._proxy import CandidateScorer, Prediction, unpredicted
+from ._proxy import RECALIBRATION_BATCHES, CandidateScorer, Prediction, unpredicted
 from ._record import TrialRecord, TrialResult
-from ._report_data import hypervolume
 from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
 from ._spec import StudySpec
 from ._store import StudyStore
@@ -100,9 +98,7 @@ class CandidateTier:
 
     def settings(self, settings: TrialSettings) -> TrialSettings:
         """The settings of a trial that fine-tunes from its slice."""
-        finetune = dataclasses.replace(settings.finetune,
-                                       learning_rate=self.spec.candidates.learning_rate)
-        return dataclasses.replace(settings, finetune=finetune)
+        return slice_settings(self.spec, settings)
 
     def start(self, recipe: Recipe) -> nn.Module | None:
         """A copy of the recalibrated slice of ``recipe``'s structure to fine-tune from
@@ -123,7 +119,7 @@ class CandidateTier:
     def _elastic(self, ends_at: float | None) -> ElasticStudent:
         c, teacher = self.spec.candidates, self.task.model
         structures = structural_recipes(self.spec.space)
-        key = ElasticStudent.cache_key(
+        key = ElasticStudent.cacherecipe_key(
             teacher, structures=[repr((r.student, r.pruning)) for r in structures],
             steps=c.elastic_steps, learning_rate=c.elastic_learning_rate,
             distillation=repr(structures[0].distillation), seed=self.spec.seed)
@@ -187,7 +183,7 @@ class CandidateTier:
         ``candidates.count`` distinct ones, the space is exhausted or ``ends_at``; return
         how many it holds."""
         candidates = candidate_study(study, self.spec)
-        scored = {_key(StudyStore.record(t).recipe): t for t in candidates.get_trials(
+        scored = {recipe_key(StudyStore.record(t).recipe): t for t in candidates.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
             if StudyStore.record(t).duplicate_of is None and StudyStore.record(t).recipe}
         target, repeats = self.spec.candidates.count, 0
@@ -198,7 +194,7 @@ class CandidateTier:
                     break
                 trial = candidates.ask()
                 recipe = suggest_recipe(trial, self.spec)
-                key = _key(recipe.to_dict())
+                key = recipe_key(recipe.to_dict())
                 if key in scored:
                     repeats += 1
                     _tell_repeat(candidates, trial, recipe, scored[key])
@@ -229,7 +225,8 @@ class CandidateTier:
     def enqueue_next(self, study: optuna.Study) -> bool:
         """Enqueue in ``study`` the feasible-looking candidate not yet measured that adds
         most predicted hypervolume to the measured front; False when none adds any."""
-        pick = self.pick(study)
+        pick = Picker(self.spec, self.scorer, self.baseline).pick(
+            study, candidate_study(study, self.spec))
         if pick is None:
             return False
         recipe, prediction, number = pick
@@ -240,85 +237,6 @@ class CandidateTier:
             "predicted_latency_ms": prediction.latency_ms,
             "predicted_size_mb": prediction.size_mb})
         return True
-
-    def pick(self, study: optuna.Study) -> tuple[Recipe, Prediction, int] | None:
-        candidates = candidate_study(study, self.spec)
-        taken, stopped = self.taken(study), self.stopped_structures(study)
-        offset = self.quality_offset(study)
-        limit = self.spec.constraints.max_quality_drop + self.spec.candidates.margin
-        pool = []
-        for t in candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            record = StudyStore.record(t)
-            recipe = record.parsed_recipe()
-            if (record.duplicate_of is not None or recipe is None
-                    or _key(recipe.to_dict()) in taken or _structure(recipe) in stopped):
-                continue
-            drop = record.metrics["quality_drop"] - offset
-            if drop <= limit:
-                pool.append((recipe, t.number, drop, record.metrics))
-        if not pool:
-            return None
-        front = self.measured_losses(study)
-        reference = self.reference(limit)
-        base = hypervolume(front, reference) if len(front) else 0.0
-        best = None
-        for recipe, number, drop, metrics in pool:
-            latency = self.scorer.latency_ms(recipe)  # by the model as refined so far
-            prediction = Prediction(metrics["quality"], metrics["quality_drop"], latency,
-                                    metrics["speedup"], metrics["size_mb"], 0.0)
-            loss = [max(drop, 0.0), math.log(latency), math.log(prediction.size_mb)]
-            gain = hypervolume(np.vstack([front, [loss]]) if len(front) else [loss],
-                               reference) - base
-            if best is None or gain > best[0]:
-                best = (gain, recipe, prediction, number)
-        if best is None or best[0] <= 0:
-            return None
-        return best[1], best[2], best[3]
-
-    def stopped_structures(self, study: optuna.Study) -> set[str]:
-        """Structures whose fine-tune was stopped at a rung: the float fine-tune is the
-        same under every post-training scheme, so it would stop again."""
-        return {_structure(r.parsed_recipe()) for _, r in StudyStore(study).trials(
-            TrialState.PRUNED) if r.parsed_recipe() is not None and r.stopped
-            and r.stopped.startswith("stopped at fine-tune step")
-            and not r.parsed_recipe().quantization.qat}
-
-    def taken(self, study: optuna.Study) -> set[str]:
-        """The recipes ``study`` ran, runs or holds enqueued."""
-        keys = set()
-        for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.WAITING:
-                try:
-                    recipe = self.spec.space.recipe(t.system_attrs.get("fixed_params", {}))
-                except (KeyError, TypeError, ValueError):
-                    continue
-            else:
-                recipe = StudyStore.record(t).parsed_recipe()
-            if recipe is not None:
-                keys.add(_key(recipe.to_dict()))
-        return keys
-
-    def reference(self, limit: float) -> list[float]:
-        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls())
-        return [limit + 1e-6, math.log(teacher_ms * 1.05), math.log(self.baseline.size_mb * 1.05)]
-
-    def measured_losses(self, study: optuna.Study) -> np.ndarray:
-        limit = self.spec.constraints.max_quality_drop
-        rows = []
-        for record in StudyStore(study).completed_records():
-            m = record.metrics
-            if m.get("quality_drop", 1.0) <= limit:
-                rows.append([m["quality_drop"], math.log(m["latency_ms"]), math.log(m["size_mb"])])
-        return np.array(rows).reshape(-1, 3)
-
-    def quality_offset(self, study: optuna.Study) -> float:
-        """How much of a slice's predicted quality drop the fine-tune recovers: the median
-        over the measured candidates of predicted minus measured drop; before any was
-        measured, the spec's prior ``candidates.recovery``."""
-        gaps = [r.metrics["quality_drop"] - r.metrics["predicted_quality_drop"]
-                for r in StudyStore(study).completed_records()
-                if "predicted_quality_drop" in r.metrics]
-        return -statistics.median(gaps) if gaps else self.spec.candidates.recovery
 
     def learn(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Teach the latency model the measured latency of a completed trial."""
@@ -339,12 +257,27 @@ class CandidateTier:
         self.scorer.latency.save(self.latency_path)
 
 
-def _structure(recipe: Recipe) -> str:
-    return repr((recipe.student, recipe.pruning))
+def slice_settings(spec: StudySpec, settings: TrialSettings) -> TrialSettings:
+    """``settings`` of a trial that fine-tunes from its slice (``candidates.learning_rate``)."""
+    finetune = dataclasses.replace(settings.finetune,
+                                   learning_rate=spec.candidates.learning_rate)
+    return dataclasses.replace(settings, finetune=finetune)
 
 
-def _key(recipe: dict[str, Any] | None) -> str:
-    return json.dumps(recipe, sort_keys=True)
+_LOADED: dict[str, ElasticStudent] = {}  # per process: elastic students loaded from the cache
+
+
+def slice_start(task: Task, recipe: Recipe, path: str | None) -> nn.Module | None:
+    """The recalibrated slice of ``recipe`` from the elastic student cached at ``path`` (on
+    a node that shares the cache, or received it), or None when it is not there or the
+    recipe is no slice: the trial then derives its structure from the teacher."""
+    if not path or unpredicted(recipe) is not None or not os.path.isfile(path):
+        return None
+    if path not in _LOADED:
+        _LOADED[path] = ElasticStudent.load(path, task.model, task.example_input)
+    model = _LOADED[path].slice(recipe)
+    return ElasticStudent.recalibrate(model, itertools.islice(itertools.cycle(task.train),
+                                                               RECALIBRATION_BATCHES))
 
 
 def _values(p: Prediction) -> dict[str, float]:

@@ -53,8 +53,6 @@ class FinetuneSpec:
         _at_least("steps", self.steps, 0)
         check_range("threads", self.threads, 0, MAX_THREADS)
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        check_range("elastic_learning_rate", self.elastic_learning_rate, 0.0, 1.0,
-                    low_open=True)
         if self.trial_timeout_s is not None:
             check_range("trial_timeout_s", self.trial_timeout_s, 0.0, math.inf, low_open=True,
                       infinite=True)
@@ -174,6 +172,8 @@ class CandidatesSpec:
         check_range("margin", self.margin, 0.0, 1.0)
         check_range("recovery", self.recovery, 0.0, 1.0)
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_range("elastic_learning_rate", self.elastic_learning_rate, 0.0, 1.0,
+                    low_open=True)
 
 
 @dataclass(frozen=True)

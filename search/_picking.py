@@ -1,0 +1,128 @@
+"""Which candidate the measured tier runs next: the one predicted to add most hypervolume
+to the measured front, among those predicted feasible once the fine-tune's recovery is
+counted, never a recipe taken or a structure stopped at a rung."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from ..spaces import Recipe
+from ._measuring import Baseline
+from ._proxy import CandidateScorer, Prediction
+from ._report_data import hypervolume
+from ._spec import StudySpec
+from ._store import StudyStore
+
+
+def recipe_key(recipe: dict[str, Any] | None) -> str:
+    """A recipe's stored form as one comparable string."""
+    return json.dumps(recipe, sort_keys=True)
+
+
+def structure_key(recipe: Recipe) -> str:
+    """What the structural sections of ``recipe`` make of the teacher, as a string."""
+    return repr((recipe.student, recipe.pruning))
+
+
+@dataclass
+class Picker:
+    """Chooses the next candidate of ``spec``'s study to measure (see the module)."""
+
+    spec: StudySpec
+    scorer: CandidateScorer
+    baseline: Baseline
+
+    def pick(self, study: optuna.Study, candidates: optuna.Study
+             ) -> tuple[Recipe, Prediction, int] | None:
+        """The feasible-looking candidate of ``candidates`` not yet in ``study`` that adds
+        most predicted hypervolume to the measured front, with its prediction and number;
+        None when none adds any."""
+        taken, stopped = self.taken(study), self.stopped_structures(study)
+        offset = self.quality_offset(study)
+        limit = self.spec.constraints.max_quality_drop + self.spec.candidates.margin
+        pool = []
+        for t in candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            record = StudyStore.record(t)
+            recipe = record.parsed_recipe()
+            if (record.duplicate_of is not None or recipe is None
+                    or recipe_key(recipe.to_dict()) in taken or structure_key(recipe) in stopped):
+                continue
+            drop = record.metrics["quality_drop"] - offset
+            if drop <= limit:
+                pool.append((recipe, t.number, drop, record.metrics))
+        if not pool:
+            return None
+        front = self.measured_losses(study)
+        reference = self.reference(limit)
+        base = hypervolume(front, reference) if len(front) else 0.0
+        best = None
+        for recipe, number, drop, metrics in pool:
+            latency = self.scorer.latency_ms(recipe)  # by the model as refined so far
+            prediction = Prediction(metrics["quality"], metrics["quality_drop"], latency,
+                                    metrics["speedup"], metrics["size_mb"], 0.0)
+            loss = [max(drop, 0.0), math.log(latency), math.log(prediction.size_mb)]
+            gain = hypervolume(np.vstack([front, [loss]]) if len(front) else [loss],
+                               reference) - base
+            if best is None or gain > best[0]:
+                best = (gain, recipe, prediction, number)
+        if best is None or best[0] <= 0:
+            return None
+        return best[1], best[2], best[3]
+
+    def stopped_structures(self, study: optuna.Study) -> set[str]:
+        """Structures whose fine-tune was stopped at a rung: the float fine-tune is the
+        same under every post-training scheme, so it would stop again."""
+        return {structure_key(r.parsed_recipe()) for _, r in StudyStore(study).trials(
+            TrialState.PRUNED) if r.parsed_recipe() is not None and r.stopped
+            and r.stopped.startswith("stopped at fine-tune step")
+            and not r.parsed_recipe().quantization.qat}
+
+    def taken(self, study: optuna.Study) -> set[str]:
+        """The recipes ``study`` ran, runs or holds enqueued."""
+        keys = set()
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING:
+                try:
+                    recipe = self.spec.space.recipe(t.system_attrs.get("fixed_params", {}))
+                except (KeyError, TypeError, ValueError):
+                    continue
+            else:
+                recipe = StudyStore.record(t).parsed_recipe()
+            if recipe is not None:
+                keys.add(recipe_key(recipe.to_dict()))
+        return keys
+
+    def reference(self, limit: float) -> list[float]:
+        """The hypervolume's worst corner: the quality limit, the teacher's latency and
+        size (5% beyond), in (drop, log ms, log MB)."""
+        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls())
+        return [limit + 1e-6, math.log(teacher_ms * 1.05),
+                math.log(self.baseline.size_mb * 1.05)]
+
+    def measured_losses(self, study: optuna.Study) -> np.ndarray:
+        """The feasible measured points as (drop, log ms, log MB) rows."""
+        limit = self.spec.constraints.max_quality_drop
+        rows = []
+        for record in StudyStore(study).completed_records():
+            m = record.metrics
+            if m.get("quality_drop", 1.0) <= limit:
+                rows.append([m["quality_drop"], math.log(m["latency_ms"]),
+                             math.log(m["size_mb"])])
+        return np.array(rows).reshape(-1, 3)
+
+    def quality_offset(self, study: optuna.Study) -> float:
+        """How much of a slice's predicted quality drop the fine-tune recovers: the median
+        over the measured candidates of predicted minus measured drop; before any was
+        measured, the spec's prior ``candidates.recovery``."""
+        gaps = [r.metrics["quality_drop"] - r.metrics["predicted_quality_drop"]
+                for r in StudyStore(study).completed_records()
+                if "predicted_quality_drop" in r.metrics]
+        return -statistics.median(gaps) if gaps else self.spec.candidates.recovery
