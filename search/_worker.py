@@ -39,7 +39,8 @@ def run_shared(spec: StudySpec, *, target: int, storage: str | None, progress: b
     completed trials, counting those of the other workers."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = open_study(spec, storage, workers=spec.workers)
-    enqueue_seeds(study, spec)
+    if not spec.candidates.count:  # the predicted tier chooses the first trials
+        enqueue_seeds(study, spec)
     with storage_errors(storage, writing=True):
         optimize_until(study, spec, target, progress=progress, objective=SharedObjective,
                        room=functools.partial(wait_for_room, target=target))
