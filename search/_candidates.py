@@ -119,7 +119,7 @@ class CandidateTier:
     def _elastic(self, ends_at: float | None) -> ElasticStudent:
         c, teacher = self.spec.candidates, self.task.model
         structures = structural_recipes(self.spec.space)
-        key = ElasticStudent.cacherecipe_key(
+        key = ElasticStudent.cache_key(
             teacher, structures=[repr((r.student, r.pruning)) for r in structures],
             steps=c.elastic_steps, learning_rate=c.elastic_learning_rate,
             distillation=repr(structures[0].distillation), seed=self.spec.seed)

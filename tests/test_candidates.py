@@ -136,3 +136,36 @@ def test_all_trials_lists_the_predicted_tier_apart():
                                                       ("predicted", "predicted")]
     front = json.loads(render_front(study, "json"))
     assert [p["number"] for p in front] == [0]  # a prediction is never on the front
+
+
+def test_a_two_tier_study_measures_only_candidates_it_predicted(in_tmp, monkeypatch):
+    """With the predicted tier on, candidates are scored and recorded apart, the measured
+    trials are candidates (no seed recipe), each records its prediction and its error, and
+    the elastic student and latency model are cached for the next study."""
+    from _tiny import write_study
+    from optuna.trial import TrialState
+
+    from paretoslim.search import load_spec, run_study
+    from paretoslim.search._candidates import candidate_study
+    from paretoslim.search._store import StudyStore
+
+    monkeypatch.setenv("PARETOSLIM_CACHE", str(in_tmp / "cache"))
+    path = write_study(in_tmp, trials=2)
+    path.write_text(path.read_text() + "[candidates]\ncount = 10\nelastic_steps = 5\n"
+                    "population = 4\nrecovery = 0.5\n")
+    spec = load_spec(path)
+    study = run_study(spec, progress=False)
+    predicted = StudyStore(candidate_study(study, spec)).completed_records()
+    assert 1 <= len(predicted) <= 10
+    assert all(r.metrics["tier"] == "predicted" and r.metrics["latency_ms"] > 0
+               for r in predicted)
+    measured = StudyStore(study).completed_records()
+    assert measured
+    known = {json.dumps(r.recipe, sort_keys=True) for r in predicted}
+    for record in measured:
+        assert json.dumps(record.recipe, sort_keys=True) in known
+        assert "latency_prediction_error" in record.metrics
+        assert record.metrics["predicted_latency_ms"] > 0
+    assert not study.get_trials(states=(TrialState.WAITING,))
+    cache = in_tmp / "cache"
+    assert list((cache / "elastic").glob("*.pt")) and list((cache / "latency").glob("*.json"))
