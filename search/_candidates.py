@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-import os
 import time
 from typing import Any
 
@@ -31,7 +29,7 @@ from ._measuring import Baseline, latency_input
 from ._picking import Picker, recipe_key
 from ._private import storage_of_study
 from ._progress import StudyProgress
-from ._proxy import RECALIBRATION_BATCHES, CandidateScorer, Prediction, unpredicted
+from ._proxy import CandidateScorer, Prediction, unpredicted
 from ._record import TrialRecord, TrialResult
 from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
 from ._spec import StudySpec
@@ -262,22 +260,6 @@ def slice_settings(spec: StudySpec, settings: TrialSettings) -> TrialSettings:
     finetune = dataclasses.replace(settings.finetune,
                                    learning_rate=spec.candidates.learning_rate)
     return dataclasses.replace(settings, finetune=finetune)
-
-
-_LOADED: dict[str, ElasticStudent] = {}  # per process: elastic students loaded from the cache
-
-
-def slice_start(task: Task, recipe: Recipe, path: str | None) -> nn.Module | None:
-    """The recalibrated slice of ``recipe`` from the elastic student cached at ``path`` (on
-    a node that shares the cache, or received it), or None when it is not there or the
-    recipe is no slice: the trial then derives its structure from the teacher."""
-    if not path or unpredicted(recipe) is not None or not os.path.isfile(path):
-        return None
-    if path not in _LOADED:
-        _LOADED[path] = ElasticStudent.load(path, task.model, task.example_input)
-    model = _LOADED[path].slice(recipe)
-    return ElasticStudent.recalibrate(model, itertools.islice(itertools.cycle(task.train),
-                                                               RECALIBRATION_BATCHES))
 
 
 def _values(p: Prediction) -> dict[str, float]:

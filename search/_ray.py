@@ -11,13 +11,11 @@ import contextlib
 import logging
 import os
 import signal
-import time
 
 import optuna
 import ray
 from ray import tune
 
-from ._candidates import CandidateTier
 from ._errors import ParetoslimError
 from ._lease import study_lease
 from ._measuring import measure_baseline
@@ -56,8 +54,7 @@ def run_ray_study(spec: StudySpec, *, target: int, storage: str | None = None,
 
 def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, progress: bool,
            address: str | None, leased: bool) -> optuna.Study:
-    if not spec.candidates.count:  # the predicted tier chooses the first trials
-        enqueue_seeds(study, spec)
+    enqueue_seeds(study, spec)
     StudyStore(study).write_target(target)
     done = StudyStore(study).completed_count()
     if done >= target:
@@ -66,17 +63,12 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
         return study
 
     # the teacher is trained (or loaded) before the time budget starts, as in a local run
-    task = load_task(spec.task, spec.base_dir, spec.task_options)
-    baseline = measure_baseline(task)
-    reporter = StudyProgress(target=target, completed=done, enabled=progress)
-    driver["progress"] = reporter
-    if spec.candidates.count and not _screen(spec, study, task, baseline, reporter):
-        reporter.close()
-        driver.clear()
-        return study
+    measure_baseline(load_task(spec.task, spec.base_dir, spec.task_options))
     _connect(spec.ray.address if address is None else address)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # state saved within a second
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables stay quiet
+    reporter = StudyProgress(target=target, completed=done, enabled=progress)
+    driver["progress"] = reporter
     finished = results_dir(spec) / FINISHED_MARK
     try:
         _tuner(spec, study, location, target, reporter, progress, leased).fit()
@@ -92,18 +84,6 @@ def _drive(spec: StudySpec, study: optuna.Study, target: int, location: str, pro
     if why:
         reporter.note(why)
     return study
-
-
-def _screen(spec: StudySpec, study: optuna.Study, task, baseline, reporter) -> bool:
-    """The predicted tier on the driver: proxies built, candidates scored, the first one
-    enqueued (its time counts in the budget); False when none is worth measuring."""
-    started = time.time()
-    tier = CandidateTier(spec, task, baseline, reporter)
-    ends_at = None if spec.time_budget_s is None else started + spec.time_budget_s
-    if not tier.begin(study, ends_at):
-        return False
-    driver["tier"], driver["screened_s"] = tier, time.time() - started
-    return True
 
 
 def _tuner(spec: StudySpec, study: optuna.Study, location: str, target: int,

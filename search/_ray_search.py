@@ -110,10 +110,7 @@ class StudySearch(_OptunaSearchOnStudy):
         store = StudyStore(study)
         self._target = store.target(self._spec.trials)
         self._done = store.completed_count()
-        budget = self._spec.time_budget_s  # the predicted tier's screening spent part of it
-        if budget is not None:
-            budget = max(budget - driver.get("screened_s", 0.0), 1e-3)
-        self._tally = RunTally(self._target, budget, self._spec.name,
+        self._tally = RunTally(self._target, self._spec.time_budget_s, self._spec.name,
                                limit=self._max_failures)  # this run's
         self._tally.start_clock()
         self._running = {}
@@ -149,7 +146,7 @@ class StudySearch(_OptunaSearchOnStudy):
     def suggest(self, trial_id: str) -> dict | str | None:
         study = self.study
         while True:
-            why = self._tally.why_stop(self._done) or driver.get("tier_done")
+            why = self._tally.why_stop(self._done)
             if why is not None:
                 driver["why_stop"] = why
                 return Searcher.FINISHED
@@ -164,10 +161,8 @@ class StudySearch(_OptunaSearchOnStudy):
                 self._numbers[trial_id] = trial.number
                 self._recipes[trial_id] = recipe
                 self._show_running()
-                tier = driver.get("tier")
                 return {"params": params, "number": trial.number,
-                        "guide": self._flow().guide_data(study),
-                        "elastic": str(tier.elastic_path) if tier else None}
+                        "guide": self._flow().guide_data(study)}
             self._tell(study, trial, repeat)
             self.forget(trial_id)
 
@@ -196,11 +191,6 @@ class StudySearch(_OptunaSearchOnStudy):
             return
         reported = self._outcome(recipe, result)
         self._tell(study, trial, self._flow().finish(trial, reported, _where(reported.metrics)))
-        tier = driver.get("tier")
-        if tier is not None and not tier.after(study, study.get_trials(deepcopy=False)[
-                trial.number]):
-            driver["tier_done"] = ("no candidate left that the proxies predict would extend "
-                                   "the measured front")
         self._show_running()
 
     def _outcome(self, recipe: Any, result: dict | None) -> TrialResult:

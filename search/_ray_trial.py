@@ -10,7 +10,6 @@ import os
 import ray
 from ray import tune
 
-from ._candidates import slice_settings, slice_start
 from ._guide import guide_for
 from ._measuring import measure_baseline
 from ._record import json_safe
@@ -35,11 +34,8 @@ def trainable(config: dict, spec: StudySpec) -> None:
     measure = TargetMeasure(spec, settings) if spec.ray.time_on_target else None
     if measure is not None and not measure.resource_available():
         measure = None  # no node of the target: measure where the trial runs
-    start = slice_start(task, recipe, config.get("elastic"))
-    if start is not None:
-        settings = slice_settings(spec, settings)
     result = run_trial(task, recipe, settings, baseline, measure=measure,
-                       guide=guide_for(spec, config.get("guide")), start=start)
+                       guide=guide_for(spec, config.get("guide")))
     node = ray.util.get_node_ip_address()
     metrics = dict(result.metrics)
     metrics["trained_on_node"] = node
