@@ -39,12 +39,13 @@ def structural_recipes(space: SearchSpace) -> list[Recipe]:
     for values in itertools.islice(itertools.product(*(_grid(searched[n]) for n in names)),
                                    GRID_LIMIT):
         recipe = space.recipe(base | dict(zip(names, values, strict=True)))
-        recipes.setdefault(repr(structure_of(recipe)), recipe)
+        recipes.setdefault(structure_key(recipe), recipe)
     return sorted(recipes.values(), key=_shrink)
 
 
-def structure_of(recipe: Recipe) -> tuple:
-    return tuple(getattr(recipe, s) for s in STRUCTURAL_SECTIONS)
+def structure_key(recipe: Recipe) -> str:
+    """What the structural sections of ``recipe`` make of the teacher, as a string."""
+    return repr(tuple(getattr(recipe, s) for s in STRUCTURAL_SECTIONS))
 
 
 def _shrink(recipe: Recipe) -> tuple:

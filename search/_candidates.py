@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -24,9 +23,9 @@ from ..evaluators import (
 )
 from ..kernels import detect_target
 from ..spaces import ElasticStudent, Recipe, model_io
-from ._candidate_plan import design_recipes, structural_recipes
+from ._candidate_plan import design_recipes, structural_recipes, structure_key
 from ._measuring import Baseline, latency_input
-from ._picking import Picker, recipe_key
+from ._picking import Picker
 from ._private import storage_of_study
 from ._progress import StudyProgress
 from ._proxy import CandidateScorer, Prediction, unpredicted
@@ -95,8 +94,11 @@ class CandidateTier:
         return False
 
     def settings(self, settings: TrialSettings) -> TrialSettings:
-        """The settings of a trial that fine-tunes from its slice."""
-        return slice_settings(self.spec, settings)
+        """The settings of a trial that fine-tunes from its slice
+        (``candidates.learning_rate``)."""
+        finetune = dataclasses.replace(settings.finetune,
+                                       learning_rate=self.spec.candidates.learning_rate)
+        return dataclasses.replace(settings, finetune=finetune)
 
     def start(self, recipe: Recipe) -> nn.Module | None:
         """A copy of the recalibrated slice of ``recipe``'s structure to fine-tune from
@@ -118,7 +120,7 @@ class CandidateTier:
         c, teacher = self.spec.candidates, self.task.model
         structures = structural_recipes(self.spec.space)
         key = ElasticStudent.cache_key(
-            teacher, structures=[repr((r.student, r.pruning)) for r in structures],
+            teacher, structures=[structure_key(r) for r in structures],
             steps=c.elastic_steps, learning_rate=c.elastic_learning_rate,
             distillation=repr(structures[0].distillation), seed=self.spec.seed)
         path = cache_dir() / "elastic" / f"{key}.pt"
@@ -160,7 +162,7 @@ class CandidateTier:
         """Micro-time the layers of a few structures under every scheme of the space that
         the latency model has not timed (each distinct layer once)."""
         scorer = self.scorer
-        calls = set(scorer.teacher_calls())
+        calls = set(scorer.teacher_calls)
         for recipe in design_recipes(self.spec.space):
             structure = scorer.structure(recipe)
             formats, _ = scorer.formats(recipe, structure)
@@ -181,9 +183,12 @@ class CandidateTier:
         ``candidates.count`` distinct ones, the space is exhausted or ``ends_at``; return
         how many it holds."""
         candidates = candidate_study(study, self.spec)
-        scored = {recipe_key(StudyStore.record(t).recipe): t for t in candidates.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-            if StudyStore.record(t).duplicate_of is None and StudyStore.record(t).recipe}
+        scored = {}
+        for t in candidates.get_trials(deepcopy=False,
+                                       states=(TrialState.COMPLETE, TrialState.FAIL)):
+            record = StudyStore.record(t)
+            if record.duplicate_of is None and record.parsed_recipe() is not None:
+                scored[record.parsed_recipe()] = t
         target, repeats = self.spec.candidates.count, 0
         bar = self.progress.counter("candidates scored", target, len(scored))
         try:
@@ -192,14 +197,13 @@ class CandidateTier:
                     break
                 trial = candidates.ask()
                 recipe = suggest_recipe(trial, self.spec)
-                key = recipe_key(recipe.to_dict())
-                if key in scored:
+                if recipe in scored:
                     repeats += 1
-                    _tell_repeat(candidates, trial, recipe, scored[key])
+                    _tell_repeat(candidates, trial, recipe, scored[recipe])
                     continue
                 repeats = 0
                 self._score_one(candidates, trial, recipe)
-                scored[key] = candidates.get_trials(deepcopy=False)[trial.number]
+                scored[recipe] = candidates.get_trials(deepcopy=False)[trial.number]
                 bar.update(1)
         finally:
             bar.close(len(scored))
@@ -228,8 +232,7 @@ class CandidateTier:
         if pick is None:
             return False
         recipe, prediction, number = pick
-        params = _params(recipe, self.spec)
-        StudyStore.enqueue_predicted(study, params, {
+        StudyStore.enqueue_predicted(study, self.spec.space.params(recipe), {
             "candidate": number, "predicted_quality": prediction.quality,
             "predicted_quality_drop": prediction.quality_drop,
             "predicted_latency_ms": prediction.latency_ms,
@@ -251,15 +254,8 @@ class CandidateTier:
                                             record.metrics["latency_ms"])
         baseline_ms = record.metrics.get("baseline_latency_ms")
         if baseline_ms:
-            self.scorer.latency.add_measurement(self.scorer.teacher_calls(), baseline_ms)
+            self.scorer.latency.add_measurement(self.scorer.teacher_calls, baseline_ms)
         self.scorer.latency.save(self.latency_path)
-
-
-def slice_settings(spec: StudySpec, settings: TrialSettings) -> TrialSettings:
-    """``settings`` of a trial that fine-tunes from its slice (``candidates.learning_rate``)."""
-    finetune = dataclasses.replace(settings.finetune,
-                                   learning_rate=spec.candidates.learning_rate)
-    return dataclasses.replace(settings, finetune=finetune)
 
 
 def _values(p: Prediction) -> dict[str, float]:
@@ -279,10 +275,3 @@ def _tell_repeat(candidates: optuna.Study, trial: optuna.Trial, recipe: Recipe,
     else:
         candidates.tell(trial, state=TrialState.FAIL)
 
-
-def _params(recipe: Recipe, spec: StudySpec) -> dict[str, Any]:
-    flat = {}
-    for name in spec.space.searched():
-        section, key = name.split(".")
-        flat[name] = getattr(getattr(recipe, section), key)
-    return flat

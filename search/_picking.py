@@ -4,32 +4,21 @@ counted, never a recipe taken or a structure stopped at a rung."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from ..spaces import Recipe
+from ._candidate_plan import structure_key
 from ._measuring import Baseline
 from ._proxy import CandidateScorer, Prediction
 from ._report_data import hypervolume
 from ._spec import StudySpec
 from ._store import StudyStore
-
-
-def recipe_key(recipe: dict[str, Any] | None) -> str:
-    """A recipe's stored form as one comparable string."""
-    return json.dumps(recipe, sort_keys=True)
-
-
-def structure_key(recipe: Recipe) -> str:
-    """What the structural sections of ``recipe`` make of the teacher, as a string."""
-    return repr((recipe.student, recipe.pruning))
 
 
 @dataclass
@@ -53,7 +42,7 @@ class Picker:
             record = StudyStore.record(t)
             recipe = record.parsed_recipe()
             if (record.duplicate_of is not None or recipe is None
-                    or recipe_key(recipe.to_dict()) in taken or structure_key(recipe) in stopped):
+                    or recipe in taken or structure_key(recipe) in stopped):
                 continue
             drop = record.metrics["quality_drop"] - offset
             if drop <= limit:
@@ -85,9 +74,9 @@ class Picker:
             and r.stopped.startswith("stopped at fine-tune step")
             and not r.parsed_recipe().quantization.qat}
 
-    def taken(self, study: optuna.Study) -> set[str]:
+    def taken(self, study: optuna.Study) -> set[Recipe]:
         """The recipes ``study`` ran, runs or holds enqueued."""
-        keys = set()
+        recipes = set()
         for t in study.get_trials(deepcopy=False):
             if t.state == TrialState.WAITING:
                 try:
@@ -97,13 +86,13 @@ class Picker:
             else:
                 recipe = StudyStore.record(t).parsed_recipe()
             if recipe is not None:
-                keys.add(recipe_key(recipe.to_dict()))
-        return keys
+                recipes.add(recipe)
+        return recipes
 
     def reference(self, limit: float) -> list[float]:
         """The hypervolume's worst corner: the quality limit, the teacher's latency and
         size (5% beyond), in (drop, log ms, log MB)."""
-        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls())
+        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls)
         return [limit + 1e-6, math.log(teacher_ms * 1.05),
                 math.log(self.baseline.size_mb * 1.05)]
 

@@ -23,6 +23,7 @@ from ..spaces import (
     sliceable,
 )
 from ..spaces import model_io as io
+from ._candidate_plan import structure_key
 from ._measuring import Baseline, calibration_batches, latency_input, quality_of, val_slice
 from ._spec import StudySpec
 from ._task import Task
@@ -91,10 +92,12 @@ class CandidateScorer:
             calibration_batches(task), SIMULATION_BATCHES)]
         self.example = latency_input(task, spec.latency)
         self._slices: dict[str, nn.Module] = {}
+        self.teacher_calls = layer_calls(task.model, self.example,
+                                         layer_formats(task.model, "fp32"))
 
     def structure(self, recipe: Recipe) -> nn.Module:
         """The recalibrated slice of ``recipe``'s structure (shared: do not modify it)."""
-        key = repr((recipe.student, recipe.pruning))
+        key = structure_key(recipe)
         if key not in self._slices:
             model = self.elastic.slice(recipe)
             self.elastic.recalibrate(model, self.train)
@@ -124,7 +127,7 @@ class CandidateScorer:
             simulated = simulated.to(memory_format=torch.channels_last)  # 1.6x faster eager
         drop = max(0.0, self.teacher_slice_quality - quality_of(self.task, simulated, self.val))
         latency = self.latency_ms(recipe, structure, formats)
-        teacher = self.latency.predict(self.teacher_calls())
+        teacher = self.latency.predict(self.teacher_calls)
         return Prediction(
             quality=self.baseline.quality - drop, quality_drop=drop, latency_ms=latency,
             speedup=teacher / latency if latency > 0 else float("nan"),
@@ -139,9 +142,3 @@ class CandidateScorer:
         if formats is None:
             formats, _ = self.formats(recipe, structure)
         return self.latency.predict(layer_calls(structure, self.example, formats))
-
-    def teacher_calls(self):
-        if not hasattr(self, "_teacher_calls"):
-            formats = layer_formats(self.task.model, "fp32")
-            self._teacher_calls = layer_calls(self.task.model, self.example, formats)
-        return self._teacher_calls

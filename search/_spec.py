@@ -313,12 +313,9 @@ def _seed_params(space: SearchSpace, seed: Any) -> dict[str, Any]:
                                  f"{', '.join(sorted(searched))}")
             _check_seed_value(name, searched[name], value)
         return dict(seed)
-    recipe = Recipe.from_dict(seed)
-    params = {}
-    for name, domain in searched.items():
-        section, key = name.split(".")
-        params[name] = _check_seed_value(name, domain, getattr(getattr(recipe, section), key))
-    return params
+    params = space.params(Recipe.from_dict(seed))
+    return {name: _check_seed_value(name, searched[name], value)
+            for name, value in params.items()}
 
 
 def _check_seed_value(name: str, domain: Any, value: Any) -> Any:

@@ -79,6 +79,11 @@ class SearchSpace:
             sections.setdefault(section, {})[key] = value
         return Recipe.from_dict(sections)
 
+    def params(self, recipe: Recipe) -> dict[str, Any]:
+        """The searched parameters (dotted names) of ``recipe``: what ``recipe`` inverts."""
+        return {name: getattr(getattr(recipe, name.split(".")[0]), name.split(".")[1])
+                for name in self.searched()}
+
 
 def _parse_domain(name: str, raw: Any) -> Domain:
     if isinstance(raw, Mapping):
