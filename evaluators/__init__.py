@@ -30,6 +30,7 @@ from ._latency import (
 from ._latency_model import (
     FORMATS,
     OTHER,
+    POOLS,
     Correction,
     ErrorReport,
     LatencyModel,
@@ -57,6 +58,7 @@ __all__ = [
     "ErrorReport",
     "FORMATS",
     "OTHER",
+    "POOLS",
     "LatencyJob",
     "LatencyModel",
     "LayerCall",

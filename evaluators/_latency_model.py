@@ -17,13 +17,16 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 from torch import nn
+from torch.nn.modules.utils import _ntuple
 
 from ..kernels import Target, detect_target
 from ..spaces import model_io
 
 Format = Literal["fp32", "bf16", "int8", "int8_dynamic", "int8_weight"]
 FORMATS: tuple[str, ...] = get_args(Format)
-OTHER = "other"  # the kind of a non-weight module's work (pooling, norms, activations)
+OTHER = "other"  # the kind of a non-weight module's work (norms, activations, ...)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+POOLS = tuple(t.__name__.lower() for t in _POOLS)  # timed kinds that have no weights
 _VIEWS = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)  # no work once compiled
 FORMAT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int8_dynamic": 4, "int8_weight": 4}
 PRIOR = 0.1  # weight of "factor 1, no overhead" against each measurement's relative error
@@ -38,7 +41,7 @@ class LayerCall:
     calls are timed dense, as a densified sparse layer runs).
     """
 
-    kind: str  # "linear", "conv1d", "conv2d", "conv3d" or "other"
+    kind: str  # "linear", "conv1d", "conv2d", "conv3d", a pooling (``POOLS``) or "other"
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     kernel: tuple[int, ...] = ()
@@ -65,12 +68,14 @@ class LayerCall:
         """Multiply-accumulates: one per output element and weight it reads."""
         if self.kind == OTHER:
             return 0
+        if self.kind in POOLS:  # one comparison or addition per window element
+            return math.prod(self.output_shape) * math.prod(self.kernel)
         per_output = self.in_features // self.groups * math.prod(self.kernel or (1,))
         return math.prod(self.output_shape) * per_output
 
     @property
     def weights(self) -> int:
-        if self.kind == OTHER:
+        if self.kind == OTHER or self.kind in POOLS:
             return 0
         out = self.output_shape[1] if self.kind.startswith("conv") else self.output_shape[-1]
         return out * self.in_features // self.groups * math.prod(self.kernel or (1,))
@@ -95,8 +100,7 @@ def is_weight_layer(module: nn.Module) -> bool:
     """Linear, ConvNd, or a transposed-weight linear such as transformers' ``Conv1D``."""
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(
-        module, "weight")
+    return type(module).__name__ == "Conv1D" and all(hasattr(module, a) for a in ("nf", "weight"))
 
 
 def layer_calls(model: nn.Module, example_input: model_io.Inputs,
@@ -104,7 +108,8 @@ def layer_calls(model: nn.Module, example_input: model_io.Inputs,
     """The calls of ``model``'s weight layers and leaf modules in one float forward, in order.
 
     ``formats`` maps layer names to formats (missing: "fp32"); a non-weight module takes
-    the format of the weight layer called before it.
+    the format of the weight layer called before it. Pooling is recorded with its geometry
+    (kind in ``POOLS``), other non-weight modules as kind ``"other"``.
     """
     formats = formats or {}
     names = {m: n for n, m in model.named_modules()}
@@ -117,6 +122,8 @@ def layer_calls(model: nn.Module, example_input: model_io.Inputs,
         if is_weight_layer(module):
             current[0] = formats.get(names[module], "fp32")
             calls.append(_weight_call(module, inputs[0], output, current[0]))
+        elif isinstance(module, _POOLS):
+            calls.append(_pool_call(module, inputs[0], output, current[0]))
         elif not isinstance(module, _VIEWS):
             calls.append(LayerCall(OTHER, tuple(inputs[0].shape), tuple(output.shape),
                                    format=current[0]))
@@ -146,6 +153,14 @@ def _weight_call(module: nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: str) 
     return LayerCall("linear", tuple(x.shape), tuple(y.shape), **common)
 
 
+def _pool_call(module: nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: str) -> LayerCall:
+    expand = _ntuple(int(type(module).__name__[-2]))
+    stride = module.stride if module.stride is not None else module.kernel_size
+    return LayerCall(type(module).__name__.lower(), tuple(x.shape), tuple(y.shape),
+                     *(tuple(expand(v)) for v in (module.kernel_size, stride, module.padding,
+                                                  getattr(module, "dilation", 1))), format=fmt)
+
+
 def target_key(target: Target | None = None, *, threads: int, batch: int,
                lowering: str) -> str:
     """The fingerprint a latency model is valid for: CPU, kernel ISA flags, torch, threads,
@@ -159,8 +174,8 @@ def target_key(target: Target | None = None, *, threads: int, batch: int,
 
 @dataclass(frozen=True)
 class Correction:
-    """Full measurements' correction: ``sum_f factor[f] * micro-timed ms of format f +
-    overhead_ms + other_ms_per_mb * MB moved by non-weight modules``."""
+    """Full measurements' correction: ``sum_f factor[f] * micro-timed ms of format f (weight
+    layers, pooling) + overhead_ms + other_ms_per_mb * MB moved by "other" modules``."""
 
     factors: tuple[tuple[str, float], ...] = ()
     overhead_ms: float = 0.0
@@ -244,7 +259,7 @@ class LatencyModel:
                 + fit.overhead_ms * bool(calls) + fit.other_ms_per_mb * other)
 
     def _split(self, calls: Sequence[LayerCall]) -> tuple[dict[str, float], float]:
-        """Micro-timed ms per format, and MB moved by non-weight modules."""
+        """Micro-timed ms per format, and MB moved by "other" modules."""
         per_format = dict.fromkeys(FORMATS, 0.0)
         other = 0.0
         for c in calls:
@@ -313,9 +328,9 @@ class LatencyModel:
 
     @staticmethod
     def path(cache_dir: str | Path, key: str) -> Path:
-        """Where the model of target ``key`` is kept under ``cache_dir``."""
+        """Where the model of target ``key`` is kept under ``cache_dir`` (v2: pooling timed)."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-        return Path(cache_dir) / "latency" / f"model-{digest}.json"
+        return Path(cache_dir) / "latency" / f"model-v2-{digest}.json"
 
 
 def error_summary(predicted: Sequence[float], measured: Sequence[float]

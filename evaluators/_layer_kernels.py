@@ -11,14 +11,14 @@ from functools import partial
 import torch
 
 from ._latency import _clock, measurement_lock, torch_threads
-from ._latency_model import OTHER, LayerCall
+from ._latency_model import FORMATS, OTHER, POOLS, LayerCall
 
 
 def time_layer_calls(calls: Iterable[LayerCall], threads: int = 1, *,
                      seconds: float = 0.02, isolated: bool = True) -> dict[LayerCall, float]:
-    """The median ms per call of each distinct weight-layer call, through the kernels the
-    compiled model runs (see ``kernel``), timed in a fresh process unless not
-    ``isolated``, about ``seconds`` each, under the machine's measurement lock."""
+    """The median ms per call of each distinct layer call of a timed kind (not ``"other"``),
+    through the kernels the compiled model runs (see ``kernel``), timed in a fresh process
+    unless not ``isolated``, about ``seconds`` each, under the machine's measurement lock."""
     distinct = tuple(dict.fromkeys(c for c in calls if c.kind != OTHER))
     if not distinct:
         return {}
@@ -70,8 +70,12 @@ def kernel(call: LayerCall) -> Callable[[], object]:
     lowering runs: oneDNN convolution (float, packed weights, channels last), MKL packed
     linear (fp32), oneDNN linear (bf16), oneDNN qconv / qlinear (int8, uint8 activations);
     int8 weight-only linear is folded to float weights, then scaled. Convolutions of the
-    float-activation int8 formats run in fp32 (those schemes convert Linear layers only)."""
+    float-activation int8 formats run in fp32 (those schemes convert Linear layers only).
+    Pooling runs channels last in the format's activation dtype (uint8 max pooling for
+    int8, as its lowering calls), float max pooling through oneDNN (no indices)."""
     torch.manual_seed(0)
+    if call.kind in POOLS:
+        return _pool(call)
     if call.kind == "linear":
         m, k, n = math.prod(call.input_shape[:-1]), call.in_features, call.output_shape[-1]
         return _LINEAR[call.format](torch.randn(m, k), torch.randn(n, k) * k ** -0.5,
@@ -98,6 +102,40 @@ def kernel(call: LayerCall) -> Callable[[], object]:
                                                          call.groups, x_shape)
     return partial(torch.ops.mkldnn._convolution_pointwise, x, w, b, padding, stride,
                    dilation, call.groups, "none", [], "")
+
+
+def _pool(call: LayerCall) -> Callable[[], object]:
+    n, ceil = len(call.kernel), _ceil_mode(call)
+    window = (list(call.kernel), list(call.stride), list(call.padding))
+    if call.kind.startswith("avg"):
+        x = _channels_last(torch.randn(call.input_shape)).to(_FLOAT[call.format])
+        return partial(getattr(torch.ops.aten, f"avg_pool{n}d"), x, *window, ceil)
+    if call.format == "int8" and n == 2:
+        qx = _channels_last(torch.randint(0, 256, call.input_shape, dtype=torch.uint8))
+        return partial(torch.ops.quantized.max_pool2d, qx, *window, list(call.dilation), ceil)
+    x = _channels_last(torch.randn(call.input_shape)).to(_FLOAT[call.format])
+    onednn = getattr(torch, f"mkldnn_max_pool{n}d", None)
+    if onednn is not None and torch.backends.mkldnn.is_available():
+        try:
+            fn = partial(onednn, x.to_mkldnn(), *window, list(call.dilation), ceil)
+            fn()
+            return fn
+        except RuntimeError:  # a dtype or geometry oneDNN does not take: the ATen kernel
+            pass
+    return partial(getattr(torch.ops.aten, f"max_pool{n}d"), x, *window, list(call.dilation),
+                   ceil)
+
+
+def _ceil_mode(call: LayerCall) -> bool:
+    """Whether the recorded output size needs ``ceil_mode`` (pooling does not record it)."""
+    floor = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+        call.input_shape[2:], call.kernel, call.stride, call.padding, call.dilation,
+        strict=True)]
+    return tuple(floor) != tuple(call.output_shape[2:])
+
+
+# the activation dtype pooling runs in (int8 static: uint8 for 2-d max pooling only)
+_FLOAT = {f: torch.bfloat16 if f == "bf16" else torch.float32 for f in FORMATS}
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:

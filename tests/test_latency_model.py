@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from paretoslim.evaluators import (
+    POOLS,
     LatencyModel,
     LayerCall,
     layer_calls,
@@ -48,7 +49,7 @@ def test_layer_calls_record_shapes_geometry_and_formats():
     model = TinyCNN()
     formats = layer_formats(model, "int8_static", ["head"])
     calls = layer_calls(model, torch.randn(2, 3, 16, 16), formats)
-    conv, head = (c for c in calls if c.kind != "other")
+    conv, head = (c for c in calls if c.kind in ("conv2d", "linear"))
     assert (conv.kind, conv.input_shape, conv.output_shape) == ("conv2d", (2, 3, 16, 16),
                                                                 (2, 8, 8, 8))
     assert (conv.kernel, conv.stride, conv.padding, conv.groups, conv.bias) == (
@@ -56,8 +57,24 @@ def test_layer_calls_record_shapes_geometry_and_formats():
     assert (conv.format, head.format) == ("int8", "fp32")
     assert head.input_shape == (2, 128) and head.output_shape == (2, 5) and head.bias
     assert conv.macs == 2 * 8 * 8 * 8 * 3 * 9 and head.macs == 2 * 5 * 128
-    pool = next(c for c in calls if c.kind == "other")
+    pool = next(c for c in calls if c.kind == "maxpool2d")
     assert pool.output_shape == (2, 8, 4, 4) and pool.format == "int8"  # follows the conv
+    assert (pool.kernel, pool.stride, pool.padding, pool.dilation) == ((2, 2), (2, 2), (0, 0),
+                                                                      (1, 1))
+    assert pool.weights == 0 and pool.macs == 2 * 8 * 4 * 4 * 4
+
+
+def test_pooling_is_timed_in_its_format():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(3, 2, ceil_mode=True),
+                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32, 4), nn.ReLU())
+    for fmt in ("fp32", "bf16", "int8"):
+        calls = layer_calls(model, torch.randn(2, 3, 12, 12), dict.fromkeys(["0", "4"], fmt))
+        pools = [c for c in calls if c.kind in POOLS]
+        assert [(c.kind, c.format) for c in pools] == [("maxpool2d", fmt), ("avgpool2d", fmt)]
+        assert pools[0].output_shape == (2, 8, 5, 5)  # ceil mode, read from the shapes
+        timings = time_layer_calls(calls, threads=1, seconds=0.001, isolated=False)
+        assert set(timings) == {c for c in calls if c.kind != "other"}
+        assert all(ms > 0 for ms in timings.values())
 
 
 def test_weight_only_formats_leave_convolutions_in_float_and_conv1d_is_a_linear():
@@ -149,3 +166,14 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.measurements == model.measurements
     assert loaded.predict((conv, linear(64))) == pytest.approx(model.predict((conv, linear(64))))
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_pooling_counts_in_its_formats_time():
+    pool = LayerCall("maxpool2d", (4, 8, 8, 8), (4, 8, 4, 4), (2, 2), (2, 2), (0, 0), (1, 1),
+                     format="int8")
+    model = LatencyModel("k", {linear(64, "int8"): 1.0, pool: 0.5})
+    calls = (linear(64, "int8"), pool, LayerCall("other", (4, 64), (4, 64), format="int8"))
+    assert model.raw(calls) == pytest.approx(1.5)
+    for scale in (1.0, 2.0, 3.0):  # int8 runs 1.2x its micro-timings, pooling included
+        model.add_measurement(calls[:1] * int(scale) + calls[1:], 1.2 * (scale + 0.5))
+    assert dict(model.correction.factors)["int8"] == pytest.approx(1.2, rel=0.03)
