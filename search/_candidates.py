@@ -58,6 +58,7 @@ class CandidateTier:
         self.scorer: CandidateScorer | None = None
         self.elastic_path = None
         self.active = True
+        self.reference_ms: float | None = None  # the teacher's time the model learns at
 
     # --- the run ------------------------------------------------------------------------
 
@@ -95,9 +96,10 @@ class CandidateTier:
 
     def settings(self, settings: TrialSettings) -> TrialSettings:
         """The settings of a trial that fine-tunes from its slice
-        (``candidates.learning_rate``)."""
-        finetune = dataclasses.replace(settings.finetune,
-                                       learning_rate=self.spec.candidates.learning_rate)
+        (``candidates.learning_rate`` and ``candidates.finetune_steps``)."""
+        c = self.spec.candidates
+        finetune = dataclasses.replace(settings.finetune, learning_rate=c.learning_rate,
+                                       steps=c.finetune_steps or settings.finetune.steps)
         return dataclasses.replace(settings, finetune=finetune)
 
     def start(self, recipe: Recipe) -> nn.Module | None:
@@ -236,11 +238,13 @@ class CandidateTier:
             "candidate": number, "predicted_quality": prediction.quality,
             "predicted_quality_drop": prediction.quality_drop,
             "predicted_latency_ms": prediction.latency_ms,
-            "predicted_size_mb": prediction.size_mb})
+            "predicted_size_mb": prediction.size_mb, "predicted_speedup": prediction.speedup})
         return True
 
     def learn(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Teach the latency model the measured latency of a completed trial."""
+        """Teach the latency model the measured latency of a completed trial and of the
+        teacher timed beside it, both scaled to the machine's speed when the first was
+        timed (the teacher's time drifts about 20% between processes)."""
         record = StudyStore.record(trial)
         recipe = record.parsed_recipe()
         if not record.complete or recipe is None or self.scorer is None:
@@ -250,11 +254,14 @@ class CandidateTier:
         except ValueError:
             return
         formats, _ = self.scorer.formats(recipe, structure)
-        self.scorer.latency.add_measurement(layer_calls(structure, self.scorer.example, formats),
-                                            record.metrics["latency_ms"])
         baseline_ms = record.metrics.get("baseline_latency_ms")
+        scale = 1.0
         if baseline_ms:
-            self.scorer.latency.add_measurement(self.scorer.teacher_calls, baseline_ms)
+            self.reference_ms = self.reference_ms or baseline_ms
+            scale = self.reference_ms / baseline_ms
+            self.scorer.latency.add_measurement(self.scorer.teacher_calls, self.reference_ms)
+        self.scorer.latency.add_measurement(layer_calls(structure, self.scorer.example, formats),
+                                            record.metrics["latency_ms"] * scale)
         self.scorer.latency.save(self.latency_path)
 
 

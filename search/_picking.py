@@ -20,6 +20,8 @@ from ._report_data import hypervolume
 from ._spec import StudySpec
 from ._store import StudyStore
 
+MIN_DROP = 0.002  # a predicted drop below this tells nothing of the fine-tune's recovery
+
 
 @dataclass
 class Picker:
@@ -35,7 +37,7 @@ class Picker:
         most predicted hypervolume to the measured front, with its prediction and number;
         None when none adds any."""
         taken, stopped = self.taken(study), self.stopped_structures(study)
-        offset = self.quality_offset(study)
+        kept = 1.0 - self.recovered_fraction(study)
         limit = self.spec.constraints.max_quality_drop + self.spec.candidates.margin
         pool = []
         for t in candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -44,7 +46,7 @@ class Picker:
             if (record.duplicate_of is not None or recipe is None
                     or recipe in taken or structure_key(recipe) in stopped):
                 continue
-            drop = record.metrics["quality_drop"] - offset
+            drop = record.metrics["quality_drop"] * kept
             if drop <= limit:
                 pool.append((recipe, t.number, drop, record.metrics))
         if not pool:
@@ -97,21 +99,27 @@ class Picker:
                 math.log(self.baseline.size_mb * 1.05)]
 
     def measured_losses(self, study: optuna.Study) -> np.ndarray:
-        """The feasible measured points as (drop, log ms, log MB) rows."""
+        """The feasible measured points as (drop, log ms, log MB) rows, each latency put on
+        the latency model's scale through its measured speedup over the teacher timed beside
+        it (timings of different processes differ by the machine's drift)."""
         limit = self.spec.constraints.max_quality_drop
+        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls)
         rows = []
         for record in StudyStore(study).completed_records():
             m = record.metrics
             if m.get("quality_drop", 1.0) <= limit:
-                rows.append([m["quality_drop"], math.log(m["latency_ms"]),
-                             math.log(m["size_mb"])])
+                ms = teacher_ms / m["speedup"] if m.get("speedup") else m["latency_ms"]
+                rows.append([m["quality_drop"], math.log(ms), math.log(m["size_mb"])])
         return np.array(rows).reshape(-1, 3)
 
-    def quality_offset(self, study: optuna.Study) -> float:
-        """How much of a slice's predicted quality drop the fine-tune recovers: the median
-        over the measured candidates of predicted minus measured drop; before any was
+    def recovered_fraction(self, study: optuna.Study) -> float:
+        """The fraction of a slice's predicted quality drop the fine-tune recovers: the
+        median over the measured candidates of ``1 - measured / predicted drop`` (those
+        predicted to lose at least ``MIN_DROP``), clipped to [0, 1]; before any was
         measured, the spec's prior ``candidates.recovery``."""
-        gaps = [r.metrics["quality_drop"] - r.metrics["predicted_quality_drop"]
-                for r in StudyStore(study).completed_records()
-                if "predicted_quality_drop" in r.metrics]
-        return -statistics.median(gaps) if gaps else self.spec.candidates.recovery
+        fractions = [1.0 - r.metrics["quality_drop"] / r.metrics["predicted_quality_drop"]
+                     for r in StudyStore(study).completed_records()
+                     if r.metrics.get("predicted_quality_drop", 0.0) >= MIN_DROP]
+        if not fractions:
+            return self.spec.candidates.recovery
+        return min(1.0, max(0.0, statistics.median(fractions)))

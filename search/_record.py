@@ -121,10 +121,11 @@ class TrialRecord:
 
 def prediction_errors(prediction: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """A measured candidate's predicted figures beside its measured ones: the prediction
-    itself and its errors (latency and size relative, ``predicted / measured - 1``; quality
-    drop in the metric's units, ``predicted - measured``)."""
+    itself and its errors (latency, speedup and size relative, ``predicted / measured - 1``;
+    quality drop in the metric's units, ``predicted - measured``). The speedup's error is
+    free of the machine's drift between processes, which moves both timings alike."""
     out = {k: v for k, v in prediction.items() if k.startswith("predicted_") or k == "candidate"}
-    for name in ("latency_ms", "size_mb"):
+    for name in ("latency_ms", "size_mb", "speedup"):
         predicted, measured = prediction.get(f"predicted_{name}"), metrics.get(name)
         if predicted is not None and measured:
             out[f"{name.split('_')[0]}_prediction_error"] = predicted / measured - 1.0
@@ -161,7 +162,8 @@ _NUMERIC_METRICS = frozenset((
     "threads", "compress_s", "trial_s", "seed", "finetune_steps", "stopped_at_step",
     "latency_cached_from", "lowering_error", "promoted_at_step", "speedup_low",
     "speedup_high", "candidate", "predicted_quality", "predicted_quality_drop",
-    "predicted_latency_ms", "predicted_size_mb", "latency_prediction_error",
+    "predicted_latency_ms", "predicted_size_mb", "predicted_speedup",
+    "latency_prediction_error", "speedup_prediction_error",
     "size_prediction_error", "quality_drop_prediction_error", "proxy_s"))
 _TEXT_METRICS = frozenset(("structure", "rungs", "lowering", "sparse_execution",
                            "measured_on", "traceback", "stage_seconds", "promoted", "tier",

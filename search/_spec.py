@@ -152,18 +152,20 @@ class CandidatesSpec:
     ``population`` per generation); the elastic student they are sliced from trains
     ``elastic_steps`` sandwich steps at ``elastic_learning_rate``. The measured tier runs
     the candidates predicted within ``margin`` of the quality limit that add most to the
-    measured front, counting that a fine-tune from the slice recovers ``recovery`` of its
-    predicted drop until measured candidates tell how much it does. A measured candidate
-    fine-tunes from its slice at ``learning_rate`` (the slice starts trained: a high rate
-    would undo that)."""
+    measured front, counting that a fine-tune from the slice recovers the fraction
+    ``recovery`` of its predicted drop until measured candidates tell how much it does. A
+    measured candidate fine-tunes from its slice for ``finetune_steps`` (0: the
+    ``[finetune]`` steps) at ``learning_rate`` (the slice starts trained: it needs fewer
+    steps, and a rate as high as a fine-tune from the teacher's would undo its training)."""
 
     count: int = 0
     population: int = 24
     elastic_steps: int = 700
     elastic_learning_rate: float = 2e-3
     margin: float = 0.005
-    recovery: float = 0.01
-    learning_rate: float = 5e-4
+    recovery: float = 0.4
+    learning_rate: float = 2e-3
+    finetune_steps: int = 0
 
     def __post_init__(self) -> None:
         check_range("count", self.count, 0, 100_000)
@@ -172,6 +174,7 @@ class CandidatesSpec:
         check_range("margin", self.margin, 0.0, 1.0)
         check_range("recovery", self.recovery, 0.0, 1.0)
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_range("finetune_steps", self.finetune_steps, 0, 10**7)
         check_range("elastic_learning_rate", self.elastic_learning_rate, 0.0, 1.0,
                     low_open=True)
 

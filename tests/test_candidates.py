@@ -116,8 +116,63 @@ def test_prediction_errors_are_relative_for_latency_and_size():
         {"latency_ms": 1.0, "size_mb": 1.0, "quality_drop": 0.006})
     assert errors["latency_prediction_error"] == pytest.approx(0.1)
     assert errors["size_prediction_error"] == pytest.approx(-0.1)
+    assert "speedup_prediction_error" not in errors  # nothing predicted, nothing compared
+    drift = prediction_errors({"predicted_latency_ms": 1.0, "predicted_speedup": 8.0},
+                              {"latency_ms": 1.25, "speedup": 8.0})  # a slower process
+    assert drift["latency_prediction_error"] == pytest.approx(-0.2)
+    assert drift["speedup_prediction_error"] == pytest.approx(0.0)
     assert errors["quality_drop_prediction_error"] == pytest.approx(-0.002)
     assert errors["candidate"] == 7
+
+
+def _measured(study, predicted_drop, drop, **metrics):
+    recorded_trial(study, values=(0.9, 1.0, 1.0), metrics={
+        "quality": 0.9, "quality_drop": drop, "predicted_quality_drop": predicted_drop,
+        "latency_ms": 1.0, "size_mb": 1.0, **metrics})
+
+
+def test_the_recovered_fraction_is_the_prior_until_candidates_are_measured():
+    from paretoslim.search._picking import Picker
+    from paretoslim.search._spec import CandidatesSpec, StudySpec
+
+    spec = StudySpec(name="s", task="t.py:f",
+                     candidates=CandidatesSpec(count=10, recovery=0.3))
+    picker, study = Picker(spec, None, None), recorded_study()
+    assert picker.recovered_fraction(study) == pytest.approx(0.3)
+    _measured(study, 0.001, 0.0)  # too small a predicted drop to tell anything
+    assert picker.recovered_fraction(study) == pytest.approx(0.3)
+    for predicted, real in ((0.02, 0.01), (0.03, 0.012), (0.01, 0.008)):
+        _measured(study, predicted, real)
+    assert picker.recovered_fraction(study) == pytest.approx(0.5)  # median of .5, .6, .2
+    for _ in range(3):
+        _measured(study, 0.01, 0.03)
+    assert picker.recovered_fraction(study) == 0.0  # a fine-tune that loses is clipped
+
+
+def test_measurements_are_learned_at_the_speed_of_the_first_teacher_timing(monkeypatch):
+    """Each trial's latency is scaled by the teacher timed beside it, so a slower process
+    does not teach the latency model a slower structure."""
+    from types import SimpleNamespace
+
+    from paretoslim.evaluators import LatencyModel
+    from paretoslim.search import _candidates
+    from paretoslim.search._candidates import CandidateTier
+
+    monkeypatch.setattr(_candidates, "layer_calls", lambda *a: ("structure",))
+    model = LatencyModel("key")
+    monkeypatch.setattr(model, "save", lambda path: None)
+    scorer = SimpleNamespace(latency=model, teacher_calls=("teacher",), example=None,
+                             structure=lambda recipe: None, formats=lambda r, s: ({}, []))
+    tier = CandidateTier.__new__(CandidateTier)
+    tier.scorer, tier.reference_ms, tier.latency_path = scorer, None, None
+    study = recorded_study()
+    for teacher_ms, ms in ((20.0, 2.0), (25.0, 2.5)):  # the second process runs 25% slower
+        recorded_trial(study, recipe=Recipe().to_dict(), values=(0.9, ms, 1.0), metrics={
+            "quality": 0.9, "quality_drop": 0.0, "latency_ms": ms, "size_mb": 1.0,
+            "baseline_latency_ms": teacher_ms})
+        tier.learn(study, study.trials[-1])
+    assert model.measurements == [(("teacher",), 20.0), (("structure",), 2.0),
+                                  (("teacher",), 20.0), (("structure",), 2.0)]
 
 
 def test_all_trials_lists_the_predicted_tier_apart():
