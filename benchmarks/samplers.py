@@ -32,8 +32,10 @@ record = StudyStore.record
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.toml"
 OFF = {"seeds": [], "stopping": {"enabled": False}}
 ARMS = {
-    # the default study as shipped
+    # the default study as shipped: two tiers (candidates predicted, the front measured)
     "default": {},
+    # the default study with every trial measured (seed recipes, then the sampler)
+    "single-tier": {"candidates": {"count": 0}},
     # random search, nothing else
     "random": {"sampler": {"name": "random"}, **OFF},
     # NSGA-II without seeds, stopping or promotion

@@ -17,6 +17,7 @@ from ._job import (
     program_bytes,
     run_isolated,
     run_latency_job,
+    save_json,
 )
 from ._latency import (
     ComputeShare,
@@ -71,6 +72,7 @@ __all__ = [
     "SpeedupMeasurement",
     "accuracy",
     "cache_dir",
+    "save_json",
     "deployed_tensors",
     "estimated_size_mb",
     "error_summary",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import pickle
 import platform
@@ -327,6 +328,16 @@ def _load(data: bytes) -> torch.export.ExportedProgram:
 def cache_dir() -> Path:
     """$PARETOSLIM_CACHE, else ``~/.cache/paretoslim``."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def save_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path``, whole or not at all (a temporary file renamed
+    over it), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(value))
+    os.replace(scratch, path)
 
 
 def _teacher_package(job: LatencyJob) -> Path:

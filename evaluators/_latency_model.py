@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -21,6 +20,7 @@ from torch.nn.modules.utils import _ntuple
 
 from ..kernels import Target, detect_target
 from ..spaces import model_io
+from ._job import save_json
 
 Format = Literal["fp32", "bf16", "int8", "int8_dynamic", "int8_weight"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -315,11 +315,7 @@ class LatencyModel:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, whole or not at all (a temporary file renamed over ``path``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(self.to_dict()))
-        os.replace(scratch, path)
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:

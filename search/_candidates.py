@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import random
 import time
+from functools import partial
 
 import optuna
 from optuna.trial import TrialState
@@ -18,6 +21,7 @@ from ..evaluators import (
     LatencyModel,
     cache_dir,
     layer_calls,
+    save_json,
     target_key,
     time_layer_calls,
 )
@@ -30,7 +34,7 @@ from ._private import storage_of_study
 from ._progress import StudyProgress
 from ._proxy import CandidateScorer, Prediction, unpredicted
 from ._record import TrialRecord, TrialResult
-from ._sampling import enqueue_seeds, make_sampler, suggest_recipe
+from ._sampling import enqueue_seeds, make_sampler, suggest_recipe, untried_params
 from ._spec import StudySpec
 from ._store import StudyStore
 from ._study import CANDIDATES_SUFFIX
@@ -38,6 +42,7 @@ from ._task import Task
 from ._trial import TrialSettings
 
 REPEATS_IN_A_ROW = 60  # proposals in a row of scored recipes: the space is exhausted
+REPEATS_BEFORE_A_DRAW = 5  # repeats in a row after which a random unscored recipe is next
 
 
 def candidate_study(study: optuna.Study, spec: StudySpec) -> optuna.Study:
@@ -115,8 +120,21 @@ class CandidateTier:
         """Load or build the elastic student and the latency model."""
         elastic = self._elastic(ends_at)
         latency = self._latency_model()
-        self.scorer = CandidateScorer(self.task, self.spec, self.baseline, elastic, latency)
+        drops = {}
+        if self.drops_path.exists():
+            try:
+                drops = json.loads(self.drops_path.read_text())
+            except (OSError, ValueError):
+                drops = {}  # a damaged cache is rebuilt
+        self.scorer = CandidateScorer(self.task, self.spec, self.baseline, elastic, latency,
+                                      drops)
         self._calibrate_latency()
+
+    @property
+    def drops_path(self):
+        """Where the predicted quality drops of the elastic student's candidates are kept:
+        a later study of the same teacher (another batch, another target) reuses them."""
+        return self.elastic_path.with_name(self.elastic_path.stem + ".drops.json")
 
     def _elastic(self, ends_at: float | None) -> ElasticStudent:
         c, teacher = self.spec.candidates, self.task.model
@@ -130,14 +148,14 @@ class CandidateTier:
         if path.exists():
             self.progress.note(f"elastic student: loaded from cache {path}")
             return ElasticStudent.load(path, teacher, self.task.example_input)
-        self.progress.current = "elastic student (sandwich steps)"
+        self.progress.current = "elastic student"
         self.progress.stage("")
         started = time.perf_counter()
         elastic = ElasticStudent(teacher, self.task.example_input)
         elastic.train(structures, self.task.train, c.elastic_steps,
                       distillation=structures[0].distillation,
                       learning_rate=c.elastic_learning_rate, seed=self.spec.seed,
-                      on_step=self.progress.fine_tune_step)
+                      on_step=partial(self.progress.fine_tune_step, unit="sandwich step"))
         self.progress.current = ""
         path.parent.mkdir(parents=True, exist_ok=True)
         elastic.save(path)
@@ -192,6 +210,7 @@ class CandidateTier:
             if record.duplicate_of is None and record.parsed_recipe() is not None:
                 scored[record.parsed_recipe()] = t
         target, repeats = self.spec.candidates.count, 0
+        rng = random.Random(f"{self.spec.seed}:{len(scored)}")
         bar = self.progress.counter("candidates scored", target, len(scored))
         try:
             while len(scored) < target and repeats < REPEATS_IN_A_ROW:
@@ -202,6 +221,11 @@ class CandidateTier:
                 if recipe in scored:
                     repeats += 1
                     _tell_repeat(candidates, trial, recipe, scored[recipe])
+                    if repeats % REPEATS_BEFORE_A_DRAW == 0:  # the sampler has converged
+                        params = untried_params(self.spec, scored, rng)
+                        if params is None:
+                            break  # the space is, as far as draws tell, exhausted
+                        candidates.enqueue_trial(params)
                     continue
                 repeats = 0
                 self._score_one(candidates, trial, recipe)
@@ -209,6 +233,7 @@ class CandidateTier:
                 bar.update(1)
         finally:
             bar.close(len(scored))
+            save_json(self.drops_path, self.scorer.drops)
         return len(scored)
 
     def _score_one(self, candidates: optuna.Study, trial: optuna.Trial, recipe: Recipe) -> None:

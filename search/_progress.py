@@ -58,15 +58,16 @@ class StudyProgress:
     def stage(self, name: str) -> None:
         self.bar.set_postfix_str(f"{self.current} {name}".strip(), refresh=True)
 
-    def fine_tune_step(self, done: int, total: int) -> None:
-        """The running trial's fine-tune reached step ``done`` of ``total``: shown on the
-        bar, and into a log at most every 30 s with an estimate of the time left."""
+    def fine_tune_step(self, done: int, total: int, *, unit: str = "fine-tune step") -> None:
+        """The running trial's fine-tune (or other training, named by ``unit``) reached
+        step ``done`` of ``total``: shown on the bar, and into a log at most every 30 s with
+        an estimate of the time left."""
         now = time.monotonic()
         if done <= 1:
             self._step_started = self._last_line = now
         # the pace from the end of the first step: it also holds the first compilation
         left = time_left(now - self._step_started, done - 1, total - 1)
-        text = f"fine-tune step {done}/{total}{left}"
+        text = f"{unit} {done}/{total}{left}"
         if self.terminal and now - self._last_redraw >= 0.5:
             self._last_redraw = now
             self.bar.set_postfix_str(f"{self.current} {text}", refresh=True)

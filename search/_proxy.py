@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,11 +80,15 @@ def unpredicted(recipe: Recipe) -> str | None:
 
 class CandidateScorer:
     """Scores recipes of ``spec``'s space on ``task`` (slices of ``elastic``, latencies of
-    ``latency``); a structure's slice and float quality are computed once."""
+    ``latency``); a structure's slice is computed once, and a recipe's predicted quality
+    drop once per elastic student (``drops``, which its caller may keep: it does not
+    depend on the latency target)."""
 
     def __init__(self, task: Task, spec: StudySpec, baseline: Baseline,
-                 elastic: ElasticStudent, latency: LatencyModel):
+                 elastic: ElasticStudent, latency: LatencyModel,
+                 drops: dict[str, float] | None = None):
         self.task, self.spec, self.baseline = task, spec, baseline
+        self.drops = {} if drops is None else drops  # predicted drops by ``drop_key``
         self.elastic, self.latency = elastic, latency
         self.val = _channels_last(val_slice(task, spec.stopping.slice_samples))
         self.teacher_slice_quality = quality_of(task, task.model, self.val)
@@ -121,11 +126,15 @@ class CandidateScorer:
         formats, kept = self.formats(recipe, structure)
         bits = recipe.weight_sharing.bits
         clustered = frozenset(n for n in formats if n not in kept) if bits else frozenset()
-        simulated = simulate_numerics(copy.deepcopy(structure), formats, self.calibration,
-                                      cluster_bits=bits, clustered=clustered)
-        if _images(self.val):
-            simulated = simulated.to(memory_format=torch.channels_last)  # 1.6x faster eager
-        drop = max(0.0, self.teacher_slice_quality - quality_of(self.task, simulated, self.val))
+        key = self.drop_key(recipe)
+        if key not in self.drops:
+            simulated = simulate_numerics(copy.deepcopy(structure), formats, self.calibration,
+                                          cluster_bits=bits, clustered=clustered)
+            if _images(self.val):
+                simulated = simulated.to(memory_format=torch.channels_last)  # 1.6x faster
+            self.drops[key] = max(0.0, self.teacher_slice_quality
+                                  - quality_of(self.task, simulated, self.val))
+        drop = self.drops[key]
         latency = self.latency_ms(recipe, structure, formats)
         teacher = self.latency.predict(self.teacher_calls)
         return Prediction(
@@ -134,6 +143,12 @@ class CandidateScorer:
             size_mb=estimated_size_mb(structure, formats, cluster_bits=bits,
                                       clustered=clustered),
             seconds=time.perf_counter() - started)
+
+    def drop_key(self, recipe: Recipe) -> str:
+        """What a predicted quality drop depends on besides the elastic student: the
+        recipe and the held-out slice."""
+        return json.dumps([self.spec.stopping.slice_samples, recipe.to_dict()],
+                          sort_keys=True)
 
     def latency_ms(self, recipe: Recipe, structure: nn.Module | None = None,
                    formats: dict[str, str] | None = None) -> float:

@@ -35,7 +35,9 @@ class RungPolicy:
 
     ``watching``: the rungs are watched (else only each step is followed: ``on_step(done,
     total)`` and the compute share's pause point). The structure's latency and size come
-    from ``timer`` (its kept structure) once a rung needs them.
+    from ``timer`` (its kept structure) once a rung needs them. With ``trained_start`` (a
+    fine-tune from a trained slice, whose first steps may dip below its start), the
+    quality at step 0 is recorded but not projected from.
     """
 
     def __init__(self, task: Task, baseline: Baseline, guide: Guide, timer: StructureTimer,
@@ -46,6 +48,7 @@ class RungPolicy:
         self.partial: dict[str, Any] = {}
         self.curve: list[Rung] = []
         self.watching = False
+        self.trained_start = False
         self.finetune_started = 0.0
         self.step_ends: deque = deque(maxlen=PACE_STEPS + 1)
 
@@ -80,10 +83,18 @@ class RungPolicy:
         promoted = self._promotion(step, steps, limit)
         if promoted is not None:
             return Verdict(extend_to=promoted)
-        reason = stop_reason(self.curve, limit, stopping.slack) or self._halving(step, steps)
+        reason = (stop_reason(self.projected_curve, limit, stopping.slack)
+                  or self._halving(step, steps))
         if reason is not None:
             return Verdict(stop=reason)
         return Verdict()
+
+    @property
+    def projected_curve(self) -> list[Rung]:
+        """The rungs a projection reads (without step 0 after a trained start)."""
+        if self.trained_start:
+            return [r for r in self.curve if r.step > 0]
+        return self.curve
 
     def gate(self, quality: float) -> None:
         """Raise TrialStopped when the quality after the fine-tune is above the limit."""
@@ -114,7 +125,7 @@ class RungPolicy:
         if (step != last or stopping.promote_steps <= steps or self.guide.promotions_left < 1
                 or self.timer.structure is None or not self._fits(step, stopping.promote_steps)):
             return None
-        reason = promotion_reason(self.curve, limit, stopping.promote_margin)
+        reason = promotion_reason(self.projected_curve, limit, stopping.promote_margin)
         if reason is None:
             return None
         size, latency = self.timer.structure_size(), self.timer.structure_latency()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from typing import Any
 
 import optuna
@@ -121,13 +122,22 @@ def enqueue_untried(study: optuna.Study, spec: StudySpec, draws: int = 200) -> b
             tried.append(spec.space.recipe(params))
         except (KeyError, TypeError, ValueError):
             continue  # a trial that stopped before its recipe was sampled
-    rng = random.Random(f"{spec.seed}:{len(tried)}")
+    params = untried_params(spec, tried, random.Random(f"{spec.seed}:{len(tried)}"), draws)
+    if params is None:
+        return False
+    study.enqueue_trial(params)
+    return True
+
+
+def untried_params(spec: StudySpec, tried: Collection[Recipe], rng: random.Random,
+                   draws: int = 200) -> dict[str, Any] | None:
+    """The parameters of a recipe of the spec's space not in ``tried``, drawn at random;
+    None when ``draws`` draws found none."""
     for _ in range(draws):
         params = {name: _draw(domain, rng) for name, domain in spec.space.searched().items()}
         if spec.space.recipe(params) not in tried:
-            study.enqueue_trial(params)
-            return True
-    return False
+            return params
+    return None
 
 
 def _draw(domain: Any, rng: random.Random) -> Any:

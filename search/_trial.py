@@ -75,6 +75,7 @@ def run_trial(task: Task, recipe: Recipe, settings: TrialSettings, baseline: Bas
     trial = _Trial(task, recipe, settings, baseline, guide or Guide(), clock.enter,
                    measure, on_step or (lambda _done, _total: None))
     trial.start = start
+    trial.policy.trained_start = start is not None
     try:
         measured = trial.run()
     except TrialStopped as stop:

@@ -15,6 +15,7 @@ from paretoslim.evaluators import estimated_size_mb, size_mb
 from paretoslim.evaluators._latency import median_interval
 from paretoslim.search._pareto import FrontPoint, within_noise
 from paretoslim.search._record import prediction_errors
+from paretoslim.search._store import StudyStore
 from paretoslim.spaces import Recipe, compress, layer_formats, simulate_numerics
 
 
@@ -175,6 +176,38 @@ def test_measurements_are_learned_at_the_speed_of_the_first_teacher_timing(monke
                                   (("teacher",), 20.0), (("structure",), 2.0)]
 
 
+def test_a_sampler_that_repeats_itself_does_not_end_the_screening(tmp_path, monkeypatch):
+    """When the sampler proposes only recipes already scored, random unscored ones are
+    drawn: the screening reaches its count."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from paretoslim.search import _candidates, parse_spec
+    from paretoslim.search._candidates import CandidateTier, candidate_study
+    from paretoslim.search._progress import StudyProgress
+    from paretoslim.search._proxy import Prediction
+
+    class Stuck(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            return distribution.to_external_repr(0) if hasattr(distribution, "choices") \
+                else distribution.low
+
+    monkeypatch.setattr(_candidates, "make_sampler", lambda spec, population: Stuck())
+    spec = parse_spec({"task": "t.py:f", "name": "s", "candidates": {"count": 8},
+                       "space": {"student": {"width": [0.5, 0.75, 1.0]},
+                                 "pruning": {"ratio": [0.0, 0.2, 0.4]}}}, tmp_path / "s.toml")
+    tier = CandidateTier.__new__(CandidateTier)
+    tier.spec, tier.elastic_path = spec, tmp_path / "elastic.pt"
+    tier.progress = StudyProgress(target=1, completed=0, enabled=False)
+    tier.scorer = SimpleNamespace(drops={}, score=lambda recipe: Prediction(
+        0.9, 0.0, 1.0, 2.0, 1.0, 0.0))
+    study = recorded_study(name="s")
+    assert tier.screen(study, None) == 8
+    scored = StudyStore(candidate_study(study, spec)).completed_records()
+    assert len({json.dumps(r.recipe, sort_keys=True) for r in scored}) == 8
+
+
 def test_all_trials_lists_the_predicted_tier_apart():
     from paretoslim.search._front import render_front
 
@@ -224,3 +257,5 @@ def test_a_two_tier_study_measures_only_candidates_it_predicted(in_tmp, monkeypa
     assert not study.get_trials(states=(TrialState.WAITING,))
     cache = in_tmp / "cache"
     assert list((cache / "elastic").glob("*.pt")) and list((cache / "latency").glob("*.json"))
+    drops = json.loads(next((cache / "elastic").glob("*.drops.json")).read_text())
+    assert len(drops) >= len(predicted)  # kept for the next study of this teacher

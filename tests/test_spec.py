@@ -30,6 +30,17 @@ def test_shipped_fashion_mnist_spec_is_valid():
     assert isinstance(spec.space.domains["quantization.scheme"], Choice)
 
 
+def test_the_batch_one_study_shares_the_default_studys_space_and_elastic_student():
+    """Its candidates are the default study's: the elastic student and the predicted
+    quality drops cached by one serve the other."""
+    default = load_spec(STUDIES / "fashion_mnist.toml")
+    batch1 = load_spec(STUDIES / "fashion_mnist_batch1.toml")
+    assert batch1.latency.batch_size == 1 and batch1.name != default.name
+    assert batch1.space == default.space and batch1.candidates == default.candidates
+    assert (batch1.task, batch1.seed, batch1.stopping) == (default.task, default.seed,
+                                                           default.stopping)
+
+
 def test_full_spec(tmp_path):
     path = _spec_file(tmp_path, """
 task = "my_task.py:make_task"

@@ -430,3 +430,20 @@ def test_a_drop_of_exactly_the_limit_is_feasible():
     assert 0.9337 - 0.9237 > 0.01  # the floating-point residue
     assert quality_drop(0.9337, 0.9237) <= 0.01
     assert quality_drop(0.9337, 0.9236) > 0.01
+
+
+def test_a_fine_tune_from_a_trained_slice_is_not_stopped_for_its_first_dip():
+    """A trained slice starts high and dips in its first, fast steps: its step-0 quality is
+    not a point of its recovery curve, so the first rung after it projects no bound."""
+    from paretoslim.search._rung_policy import RungPolicy
+    from paretoslim.search._stopping import Rung, stop_reason
+
+    policy = RungPolicy(None, None, Guide(), None, None, print, print)
+    policy.curve = [Rung(0, 300, 0.923), Rung(75, 300, 0.915)]  # measured on Fashion-MNIST
+    assert stop_reason(policy.projected_curve, 0.9285, 0.005) is not None
+    policy.trained_start = True
+    assert stop_reason(policy.projected_curve, 0.9285, 0.005) is None
+    policy.curve.append(Rung(150, 300, 0.9275))  # recovering: projected past the limit
+    assert stop_reason(policy.projected_curve, 0.9285, 0.005) is None
+    policy.curve.append(Rung(225, 300, 0.9180))  # falling again: stopped
+    assert stop_reason(policy.projected_curve, 0.9285, 0.005) is not None
