@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -22,6 +24,7 @@ import numpy as np
 import tomllib
 from optuna.trial import TrialState
 
+from paretoslim.evaluators import CACHE_ENV, cache_dir
 from paretoslim.kernels import detect_target
 from paretoslim.search import parse_spec, run_study
 from paretoslim.search._private import compute_hypervolume
@@ -61,7 +64,20 @@ def hypervolume(study, limit: float) -> tuple[float, int]:
     return compute_hypervolume(np.array(points), np.array([limit, 1.0, 1.0])), len(points)
 
 
-def run_arm(name: str, seed: int, budget: float, runs: Path) -> dict:
+def cold_cache(runs: Path, name: str) -> Path:
+    """A fresh cache directory for one run holding only links to the cached teachers: the
+    elastic student, the latency model and compiled programs are built inside the budget."""
+    cold = runs / f"cache-{name}"
+    shutil.rmtree(cold, ignore_errors=True)
+    cold.mkdir(parents=True)
+    for teacher in cache_dir().glob("*_teacher_*.pt"):
+        (cold / teacher.name).symlink_to(teacher.resolve())
+    return cold
+
+
+def run_arm(name: str, seed: int, budget: float, runs: Path, cold: bool = False) -> dict:
+    if cold:
+        os.environ[CACHE_ENV] = str(cold_cache(runs, f"{name}-{seed}"))
     data = tomllib.loads(SPEC.read_text())
     for key, value in ARMS[name].items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -90,6 +106,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--runs", type=Path, default=Path("runs/samplers"))
     parser.add_argument("--out", type=Path, default=Path("samplers.jsonl"))
+    parser.add_argument("--cold", action="store_true",
+                        help="each run with nothing cached but the teacher")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -97,7 +115,8 @@ def main() -> None:
     with args.out.open("a") as out:
         for seed in args.seeds:
             for arm in args.arms:
-                row = {**run_arm(arm, seed, args.budget, args.runs),
+                row = {**run_arm(arm, seed, args.budget, args.runs, args.cold),
+                       "cold": args.cold,
                        "cpu": detect_target("cpu-x86").cpu}
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")

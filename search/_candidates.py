@@ -109,16 +109,30 @@ class CandidateTier:
 
     def start(self, recipe: Recipe) -> nn.Module | None:
         """A copy of the recalibrated slice of ``recipe``'s structure to fine-tune from
-        (None: derive it from the teacher)."""
+        (None: derive it from the teacher, as for the teacher's own structure, which needs
+        no fine-tune)."""
         if not self.active or self.scorer is None or unpredicted(recipe) is not None:
             return None
-        return copy.deepcopy(self.scorer.structure(recipe))
+        structure = self.scorer.structure(recipe)
+        return None if self.scorer.is_teacher(structure) else copy.deepcopy(structure)
 
     # --- the proxies --------------------------------------------------------------------
 
     def prepare(self, ends_at: float | None) -> None:
         """Load or build the elastic student and the latency model."""
-        elastic = self._elastic(ends_at)
+        self._build_scorer(self._elastic(ends_at))
+
+    def prepare_latency(self) -> LatencyModel:
+        """Load the latency model and time every layer the space's design structures call
+        that it has not timed (``paretoslim bench latency``): the slices' shapes come from
+        the cached elastic student, else from an untrained one (the same shapes)."""
+        path = self._elastic_path()
+        elastic = (ElasticStudent.load(path, self.task.model, self.task.example_input)
+                   if path.exists() else ElasticStudent(self.task.model, self.task.example_input))
+        self._build_scorer(elastic)
+        return self.scorer.latency
+
+    def _build_scorer(self, elastic: ElasticStudent) -> None:
         latency = self._latency_model()
         drops = {}
         if self.drops_path.exists():
@@ -136,15 +150,20 @@ class CandidateTier:
         a later study of the same teacher (another batch, another target) reuses them."""
         return self.elastic_path.with_name(self.elastic_path.stem + ".drops.json")
 
+    def _elastic_path(self):
+        """Where the elastic student of this teacher, space and training is cached."""
+        c, structures = self.spec.candidates, structural_recipes(self.spec.space)
+        key = ElasticStudent.cache_key(
+            self.task.model, structures=[structure_key(r) for r in structures],
+            steps=c.elastic_steps, learning_rate=c.elastic_learning_rate,
+            distillation=repr(structures[0].distillation), seed=self.spec.seed)
+        self.elastic_path = cache_dir() / "elastic" / f"{key}.pt"
+        return self.elastic_path
+
     def _elastic(self, ends_at: float | None) -> ElasticStudent:
         c, teacher = self.spec.candidates, self.task.model
         structures = structural_recipes(self.spec.space)
-        key = ElasticStudent.cache_key(
-            teacher, structures=[structure_key(r) for r in structures],
-            steps=c.elastic_steps, learning_rate=c.elastic_learning_rate,
-            distillation=repr(structures[0].distillation), seed=self.spec.seed)
-        path = cache_dir() / "elastic" / f"{key}.pt"
-        self.elastic_path = path
+        path = self._elastic_path()
         if path.exists():
             self.progress.note(f"elastic student: loaded from cache {path}")
             return ElasticStudent.load(path, teacher, self.task.example_input)

@@ -92,10 +92,13 @@ class Picker:
         return recipes
 
     def reference(self, limit: float) -> list[float]:
-        """The hypervolume's worst corner: the quality limit, the teacher's latency and
-        size (5% beyond), in (drop, log ms, log MB)."""
+        """The hypervolume's worst corner, in (drop, log ms, log MB): twice the quality
+        limit, the teacher's latency and size (5% beyond). A predicted drop errs by about
+        half a limit, so a candidate near the limit still counts (from the limit itself,
+        the most compressed points would weigh next to nothing beside one that keeps the
+        teacher's quality)."""
         teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls)
-        return [limit + 1e-6, math.log(teacher_ms * 1.05),
+        return [2 * limit + 1e-6, math.log(teacher_ms * 1.05),
                 math.log(self.baseline.size_mb * 1.05)]
 
     def measured_losses(self, study: optuna.Study) -> np.ndarray:

@@ -101,13 +101,23 @@ class CandidateScorer:
                                          layer_formats(task.model, "fp32"))
 
     def structure(self, recipe: Recipe) -> nn.Module:
-        """The recalibrated slice of ``recipe``'s structure (shared: do not modify it)."""
+        """The recalibrated slice of ``recipe``'s structure, or the teacher itself when the
+        structure is the teacher's (shared: do not modify it)."""
         key = structure_key(recipe)
         if key not in self._slices:
             model = self.elastic.slice(recipe)
-            self.elastic.recalibrate(model, self.train)
+            if self.is_teacher(model):
+                model = self.task.model
+            else:
+                self.elastic.recalibrate(model, self.train)
             self._slices[key] = model
         return self._slices[key]
+
+    def is_teacher(self, model: nn.Module) -> bool:
+        """Whether ``model`` is the teacher or has its every parameter's shape."""
+        shapes = [p.shape for p in model.parameters()]
+        return model is self.task.model or shapes == [p.shape for p in
+                                                      self.task.model.parameters()]
 
     def formats(self, recipe: Recipe, structure: nn.Module) -> tuple[dict[str, str], list[str]]:
         """The format of each weight layer and the layers kept float."""

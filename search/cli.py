@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import warnings
@@ -33,8 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_view_verbs(verbs.add_parser)
 
     bench = verbs.add_parser("bench", help="benchmarks of this machine")
-    bench.add_argument("what", choices=("kernels",),
-                       help="kernels: GOP/s of each GEMM path against the CPU's peak")
+    bench.add_argument("what", choices=("kernels", "latency"),
+                       help="kernels: GOP/s of each GEMM path against the CPU's peak; "
+                       "latency: build the latency model of SPEC's target ahead of a study")
+    bench.add_argument("spec", nargs="?", metavar="SPEC", help="study spec (latency)")
     bench.add_argument("--format", default="table", choices=("table", "json"))
     bench.add_argument("--threads", type=int, default=1)
     bench.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
@@ -323,11 +326,52 @@ def _bench(args: argparse.Namespace) -> int:
     from ..evaluators import render_bench, run_kernel_bench
     from ._spec import MAX_THREADS
 
+    if args.what == "latency":
+        return _bench_latency(args)
+    if args.spec is not None:
+        raise ParetoslimError("bench kernels takes no SPEC")
     if not 1 <= args.threads <= MAX_THREADS:
         raise ParetoslimError(f"--threads must be in [1, {MAX_THREADS}]. Got {args.threads}.")
     rows = run_kernel_bench(threads=args.threads, quick=args.quick,
                             progress=args.format == "table")
     print(render_bench(rows, args.format))
+    return 0
+
+
+def _bench_latency(args: argparse.Namespace) -> int:
+    from ._candidates import CandidateTier
+    from ._measuring import measure_baseline
+    from ._progress import StudyProgress
+    from ._record import json_safe
+    from ._spec_file import load_spec
+    from ._task import load_task
+
+    if args.spec is None:
+        raise ParetoslimError("bench latency needs a study SPEC: its task, space and "
+                              "[latency] target")
+    spec = load_spec(args.spec)
+    task = load_task(spec.task, spec.base_dir, spec.task_options)
+    progress = StudyProgress(target=1, completed=0, enabled=args.format == "table")
+    try:
+        tier = CandidateTier(spec, task, measure_baseline(task), progress)
+        model = tier.prepare_latency()
+    finally:
+        progress.close()
+    report = model.error_report()
+    figures = {"key": model.key, "path": str(tier.latency_path), "layers": len(model.table),
+               "measurements": report.count, "median_error": report.median,
+               "p90_error": report.p90, "kendall_tau": report.kendall_tau}
+    if args.format == "json":
+        print(json.dumps(json_safe(figures)))
+        return 0
+    print(f"latency model {model.key}\n  {len(model.table)} layer calls micro-timed, "
+          f"saved at {tier.latency_path}")
+    if report.count >= 3:
+        print(f"  {report.count} full measurements; leave-one-out error: median "
+              f"{report.median:.1%}, p90 {report.p90:.1%}, Kendall tau {report.kendall_tau:.2f}")
+    else:
+        print(f"  {report.count} full measurements: its error is known once studies on this "
+              "target have measured three trials")
     return 0
 
 

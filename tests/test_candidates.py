@@ -259,3 +259,26 @@ def test_a_two_tier_study_measures_only_candidates_it_predicted(in_tmp, monkeypa
     assert list((cache / "elastic").glob("*.pt")) and list((cache / "latency").glob("*.json"))
     drops = json.loads(next((cache / "elastic").glob("*.drops.json")).read_text())
     assert len(drops) >= len(predicted)  # kept for the next study of this teacher
+
+
+def test_the_teachers_own_structure_starts_from_the_teacher(cnn):
+    """A candidate whose structure is the teacher's is scored and measured from the teacher
+    itself (no fine-tune), not from the elastic student's full-width slice."""
+    from types import SimpleNamespace
+
+    from paretoslim.search._candidates import CandidateTier
+    from paretoslim.search._proxy import CandidateScorer
+
+    teacher = cnn.model
+    narrow = compress(teacher, Recipe.from_dict({"student": {"width": 0.5}}),
+                      example_input=cnn.example_input, train=cnn.train, calibration=None,
+                      finetune_steps=0, learning_rate=1e-3, seed=0)[0]
+    scorer = SimpleNamespace(task=SimpleNamespace(model=teacher))
+    assert CandidateScorer.is_teacher(scorer, copy.deepcopy(teacher))
+    assert not CandidateScorer.is_teacher(scorer, narrow)
+    tier = CandidateTier.__new__(CandidateTier)
+    tier.active = True
+    for structure, starts in ((copy.deepcopy(teacher), False), (narrow, True)):
+        tier.scorer = SimpleNamespace(structure=lambda recipe, s=structure: s,
+                                      is_teacher=lambda m: CandidateScorer.is_teacher(scorer, m))
+        assert (tier.start(Recipe()) is not None) == starts
