@@ -74,7 +74,7 @@ class TrialFlow:
         """Record the run's result on ``trial`` (before Optuna is told) and show it; a
         measured candidate records its prediction's errors."""
         prediction = StudyStore.record(trial).prediction
-        if prediction and result.ok:
+        if prediction and (result.ok or result.stopped is not None):  # a gated one too
             result.metrics.update(prediction_errors(prediction, result.metrics))
         values = StudyStore.write_result(trial, self.spec, result)
         if result.stopped is not None:

@@ -16,8 +16,10 @@ from ..spaces import Recipe
 from ._candidate_plan import structure_key
 from ._measuring import Baseline
 from ._proxy import CandidateScorer, Prediction
+from ._record import TrialRecord
 from ._report_data import hypervolume
 from ._spec import StudySpec
+from ._stopping import RUNG_STOP
 from ._store import StudyStore
 
 MIN_DROP = 0.002  # a predicted drop below this tells nothing of the fine-tune's recovery
@@ -73,7 +75,7 @@ class Picker:
         same under every post-training scheme, so it would stop again."""
         return {structure_key(r.parsed_recipe()) for _, r in StudyStore(study).trials(
             TrialState.PRUNED) if r.parsed_recipe() is not None and r.stopped
-            and r.stopped.startswith("stopped at fine-tune step")
+            and r.stopped.startswith(RUNG_STOP)
             and not r.parsed_recipe().quantization.qat}
 
     def taken(self, study: optuna.Study) -> set[Recipe]:
@@ -115,13 +117,22 @@ class Picker:
                 rows.append([m["quality_drop"], math.log(ms), math.log(m["size_mb"])])
         return np.array(rows).reshape(-1, 3)
 
+    @staticmethod
+    def fine_tuned(study: optuna.Study) -> list[TrialRecord]:
+        """The records of the trials whose fine-tune ran to its end: completed, or stopped
+        after it by the quality limit (not at a rung, where quality is not final)."""
+        return [r for t, r in StudyStore(study).trials(TrialState.COMPLETE, TrialState.PRUNED)
+                if r.duplicate_of is None and "quality_drop" in r.metrics
+                and (t.state == TrialState.COMPLETE
+                     or not (r.stopped or "").startswith(RUNG_STOP))]
+
     def recovered_fraction(self, study: optuna.Study) -> float:
         """The fraction of a slice's predicted quality drop the fine-tune recovers: the
-        median over the measured candidates of ``1 - measured / predicted drop`` (those
+        median over the fine-tuned candidates of ``1 - measured / predicted drop`` (those
         predicted to lose at least ``MIN_DROP``), clipped to [0, 1]; before any was
         measured, the spec's prior ``candidates.recovery``."""
         fractions = [1.0 - r.metrics["quality_drop"] / r.metrics["predicted_quality_drop"]
-                     for r in StudyStore(study).completed_records()
+                     for r in self.fine_tuned(study)
                      if r.metrics.get("predicted_quality_drop", 0.0) >= MIN_DROP]
         if not fractions:
             return self.spec.candidates.recovery

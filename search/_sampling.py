@@ -145,5 +145,5 @@ def _draw(domain: Any, rng: random.Random) -> Any:
         if domain.step is None:
             return rng.uniform(domain.low, domain.high)
         steps = round((domain.high - domain.low) / domain.step)
-        return round(domain.low + rng.randint(0, steps) * domain.step, 10)
+        return domain.snap(domain.low + rng.randint(0, steps) * domain.step)
     return rng.choice(list(domain.values))

@@ -162,8 +162,8 @@ class CandidatesSpec:
     population: int = 24
     elastic_steps: int = 700
     elastic_learning_rate: float = 2e-3
-    margin: float = 0.005
-    recovery: float = 0.4
+    margin: float = 0.002
+    recovery: float = 0.3
     learning_rate: float = 2e-3
     finetune_steps: int = 0
 

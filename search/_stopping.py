@@ -19,6 +19,9 @@ class Rung:
     quality: float
 
 
+RUNG_STOP = "stopped at fine-tune step"  # how the reason of a stop at a rung begins
+
+
 def projected_quality(curve: Sequence[Rung]) -> float:
     """An optimistic final quality: the last rung's quality plus its last slope carried over
     every remaining step. Recovery curves flatten as the learning rate decays (cosine), so
@@ -39,7 +42,7 @@ def stop_reason(curve: Sequence[Rung], limit: float, slack: float) -> str | None
     if projected + slack >= limit:
         return None
     last = curve[-1]
-    return (f"stopped at fine-tune step {last.step}/{last.steps}: quality {last.quality:.4f} "
+    return (f"{RUNG_STOP} {last.step}/{last.steps}: quality {last.quality:.4f} "
             f"on the held-out slice, projected at most {projected:.4f}, below the feasible "
             f"{limit:.4f} (slack {slack:g})")
 

@@ -41,6 +41,13 @@ class FloatRange:
         """The extreme values (and grid points when stepped), for validation."""
         return [self.low, self.high]
 
+    def snap(self, value: float) -> float:
+        """``value`` on the grid, without float noise (``0.1 + 0.2`` is ``0.3``): one
+        recipe whichever way a sampler reached it."""
+        if self.step is None:
+            return float(value)
+        return round(self.low + round((value - self.low) / self.step) * self.step, 10)
+
 
 @dataclass(frozen=True)
 class Choice:

@@ -75,6 +75,8 @@ class SearchSpace:
         sections: dict[str, dict[str, Any]] = {}
         for name, domain in self.domains.items():
             value = domain.value if isinstance(domain, Fixed) else params[name]
+            if isinstance(domain, FloatRange):
+                value = domain.snap(value)
             section, key = name.split(".")
             sections.setdefault(section, {})[key] = value
         return Recipe.from_dict(sections)

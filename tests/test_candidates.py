@@ -145,7 +145,15 @@ def test_the_recovered_fraction_is_the_prior_until_candidates_are_measured():
     for predicted, real in ((0.02, 0.01), (0.03, 0.012), (0.01, 0.008)):
         _measured(study, predicted, real)
     assert picker.recovered_fraction(study) == pytest.approx(0.5)  # median of .5, .6, .2
-    for _ in range(3):
+    from optuna.trial import TrialState
+
+    for reason in ("quality drop 0.0136 above the limit 0.01 after its fine-tune",
+                   "stopped at fine-tune step 75/300: quality 0.91 on the held-out slice"):
+        recorded_trial(study, state=TrialState.PRUNED, stopped=reason, metrics={
+            "quality_drop": 0.0136, "predicted_quality_drop": 0.02})
+    # the gated one counts, the one stopped at a rung does not: median of .2, .32, .5, .6
+    assert picker.recovered_fraction(study) == pytest.approx(0.41)
+    for _ in range(5):
         _measured(study, 0.01, 0.03)
     assert picker.recovered_fraction(study) == 0.0  # a fine-tune that loses is clipped
 

@@ -73,6 +73,10 @@ def test_space_from_table_and_recipe():
     assert "student.width" not in space.searched()
     recipe = space.recipe({"pruning.ratio": 0.2, "quantization.scheme": "int8_static"})
     assert recipe.pruning.ratio == 0.2 and recipe.student.width == 1.0
+    # a sampler's float noise makes no second recipe of one grid point
+    noisy = space.recipe({"pruning.ratio": 0.1 + 0.2, "quantization.scheme": "int8_static"})
+    assert noisy == space.recipe({"pruning.ratio": 0.3, "quantization.scheme": "int8_static"})
+    assert noisy.pruning.ratio == 0.3
 
 
 @pytest.mark.parametrize("table, error", [
