@@ -33,7 +33,7 @@ from ._picking import Picker
 from ._private import storage_of_study
 from ._progress import StudyProgress
 from ._proxy import CandidateScorer, Prediction, unpredicted
-from ._record import TrialRecord, TrialResult
+from ._record import FOR_PROMOTION, TrialRecord, TrialResult
 from ._sampling import enqueue_seeds, make_sampler, suggest_recipe, untried_params
 from ._spec import StudySpec
 from ._store import StudyStore
@@ -277,12 +277,14 @@ class CandidateTier:
             study, candidate_study(study, self.spec))
         if pick is None:
             return False
-        recipe, prediction, number = pick
+        recipe, prediction, number, expected_drop, promotes = pick
         StudyStore.enqueue_predicted(study, self.spec.space.params(recipe), {
             "candidate": number, "predicted_quality": prediction.quality,
             "predicted_quality_drop": prediction.quality_drop,
+            "predicted_finetuned_quality_drop": expected_drop,
             "predicted_latency_ms": prediction.latency_ms,
-            "predicted_size_mb": prediction.size_mb, "predicted_speedup": prediction.speedup})
+            "predicted_size_mb": prediction.size_mb, "predicted_speedup": prediction.speedup,
+            FOR_PROMOTION: promotes})
         return True
 
     def learn(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -1,6 +1,7 @@
 """Which candidate the measured tier runs next: the one predicted to add most hypervolume
 to the measured front, among those predicted feasible once the fine-tune's recovery is
-counted, never a recipe taken or a structure stopped at a rung."""
+counted (a promoted fine-tune's, while the study may promote), never a recipe taken or a
+structure stopped at a rung."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..spaces import Recipe
 from ._candidate_plan import structure_key
 from ._measuring import Baseline
 from ._proxy import CandidateScorer, Prediction
-from ._record import TrialRecord
+from ._record import FOR_PROMOTION, TrialRecord
 from ._report_data import hypervolume
 from ._spec import StudySpec
 from ._stopping import RUNG_STOP
@@ -34,12 +35,15 @@ class Picker:
     baseline: Baseline
 
     def pick(self, study: optuna.Study, candidates: optuna.Study
-             ) -> tuple[Recipe, Prediction, int] | None:
+             ) -> tuple[Recipe, Prediction, int, float, bool] | None:
         """The feasible-looking candidate of ``candidates`` not yet in ``study`` that adds
-        most predicted hypervolume to the measured front, with its prediction and number;
+        most predicted hypervolume to the measured front: its recipe, prediction, number,
+        the drop expected after its fine-tune and whether only a promotion brings it there.
         None when none adds any."""
         taken, stopped = self.taken(study), self.stopped_structures(study)
         kept = 1.0 - self.recovered_fraction(study)
+        kept_promoted = (1.0 - self.recovered_fraction(study, promoted=True)
+                         if self.may_promote(study) else None)
         limit = self.spec.constraints.max_quality_drop + self.spec.candidates.margin
         pool = []
         for t in candidates.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -48,16 +52,18 @@ class Picker:
             if (record.duplicate_of is not None or recipe is None
                     or recipe in taken or structure_key(recipe) in stopped):
                 continue
-            drop = record.metrics["quality_drop"] * kept
-            if drop <= limit:
-                pool.append((recipe, t.number, drop, record.metrics))
+            predicted = record.metrics["quality_drop"]
+            if predicted * kept <= limit:
+                pool.append((recipe, t.number, predicted * kept, False, record.metrics))
+            elif kept_promoted is not None and predicted * kept_promoted <= limit:
+                pool.append((recipe, t.number, predicted * kept_promoted, True, record.metrics))
         if not pool:
             return None
         front = self.measured_losses(study)
         reference = self.reference(limit)
         base = hypervolume(front, reference) if len(front) else 0.0
         best = None
-        for recipe, number, drop, metrics in pool:
+        for recipe, number, drop, promotes, metrics in pool:
             latency = self.scorer.latency_ms(recipe)  # by the model as refined so far
             prediction = Prediction(metrics["quality"], metrics["quality_drop"], latency,
                                     metrics["speedup"], metrics["size_mb"], 0.0)
@@ -65,10 +71,23 @@ class Picker:
             gain = hypervolume(np.vstack([front, [loss]]) if len(front) else [loss],
                                reference) - base
             if best is None or gain > best[0]:
-                best = (gain, recipe, prediction, number)
+                best = (gain, recipe, prediction, number, drop, promotes)
         if best is None or best[0] <= 0:
             return None
-        return best[1], best[2], best[3]
+        return best[1:]
+
+    def may_promote(self, study: optuna.Study) -> bool:
+        """Whether a candidate may be picked for a promotion: the study promotes fine-tunes
+        past the candidates' steps, and fewer than ``stopping.promotions`` candidates were
+        picked for one (promoted or not, so that a promotion the rungs refuse is not
+        retried)."""
+        stopping = self.spec.stopping
+        steps = self.spec.candidates.finetune_steps or self.spec.finetune.steps
+        if stopping.promotions < 1 or stopping.promote_steps <= steps:
+            return False
+        picked = sum(1 for t in study.get_trials(deepcopy=False)
+                     if (StudyStore.record(t).prediction or {}).get(FOR_PROMOTION))
+        return picked < stopping.promotions
 
     def stopped_structures(self, study: optuna.Study) -> set[str]:
         """Structures whose fine-tune was stopped at a rung: the float fine-tune is the
@@ -126,14 +145,16 @@ class Picker:
                 and (t.state == TrialState.COMPLETE
                      or not (r.stopped or "").startswith(RUNG_STOP))]
 
-    def recovered_fraction(self, study: optuna.Study) -> float:
-        """The fraction of a slice's predicted quality drop the fine-tune recovers: the
-        median over the fine-tuned candidates of ``1 - measured / predicted drop`` (those
-        predicted to lose at least ``MIN_DROP``), clipped to [0, 1]; before any was
-        measured, the spec's prior ``candidates.recovery``."""
+    def recovered_fraction(self, study: optuna.Study, promoted: bool = False) -> float:
+        """The fraction of a slice's predicted quality drop the fine-tune recovers (with
+        ``promoted``, a promoted one): the median over the fine-tuned candidates of
+        ``1 - measured / predicted drop`` (those predicted to lose at least ``MIN_DROP``),
+        clipped to [0, 1]; before any was measured, the spec's prior
+        ``candidates.recovery`` (``candidates.promoted_recovery``)."""
         fractions = [1.0 - r.metrics["quality_drop"] / r.metrics["predicted_quality_drop"]
-                     for r in self.fine_tuned(study)
-                     if r.metrics.get("predicted_quality_drop", 0.0) >= MIN_DROP]
+                     for r in self.fine_tuned(study) if r.promoted == promoted
+                     and r.metrics.get("predicted_quality_drop", 0.0) >= MIN_DROP]
         if not fractions:
-            return self.spec.candidates.recovery
+            c = self.spec.candidates
+            return c.promoted_recovery if promoted else c.recovery
         return min(1.0, max(0.0, statistics.median(fractions)))

@@ -21,6 +21,7 @@ DUPLICATE = "duplicate_of"
 WORKER = "worker"
 HEARTBEATS = "sends_heartbeats"
 PREDICTION = "prediction"  # the predicted figures of a candidate the measured tier runs
+FOR_PROMOTION = "picked_for_promotion"  # a candidate only a promoted fine-tune brings in
 # the stored names of a study's fields
 SPEC = "spec"
 TARGET = "target_trials"
@@ -124,7 +125,8 @@ def prediction_errors(prediction: dict[str, Any], metrics: dict[str, Any]) -> di
     itself and its errors (latency, speedup and size relative, ``predicted / measured - 1``;
     quality drop in the metric's units, ``predicted - measured``). The speedup's error is
     free of the machine's drift between processes, which moves both timings alike."""
-    out = {k: v for k, v in prediction.items() if k.startswith("predicted_") or k == "candidate"}
+    out = {k: v for k, v in prediction.items()
+           if k.startswith("predicted_") or k in ("candidate", FOR_PROMOTION)}
     for name in ("latency_ms", "size_mb", "speedup"):
         predicted, measured = prediction.get(f"predicted_{name}"), metrics.get(name)
         if predicted is not None and measured:
@@ -163,13 +165,14 @@ _NUMERIC_METRICS = frozenset((
     "latency_cached_from", "lowering_error", "promoted_at_step", "speedup_low",
     "speedup_high", "candidate", "predicted_quality", "predicted_quality_drop",
     "predicted_latency_ms", "predicted_size_mb", "predicted_speedup",
-    "latency_prediction_error", "speedup_prediction_error",
+    "predicted_finetuned_quality_drop", "latency_prediction_error", "speedup_prediction_error",
     "size_prediction_error", "quality_drop_prediction_error", "proxy_s"))
 _TEXT_METRICS = frozenset(("structure", "rungs", "lowering", "sparse_execution",
                            "measured_on", "traceback", "stage_seconds", "promoted", "tier",
                            "start"))
 _TABLE_METRICS = frozenset(("target",))
-_FLAG_METRICS = frozenset(("latency_noisy", "latency_timed_before_finetune"))
+_FLAG_METRICS = frozenset(("latency_noisy", "latency_timed_before_finetune",
+                           FOR_PROMOTION))
 _RUNGS = re.compile(r"(\d+:-?[\d.]+(e-?\d+)?)(,\d+:-?[\d.]+(e-?\d+)?)*")
 _TRIAL_TYPES = {METRICS: dict, VALUES: list, FAILURE: str, STOPPED: str, DUPLICATE: int,
                 WORKER: str, HEARTBEATS: bool, PREDICTION: dict}

@@ -153,10 +153,14 @@ class CandidatesSpec:
     ``elastic_steps`` sandwich steps at ``elastic_learning_rate``. The measured tier runs
     the candidates predicted within ``margin`` of the quality limit that add most to the
     measured front, counting that a fine-tune from the slice recovers the fraction
-    ``recovery`` of its predicted drop until measured candidates tell how much it does. A
-    measured candidate fine-tunes from its slice for ``finetune_steps`` (0: the
-    ``[finetune]`` steps) at ``learning_rate`` (the slice starts trained: it needs fewer
-    steps, and a rate as high as a fine-tune from the teacher's would undo its training)."""
+    ``recovery`` of its predicted drop until measured candidates tell how much it does.
+    While the study may promote (``[stopping] promote_steps`` beyond the candidates' steps),
+    up to ``stopping.promotions`` candidates that only a promotion's recovery
+    (``promoted_recovery``, until promoted candidates tell) brings within the margin are
+    picked too: their rungs then decide the promotion. A measured candidate fine-tunes from
+    its slice for ``finetune_steps`` (0: the ``[finetune]`` steps) at ``learning_rate``
+    (the slice starts trained: it needs fewer steps, and a rate as high as a fine-tune from
+    the teacher's would undo its training)."""
 
     count: int = 0
     population: int = 24
@@ -164,6 +168,7 @@ class CandidatesSpec:
     elastic_learning_rate: float = 2e-3
     margin: float = 0.002
     recovery: float = 0.3
+    promoted_recovery: float = 0.7
     learning_rate: float = 2e-3
     finetune_steps: int = 0
 
@@ -173,6 +178,7 @@ class CandidatesSpec:
         check_range("elastic_steps", self.elastic_steps, 0, 10**7)
         check_range("margin", self.margin, 0.0, 1.0)
         check_range("recovery", self.recovery, 0.0, 1.0)
+        check_range("promoted_recovery", self.promoted_recovery, 0.0, 1.0)
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         check_range("finetune_steps", self.finetune_steps, 0, 10**7)
         check_range("elastic_learning_rate", self.elastic_learning_rate, 0.0, 1.0,

@@ -156,6 +156,50 @@ def test_the_recovered_fraction_is_the_prior_until_candidates_are_measured():
     for _ in range(5):
         _measured(study, 0.01, 0.03)
     assert picker.recovered_fraction(study) == 0.0  # a fine-tune that loses is clipped
+    assert picker.recovered_fraction(study, promoted=True) == pytest.approx(0.7)  # the prior
+    _measured(study, 0.04, 0.008, promoted="promoted at fine-tune step 150/300")
+    assert picker.recovered_fraction(study, promoted=True) == pytest.approx(0.8)
+    assert picker.recovered_fraction(study) == 0.0  # a promoted fine-tune is not counted
+
+
+def test_a_candidate_only_a_promotion_brings_in_is_picked_while_the_study_may_promote():
+    """A slice predicted too far down for the short fine-tune is measured when a promotion's
+    recovery would bring it within the limit, at most ``stopping.promotions`` times."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from paretoslim.search._picking import Picker
+    from paretoslim.search._record import FOR_PROMOTION
+    from paretoslim.search._spec import CandidatesSpec, StoppingSpec, StudySpec
+    from paretoslim.spaces import StudentConfig
+
+    def recipe(width):
+        return Recipe(StudentConfig(width=width))
+
+    candidates = recorded_study()
+    for width, drop, ms, mb in ((0.5, 0.03, 1.0, 0.2), (0.75, 0.012, 4.0, 0.5),
+                                (0.625, 0.06, 0.5, 0.1)):
+        recorded_trial(candidates, recipe=recipe(width).to_dict(), values=(0.9, ms, mb),
+                       metrics={"quality": 0.9, "quality_drop": drop, "speedup": 10 / ms,
+                                "size_mb": mb})
+    latency = {0.5: 1.0, 0.75: 4.0, 0.625: 0.5}
+    scorer = SimpleNamespace(latency_ms=lambda r: latency[r.student.width], teacher_calls=(),
+                             latency=SimpleNamespace(predict=lambda calls: 10.0))
+    spec = StudySpec(name="s", task="t.py:f", stopping=StoppingSpec(
+        promote_steps=5000, promotions=1), candidates=CandidatesSpec(
+        count=3, finetune_steps=300, recovery=0.3, promoted_recovery=0.7))
+    picker, study = Picker(spec, scorer, SimpleNamespace(size_mb=2.0)), recorded_study()
+    # width 0.5: 0.03 kept to 0.021 by the short fine-tune, to 0.009 by a promotion;
+    # width 0.625 (0.018 after a promotion) stays out
+    chosen, _, number, drop, promotes = picker.pick(study, candidates)
+    assert (chosen.student.width, number, promotes) == (0.5, 0, True)
+    assert drop == pytest.approx(0.009)
+    recorded_trial(study, recipe=recipe(0.875).to_dict(), prediction={FOR_PROMOTION: True})
+    chosen, *_, promotes = picker.pick(study, candidates)  # the one promotion is spoken for
+    assert (chosen.student.width, promotes) == (0.75, False)
+    no_promotion = Picker(replace(spec, stopping=StoppingSpec(promote_steps=300)), scorer,
+                          SimpleNamespace(size_mb=2.0))
+    assert no_promotion.pick(recorded_study(), candidates)[0].student.width == 0.75
 
 
 def test_measurements_are_learned_at_the_speed_of_the_first_teacher_timing(monkeypatch):
