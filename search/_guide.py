@@ -33,6 +33,7 @@ class Guide:
     and size would be faster or smaller than every feasible trial so far; ``ends_at``
     (``time.time()``) is when the run's time budget ends: no promotion runs past it.
     ``rung_points`` are the study's earlier trials at their rungs, for successive halving.
+    ``for_promotion``: the trial is a candidate picked for a promotion (see ``Picker``).
     """
 
     stopping: StoppingSpec | None = None
@@ -43,6 +44,7 @@ class Guide:
     extends_front: Callable[[float, float], bool] = lambda _latency, _size: True
     ends_at: float = math.inf
     rung_points: tuple[RungPoint, ...] = ()
+    for_promotion: bool = False
 
 
 def guide_data(study: optuna.Study, spec: StudySpec, ends_at: float | None = None
@@ -110,4 +112,5 @@ def guide_for(spec: StudySpec, data: dict[str, Any] | None) -> Guide:
                  known_latency=data["timed"].get, dominated=dominated if best else None,
                  promotions_left=spec.stopping.promotions - data.get("promoted", 0),
                  extends_front=extends_front, ends_at=data.get("ends_at") or math.inf,
-                 rung_points=tuple(RungPoint(*p) for p in data.get("rung_points", ())))
+                 rung_points=tuple(RungPoint(*p) for p in data.get("rung_points", ())),
+                 for_promotion=bool(data.get("for_promotion")))

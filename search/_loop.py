@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from ..spaces import Recipe
 from ._guide import guide_data
 from ._progress import StudyProgress
-from ._record import TrialResult, prediction_errors
+from ._record import FOR_PROMOTION, TrialResult, prediction_errors
 from ._sampling import enqueue_untried
 from ._spec import StudySpec
 from ._store import StudyStore
@@ -117,4 +117,6 @@ def run_one(flow: TrialFlow, trial: optuna.Trial, recipe: Recipe,
     if repeat is not None:
         return repeat
     StudyStore.claim(trial, f"{socket.gethostname()}:{os.getpid()}")
-    return flow.finish(trial, run(recipe, flow.guide_data(trial.study)))
+    guide = flow.guide_data(trial.study)
+    guide["for_promotion"] = bool((StudyStore.record(trial).prediction or {}).get(FOR_PROMOTION))
+    return flow.finish(trial, run(recipe, guide))

@@ -125,7 +125,8 @@ class RungPolicy:
         if (step != last or stopping.promote_steps <= steps or self.guide.promotions_left < 1
                 or self.timer.structure is None or not self._fits(step, stopping.promote_steps)):
             return None
-        reason = promotion_reason(self.projected_curve, limit, stopping.promote_margin)
+        reason = promotion_reason(self.projected_curve, limit, stopping.promote_margin,
+                                  wanted=self.guide.for_promotion)
         if reason is None:
             return None
         size, latency = self.timer.structure_size(), self.timer.structure_latency()

@@ -47,15 +47,17 @@ def stop_reason(curve: Sequence[Rung], limit: float, slack: float) -> str | None
             f"{limit:.4f} (slack {slack:g})")
 
 
-def promotion_reason(curve: Sequence[Rung], limit: float, margin: float) -> str | None:
+def promotion_reason(curve: Sequence[Rung], limit: float, margin: float,
+                     wanted: bool = False) -> str | None:
     """Why a trial at its last rung deserves a longer fine-tune, or None: its (optimistic)
     projection falls short of ``limit`` by less than ``margin``. One that reaches the limit
-    is expected to end feasible with its planned steps; one farther below is not expected
-    to close the gap."""
+    is expected to end feasible with its planned steps, unless the promotion is
+    ``wanted`` (a candidate picked for one: its prediction already says the planned steps
+    fall short); one farther below is not expected to close the gap."""
     if len(curve) < 2:
         return None
     projected = projected_quality(curve)
-    if not limit - margin <= projected < limit:
+    if projected < limit - margin or (projected >= limit and not wanted):
         return None
     last = curve[-1]
     return (f"promoted at fine-tune step {last.step}/{last.steps}: projected {projected:.4f}, "

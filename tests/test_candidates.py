@@ -16,7 +16,7 @@ from paretoslim.evaluators._latency import median_interval
 from paretoslim.search._pareto import FrontPoint, within_noise
 from paretoslim.search._record import prediction_errors
 from paretoslim.search._store import StudyStore
-from paretoslim.spaces import Recipe, compress, layer_formats, simulate_numerics
+from paretoslim.spaces import Recipe, StudentConfig, compress, layer_formats, simulate_numerics
 
 
 @pytest.fixture
@@ -171,7 +171,6 @@ def test_a_candidate_only_a_promotion_brings_in_is_picked_while_the_study_may_pr
     from paretoslim.search._picking import Picker
     from paretoslim.search._record import FOR_PROMOTION
     from paretoslim.search._spec import CandidatesSpec, StoppingSpec, StudySpec
-    from paretoslim.spaces import StudentConfig
 
     def recipe(width):
         return Recipe(StudentConfig(width=width))
@@ -334,3 +333,29 @@ def test_the_teachers_own_structure_starts_from_the_teacher(cnn):
         tier.scorer = SimpleNamespace(structure=lambda recipe, s=structure: s,
                                       is_teacher=lambda m: CandidateScorer.is_teacher(scorer, m))
         assert (tier.start(Recipe()) is not None) == starts
+
+
+def test_a_trial_picked_for_a_promotion_is_told_so_by_its_guide():
+    from paretoslim.search import parse_spec
+    from paretoslim.search._guide import guide_for
+    from paretoslim.search._loop import TrialFlow, run_one
+    from paretoslim.search._record import FOR_PROMOTION, TrialResult
+    from paretoslim.search._sampling import suggest_recipe
+    from paretoslim.search._tally import RunTally
+
+    spec = parse_spec({"task": "t.py:f", "name": "s", "candidates": {"count": 3},
+                       "space": {"student": {"width": [0.5, 0.75]}}})
+    flow, study, told = TrialFlow(spec, RunTally(target=2, budget_s=None), None), \
+        recorded_study(), []
+
+    def run(recipe, data):
+        told.append(guide_for(spec, data).for_promotion)
+        return TrialResult(recipe, stopped="stopped at fine-tune step 1/2")
+
+    for promotes, width in ((True, 0.5), (False, 0.75)):
+        params = spec.space.params(Recipe(StudentConfig(width=width)))
+        StudyStore.enqueue_predicted(study, params, {"candidate": 0, FOR_PROMOTION: promotes})
+        trial = study.ask()
+        run_one(flow, trial, suggest_recipe(trial, spec), run)
+    assert told == [True, False]
+    assert StudyStore.record(study.trials[0]).metrics[FOR_PROMOTION] is True

@@ -55,6 +55,9 @@ def test_a_near_miss_is_promoted_and_a_curve_reaching_the_limit_is_not():
     assert promotion_reason(near, LIMIT + 0.006, 0.005) is None  # too far short
     assert promotion_reason(near, LIMIT + 0.006, 0.01) is not None  # a wider margin
     assert promotion_reason(curve((0, 0.5)), LIMIT, 0.005) is None  # no slope yet
+    # a candidate picked for a promotion is promoted though its projection reaches the limit
+    assert promotion_reason(near, LIMIT, 0.005, wanted=True) is not None
+    assert promotion_reason(near, LIMIT + 0.006, 0.005, wanted=True) is None  # still too far
 
 
 def test_an_extended_schedule_continues_the_learning_rate_and_ends_at_zero():
