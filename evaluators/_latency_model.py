@@ -184,8 +184,8 @@ class Correction:
 
 @dataclass(frozen=True)
 class ErrorReport:
-    """Leave-one-out error over the full measurements (absolute relative errors), and the
-    raw micro-timing sum's error; NaN when there are fewer than three measurements."""
+    """Leave-one-out error over the distinct structures measured in full (absolute
+    relative errors), and the raw micro-timing sum's error; NaN below three structures."""
 
     count: int
     median: float
@@ -249,8 +249,17 @@ class LatencyModel:
 
     @property
     def correction(self) -> Correction:
-        self._correction = self._correction or self._fit(self.measurements)
+        self._correction = self._correction or self._fit(self.distinct())
         return self._correction
+
+    def distinct(self) -> list[tuple[tuple[LayerCall, ...], float]]:
+        """The measurements one per structure (the median of its timings), in the order
+        first measured: a structure timed again (the teacher, beside every trial) counts
+        once in the fit and in the error report."""
+        timings: dict[tuple[LayerCall, ...], list[float]] = {}
+        for calls, ms in self.measurements:
+            timings.setdefault(calls, []).append(ms)
+        return [(calls, statistics.median(ms)) for calls, ms in timings.items()]
 
     def _apply(self, fit: Correction, calls: Sequence[LayerCall]) -> float:
         per_format, other = self._split(calls)
@@ -293,12 +302,13 @@ class LatencyModel:
     def error_report(self) -> ErrorReport:
         """Leave-one-out over the full measurements: each predicted by the correction fitted
         to the others."""
-        measured = [ms for _, ms in self.measurements]
-        raw = error_summary([self.raw(c) for c, _ in self.measurements], measured)
+        distinct = self.distinct()
+        measured = [ms for _, ms in distinct]
+        raw = error_summary([self.raw(c) for c, _ in distinct], measured)
         if len(measured) < 3:
             return ErrorReport(len(measured), math.nan, math.nan, math.nan, raw[0], raw[1])
-        loo = [self._apply(self._fit(self.measurements[:i] + self.measurements[i + 1:]), c)
-               for i, (c, _) in enumerate(self.measurements)]
+        loo = [self._apply(self._fit(distinct[:i] + distinct[i + 1:]), c)
+               for i, (c, _) in enumerate(distinct)]
         return ErrorReport(len(measured), *error_summary(loo, measured), raw[0], raw[1])
 
     def to_dict(self) -> dict:

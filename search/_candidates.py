@@ -190,7 +190,7 @@ class CandidateTier:
         if self.latency_path.exists():
             model = LatencyModel.load(self.latency_path)
             self.progress.note(f"latency model: loaded from cache ({len(model.table)} layers "
-                               f"timed, {len(model.measurements)} full measurements)")
+                               f"timed, {len(model.distinct())} structures measured in full)")
             return model
         return LatencyModel(key)
 

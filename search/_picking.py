@@ -63,10 +63,11 @@ class Picker:
         reference = self.reference(limit)
         base = hypervolume(front, reference) if len(front) else 0.0
         best = None
+        teacher_ms = self.scorer.latency.predict(self.scorer.teacher_calls)
         for recipe, number, drop, promotes, metrics in pool:
             latency = self.scorer.latency_ms(recipe)  # by the model as refined so far
             prediction = Prediction(metrics["quality"], metrics["quality_drop"], latency,
-                                    metrics["speedup"], metrics["size_mb"], 0.0)
+                                    teacher_ms / latency, metrics["size_mb"], 0.0)
             loss = [max(drop, 0.0), math.log(latency), math.log(prediction.size_mb)]
             gain = hypervolume(np.vstack([front, [loss]]) if len(front) else [loss],
                                reference) - base

@@ -183,15 +183,17 @@ def test_a_candidate_only_a_promotion_brings_in_is_picked_while_the_study_may_pr
                                 "size_mb": mb})
     latency = {0.5: 1.0, 0.75: 4.0, 0.625: 0.5}
     scorer = SimpleNamespace(latency_ms=lambda r: latency[r.student.width], teacher_calls=(),
-                             latency=SimpleNamespace(predict=lambda calls: 10.0))
+                             latency=SimpleNamespace(predict=lambda calls: 12.0))
     spec = StudySpec(name="s", task="t.py:f", stopping=StoppingSpec(
         promote_steps=5000, promotions=1), candidates=CandidatesSpec(
         count=3, finetune_steps=300, recovery=0.3, promoted_recovery=0.7))
     picker, study = Picker(spec, scorer, SimpleNamespace(size_mb=2.0)), recorded_study()
     # width 0.5: 0.03 kept to 0.021 by the short fine-tune, to 0.009 by a promotion;
     # width 0.625 (0.018 after a promotion) stays out
-    chosen, _, number, drop, promotes = picker.pick(study, candidates)
+    chosen, prediction, number, drop, promotes = picker.pick(study, candidates)
     assert (chosen.student.width, number, promotes) == (0.5, 0, True)
+    # figures of the latency model as refined since the screening: teacher 12 ms over 1 ms
+    assert (prediction.latency_ms, prediction.speedup) == (1.0, pytest.approx(12.0))
     assert drop == pytest.approx(0.009)
     recorded_trial(study, recipe=recipe(0.875).to_dict(), prediction={FOR_PROMOTION: True})
     chosen, *_, promotes = picker.pick(study, candidates)  # the one promotion is spoken for

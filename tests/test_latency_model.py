@@ -152,6 +152,22 @@ def test_error_report_is_leave_one_out():
     assert report.median < report.p90
 
 
+def test_a_structure_timed_again_counts_once_in_the_error_report():
+    """The teacher is timed beside every trial: its repeats must not fill the report with
+    perfect predictions."""
+    model = timed_model()
+    synthetic(model, [16, 32, 64, 128, 256, 512, 1024, 2048],
+              noise=[1.0, 1.4, 1.0, 0.7, 1.0, 1.3, 1.0, 0.75])
+    alone = model.error_report()
+    teacher = (linear(2048), linear(2048, "int8"))
+    for _ in range(30):
+        model.add_measurement(teacher, 5.0)
+    report = model.error_report()
+    assert report.count == alone.count + 1
+    assert report.median > 0.5 * alone.median > 0.05
+    assert len(model.measurements) == 38  # every timing kept, each structure fitted once
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = timed_model()
     synthetic(model, [16, 64, 256])
