@@ -54,19 +54,17 @@ def _shrink(recipe: Recipe) -> tuple:
     return (-s.width * s.depth * (1 - p.ratio) * (1 - p.heads), -s.width, p.ratio)
 
 
-def design_recipes(space: SearchSpace) -> list[Recipe]:
-    """The largest, a middle and the smallest structure under each scheme of the space (the
-    layers the latency model times before the first candidate is scored)."""
-    structures = structural_recipes(space)
-    picks = {id(r): r for r in (structures[0], structures[len(structures) // 2],
-                                structures[-1])}.values()
+def timed_recipes(space: SearchSpace) -> list[Recipe]:
+    """Every structure of the space under each scheme it searches and in float (the layers
+    a recipe keeps float): the layers the latency model times before the first candidate
+    is scored, so that no candidate's latency rests on a fit alone (channel counts off
+    the kernels' blocking run slower than their MACs say)."""
     schemes = space.searched().get("quantization.scheme")
-    names = list(schemes.values) if schemes is not None else [None]
+    names = ["fp32", *(schemes.values if schemes is not None else [])]
     out = []
-    for recipe in picks:
-        for name in names:
+    for recipe in structural_recipes(space):
+        for name in dict.fromkeys(names):
             sections = recipe.to_dict()
-            if name is not None:
-                sections.setdefault("quantization", {})["scheme"] = name
+            sections.setdefault("quantization", {})["scheme"] = name
             out.append(Recipe.from_dict(sections))
     return out

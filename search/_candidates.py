@@ -27,7 +27,7 @@ from ..evaluators import (
 )
 from ..kernels import detect_target
 from ..spaces import ElasticStudent, Recipe, model_io
-from ._candidate_plan import design_recipes, structural_recipes, structure_key
+from ._candidate_plan import structural_recipes, structure_key, timed_recipes
 from ._measuring import Baseline, latency_input
 from ._picking import Picker
 from ._private import storage_of_study
@@ -123,7 +123,7 @@ class CandidateTier:
         self._build_scorer(self._elastic(ends_at))
 
     def prepare_latency(self) -> LatencyModel:
-        """Load the latency model and time every layer the space's design structures call
+        """Load the latency model and time every layer the space's structures call
         that it has not timed (``paretoslim bench latency``): the slices' shapes come from
         the cached elastic student, else from an untrained one (the same shapes)."""
         path = self._elastic_path()
@@ -198,12 +198,16 @@ class CandidateTier:
         return model_io.batch_size(latency_input(self.task, self.spec.latency))
 
     def _calibrate_latency(self) -> None:
-        """Micro-time the layers of a few structures under every scheme of the space that
-        the latency model has not timed (each distinct layer once)."""
+        """Micro-time the layers of every structure of the space under each of its schemes
+        that the latency model has not timed (each distinct layer once)."""
         scorer = self.scorer
         calls = set(scorer.teacher_calls)
-        for recipe in design_recipes(self.spec.space):
-            structure = scorer.structure(recipe)
+        structures: dict[str, nn.Module] = {}
+        for recipe in timed_recipes(self.spec.space):
+            key = structure_key(recipe)
+            if key not in structures:
+                structures[key] = scorer.structure(recipe)
+            structure = structures[key]
             formats, _ = scorer.formats(recipe, structure)
             calls.update(layer_calls(structure, scorer.example, formats))
         missing = [c for c in calls if c.kind != OTHER and c not in scorer.latency.table]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from _tiny import recorded_study, recorded_trial, tiny_task
 
-from paretoslim.evaluators import estimated_size_mb, size_mb
+from paretoslim.evaluators import LayerCall, estimated_size_mb, size_mb
 from paretoslim.evaluators._latency import median_interval
 from paretoslim.search._pareto import FrontPoint, within_noise
 from paretoslim.search._record import prediction_errors
@@ -361,3 +361,40 @@ def test_a_trial_picked_for_a_promotion_is_told_so_by_its_guide():
         run_one(flow, trial, suggest_recipe(trial, spec), run)
     assert told == [True, False]
     assert StudyStore.record(study.trials[0]).metrics[FOR_PROMOTION] is True
+
+
+def test_every_structure_of_the_space_is_micro_timed_before_scoring(tmp_path, monkeypatch):
+    """No candidate's latency rests on the per-kind fit alone: the layers of every structure
+    under every scheme (and in float, for the layers kept float) are timed up front."""
+    from types import SimpleNamespace
+
+    from paretoslim.evaluators import LatencyModel
+    from paretoslim.search import _candidates, parse_spec
+    from paretoslim.search._candidates import CandidateTier
+    from paretoslim.search._progress import StudyProgress
+
+    spec = parse_spec({"task": "t.py:f", "name": "s", "candidates": {"count": 8},
+                       "space": {"student": {"width": [0.5, 0.75, 1.0]},
+                                 "pruning": {"ratio": [0.0, 0.2, 0.4]},
+                                 "quantization": {"scheme": ["bf16", "int8_static"]}}},
+                      tmp_path / "s.toml")
+    timed = []
+    monkeypatch.setattr(_candidates, "layer_calls", lambda structure, x, formats: [
+        LayerCall("linear", (1, structure), (1, structure), format=f) for f in formats])
+    monkeypatch.setattr(_candidates, "time_layer_calls",
+                        lambda calls, threads: timed.extend(calls) or dict.fromkeys(calls, 1.0))
+    model = LatencyModel("key")
+    monkeypatch.setattr(model, "save", lambda path: None)
+    scheme_format = {"fp32": "fp32", "bf16": "bf16", "int8_static": "int8"}
+    tier = CandidateTier.__new__(CandidateTier)
+    tier.spec, tier.latency_path = spec, None
+    tier.progress = StudyProgress(target=1, completed=0, enabled=False)
+    tier.scorer = SimpleNamespace(
+        latency=model, teacher_calls=(), example=None,
+        structure=lambda r: round(100 * r.student.width * (1 - r.pruning.ratio)),
+        formats=lambda r, s: ({scheme_format[r.quantization.scheme]: None}, []))
+    tier._calibrate_latency()
+    widths = {round(100 * w * (1 - p)) for w in (0.5, 0.75, 1.0) for p in (0.0, 0.2, 0.4)}
+    assert {(c.input_shape[1], c.format) for c in timed} == {
+        (n, f) for n in widths for f in ("fp32", "bf16", "int8")}
+    assert len(timed) == len(set(timed))  # each distinct layer once
