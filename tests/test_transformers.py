@@ -4,6 +4,7 @@ FFN and layers removed, every technique on tiny randomly initialised encoders.""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -295,19 +296,30 @@ def test_an_encoder_trial_is_compiled_timed_and_counted_at_batch_one():
 
 
 def test_the_checkout_folders_step_aside_for_packages_of_their_names(tmp_path):
-    real = tmp_path / "kernels"
-    real.mkdir()
-    (real / "__init__.py").write_text("__version__ = '9.9'\n")
+    # A stand-in for the PyPI package ``spaces``; ``kernels`` is transformers' own
+    # dependency where it is installed, so the real one is kept then; ``evaluators`` has none.
+    real_kernels = importlib.util.find_spec("kernels")
+    installed = real_kernels is not None and ROOT not in Path(real_kernels.origin).parents
+    for name in ("spaces",) + (() if installed else ("kernels",)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("__version__ = '9.9'\n")
     probe = ("import transformers\n"
              "from transformers import BertModel, ViTForImageClassification\n"
              "import kernels, spaces, evaluators\n"
-             "print(kernels.__version__, getattr(spaces, '__version__', None))\n")
+             "for module in (kernels, spaces, evaluators):\n"
+             "    print(module.__name__, module.__file__, getattr(module, '__version__', None))\n")
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin",
            "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["9.9", "None"]
+    found = {name: (Path(file), version) for name, file, version
+             in (line.split() for line in done.stdout.splitlines())}
+    assert found["spaces"] == (tmp_path / "spaces" / "__init__.py", "9.9")
+    assert found["evaluators"][1] == "None"  # no package of that name: the probe sees none
+    assert ROOT not in found["kernels"][0].parents
+    if installed:
+        assert found["kernels"][0] == Path(real_kernels.origin)
     alone = subprocess.run([sys.executable, "-c", "import transformers.models.bert.modeling_bert"],
                            cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True,
                            text=True, timeout=300)
