@@ -30,22 +30,27 @@ from paretoslim.evaluators import (
 from paretoslim.kernels import LoweringError, detect_target
 from paretoslim.search import LatencySpec, load_task, measure_baseline
 from paretoslim.search._measuring import calibration_batches, latency_input, latency_job
-from paretoslim.spaces import Recipe, compress, float_layers, layer_formats
+from paretoslim.spaces import Recipe, compress, float_layers, kind_formats, layer_formats
 
 TASK = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.py"
 SCHEMES = ("fp32", "bf16", "int8_static", "int8_weight_only")
 
 
 def recipes(count: int, seed: int) -> list[dict]:
-    """The teacher, then ``count - 1`` distinct random points of the study's space."""
-    rng, seen = random.Random(seed), {(1.0, 0.0, "fp32", "none")}
+    """The teacher, then ``count - 1`` distinct random points of the study's space, the int8
+    ones with their linear layers in bf16 half of the time (a per-layer mix)."""
+    teacher = (1.0, 0.0, "fp32", "none", "scheme")
+    rng, seen = random.Random(seed), {teacher}
     while len(seen) < count:
+        scheme = rng.choice(SCHEMES)
         seen.add((rng.choice([0.5, 0.625, 0.75, 0.875, 1.0]),
-                  rng.choice([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), rng.choice(SCHEMES),
-                  rng.choice(["none", "first_last"])))
-    points = [(1.0, 0.0, "fp32", "none")] + sorted(seen - {(1.0, 0.0, "fp32", "none")})
+                  rng.choice([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), scheme,
+                  rng.choice(["none", "first_last"]),
+                  rng.choice(["scheme", "bf16"]) if scheme.startswith("int8") else "scheme"))
+    points = [teacher] + sorted(seen - {teacher})
     return [{"student": {"width": w}, "pruning": {"ratio": r, "round_to": 8},
-             "quantization": {"scheme": s, "keep_float": k}} for w, r, s, k in points]
+             "quantization": {"scheme": s, "keep_float": k, "linear": lin}}
+            for w, r, s, k, lin in points]
 
 
 def structure(task, recipe: dict, x, calibration):
@@ -55,10 +60,11 @@ def structure(task, recipe: dict, x, calibration):
                         calibration=calibration, finetune_steps=0, learning_rate=1e-3,
                         seed=0)[0]
 
-    quant = recipe["quantization"]
+    quant = Recipe.from_dict(recipe).quantization
     floating = build({**recipe, "quantization": {"scheme": "fp32"}})
-    kept = float_layers(floating, x, quant["keep_float"], [], quant["scheme"], 0)
-    calls = layer_calls(floating, x, layer_formats(floating, quant["scheme"], kept))
+    kept = float_layers(floating, x, quant.keep_float, [], quant.scheme, 0)
+    calls = layer_calls(floating, x, layer_formats(floating, quant.scheme, kept,
+                                                   kind_formats(quant)))
     return calls, build(recipe)
 
 
@@ -85,6 +91,7 @@ def measure_all(task, points, spec, log) -> list[dict]:
         log.flush()
         print(f"{i:3d} {json.dumps(recipe['student'])} {json.dumps(recipe['pruning'])} "
               f"{recipe['quantization']['scheme']:>16} {recipe['quantization']['keep_float']:>10}"
+              f" {recipe['quantization']['linear']:>6}"
               f" {row['ms']:7.3f} ms  ({row['wall_s']:.1f} s)", flush=True)
     return rows
 

@@ -19,7 +19,9 @@ from ..spaces import (
     ElasticStudent,
     Recipe,
     float_layers,
+    kind_formats,
     layer_formats,
+    shared_weight_layers,
     simulate_numerics,
     sliceable,
 )
@@ -124,7 +126,7 @@ class CandidateScorer:
         q = recipe.quantization
         kept = float_layers(structure, self.task.example_input, q.keep_float,
                             self.calibration, q.scheme, recipe.weight_sharing.bits)
-        return layer_formats(structure, q.scheme, kept), kept
+        return layer_formats(structure, q.scheme, kept, kind_formats(q)), kept
 
     def score(self, recipe: Recipe) -> Prediction:
         """The predicted figures of ``recipe`` (ValueError when it cannot be predicted)."""
@@ -135,7 +137,7 @@ class CandidateScorer:
         structure = self.structure(recipe)
         formats, kept = self.formats(recipe, structure)
         bits = recipe.weight_sharing.bits
-        clustered = frozenset(n for n in formats if n not in kept) if bits else frozenset()
+        clustered = shared_weight_layers(formats, kept) if bits else frozenset()
         key = self.drop_key(recipe)
         if key not in self.drops:
             simulated = simulate_numerics(copy.deepcopy(structure), formats, self.calibration,

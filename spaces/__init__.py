@@ -12,7 +12,7 @@ from ._student import StudentConfig  # isort: skip
 from ._pruning import PruningConfig  # isort: skip
 from ._lowrank import LowRankConfig  # isort: skip
 from ._unstructured import Sparsifier, SparsityConfig  # isort: skip
-from ._quantize import QuantizationConfig  # isort: skip
+from ._quantize import QuantizationConfig, with_layer_formats  # isort: skip
 from ._distill import DistillationConfig  # isort: skip
 from ._cluster import WeightSharingConfig  # isort: skip
 from ._embedding import EmbeddingConfig, compress_embeddings  # isort: skip
@@ -27,7 +27,14 @@ from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._elastic import ElasticStudent, sliceable
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
-from ._numerics import SCHEME_FORMATS, layer_formats, simulate_numerics, weight_layers
+from ._numerics import (
+    SCHEME_FORMATS,
+    kind_formats,
+    layer_formats,
+    shared_weight_layers,
+    simulate_numerics,
+    weight_layers,
+)
 from ._progress import PhaseProgress
 from ._pt2e import convert_qat, export_dynamic_batch, graph_reads, prepare_qat
 from ._readme import parameter_table
@@ -132,6 +139,7 @@ __all__ = [
     "prune_channels",
     "prune_heads",
     "quantize",
+    "with_layer_formats",
     "rank_for",
     "register",
     "register_scheme",
@@ -142,6 +150,8 @@ __all__ = [
     "sliceable",
     "simulate_numerics",
     "layer_formats",
+    "kind_formats",
+    "shared_weight_layers",
     "weight_layers",
     "SCHEME_FORMATS",
     "sparsify",

@@ -40,3 +40,15 @@ class _Float32(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x.float()).to(x.dtype)
+
+
+class Bf16Layer(nn.Module):
+    """A layer computing in bf16 inside a float32 (or int8) model: its weights are bf16, its
+    input is cast down and its output back to the input's dtype."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.to(torch.bfloat16)).to(x.dtype)

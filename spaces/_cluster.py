@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._config import Config, param
+from ._numerics import kind_formats, shared_weight_layers
 from ._schemes import scheme
 from ._sparse import TENSOR_OVERHEAD, StoredWeight
 from ._technique import Context, Phase, Technique, register
@@ -171,28 +172,32 @@ class WeightSharingConfig(Config):
     values, stored as packed k-bit indices (0: off)."""
 
     bits: int = param(0, low=0, high=8, integer=True, off=True,
-                      note="k-means codebook of 2^k values (float schemes)")
+                      note="k-means codebook of 2^k values (layers stored in float)")
 
 
 @register
 class WeightSharing(Technique):
-    """After the fine-tune, each float Linear / Conv2d not kept in float is clustered."""
+    """After the fine-tune, each Linear / Conv2d stored in a float format and not kept in
+    float is clustered."""
 
     section, config, stage = "weight_sharing", WeightSharingConfig, "weight sharing"
     phase = Phase.WEIGHT_SHARING
 
     def apply(self, model: nn.Module, config: WeightSharingConfig, ctx: Context) -> nn.Module:
         if config.bits:
-            clustered = cluster_weights(model, config.bits, skip=frozenset(ctx.float_layers),
-                                        seed=ctx.seed)
+            shared = shared_weight_layers(ctx.layer_formats, ctx.float_layers)
+            skip = frozenset(ctx.float_layers) | (frozenset(ctx.layer_formats) - shared)
+            clustered = cluster_weights(model, config.bits, skip=skip, seed=ctx.seed)
             ctx.facts["clustered_layers"] = len(clustered)
             ctx.facts["cluster_bits"] = config.bits
         return model
 
     def normalize(self, config: WeightSharingConfig, sections: dict[str, Any]
                   ) -> WeightSharingConfig:
-        # integer schemes store their own integer weights: a codebook cannot act there
-        integer = scheme(sections["quantization"].scheme).integer_weights
+        # integer weights are stored as their own integers: a codebook acts on the layers
+        # an integer scheme's per-kind overrides leave in a float format
+        q = sections["quantization"]
+        integer = scheme(q.scheme).integer_weights and not kind_formats(q)
         return WeightSharingConfig() if integer else config
 
     def label(self, config: WeightSharingConfig) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ FORMATS = ("fp32", "bf16", "int8", "int8_dynamic", "int8_weight")
 # the format a scheme's converted layers run in
 SCHEME_FORMATS = {"fp32": "fp32", "bf16": "bf16", "int8_static": "int8",
                   "int8_dynamic": "int8_dynamic", "int8_weight_only": "int8_weight"}
+KINDS = ("conv", "linear")  # the layer groups a quantization config gives formats to
 _KMEANS_ITERATIONS = 8
 
 
@@ -26,18 +28,46 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _PRUNABLE)]
 
 
-def layer_formats(model: nn.Module, scheme_name: str, float_names: Iterable[str] = ()
-                  ) -> dict[str, str]:
-    """``{layer name: format}`` of every weight layer under ``scheme_name``: the scheme's
-    format where it converts the layer, ``fp32`` where it does not or the layer is named
-    in ``float_names`` (kept float)."""
+def layer_kind(module: nn.Module) -> str:
+    """The layer group a per-kind format override names: ``conv`` or ``linear``."""
+    return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
+
+
+def kind_formats(quantization: Any) -> dict[str, str]:
+    """The per-kind format overrides of a quantization config (``{"conv" | "linear":
+    format}``; a kind whose field says ``scheme`` follows the scheme)."""
+    return {kind: getattr(quantization, kind) for kind in KINDS
+            if getattr(quantization, kind) != "scheme"}
+
+
+def layer_formats(model: nn.Module, scheme_name: str, float_names: Iterable[str] = (),
+                  kinds: dict[str, str] | None = None) -> dict[str, str]:
+    """``{layer name: format}`` of every weight layer under ``scheme_name``: ``fp32`` where
+    the layer is named in ``float_names`` (kept float), else the format ``kinds`` gives its
+    kind (``{"conv" | "linear": "bf16" | "fp32"}``, the per-kind overrides), else the
+    scheme's format where it converts the layer and ``fp32`` where it does not."""
     if scheme_name not in SCHEME_FORMATS:
         raise ValueError(f"no format is known for scheme {scheme_name!r}; known: "
                          f"{sorted(SCHEME_FORMATS)}")
     fmt, converts, kept = SCHEME_FORMATS[scheme_name], scheme(scheme_name).config().layers, \
         set(float_names)
-    return {name: fmt if name not in kept and converts(module, name) else "fp32"
-            for name, module in weight_layers(model)}
+    kinds = kinds or {}
+    formats = {}
+    for name, module in weight_layers(model):
+        if name in kept:
+            formats[name] = "fp32"
+        elif layer_kind(module) in kinds:
+            formats[name] = kinds[layer_kind(module)]
+        else:
+            formats[name] = fmt if converts(module, name) else "fp32"
+    return formats
+
+
+def shared_weight_layers(formats: dict[str, str], float_names: Iterable[str]) -> frozenset[str]:
+    """The layers k-means weight sharing clusters: those stored in a float format (fp32 or
+    bf16) that are not kept float; integer weights are stored as their own integers."""
+    kept = set(float_names)
+    return frozenset(n for n, f in formats.items() if f in ("fp32", "bf16") and n not in kept)
 
 
 def simulate_numerics(model: nn.Module, formats: dict[str, str], calibration: list[Inputs], *,

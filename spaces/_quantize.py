@@ -12,10 +12,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._bf16 import Bf16Model
+from ._bf16 import Bf16Layer, Bf16Model
 from ._config import Config, param
 from ._domains import Choice
 from ._model_io import Inputs, clone, predict
+from ._numerics import SCHEME_FORMATS, kind_formats, layer_formats
 from ._pt2e import convert_qat, prepare_qat, pt2e_static
 from ._schemes import (
     ACTIVATIONS,
@@ -128,6 +129,8 @@ def torchao_quantize(model: nn.Module, config, layers: LayerFilter) -> nn.Module
 
 
 KeepFloat = Literal["none", "first_last", "sensitive"]
+KindFormat = Literal["scheme", "bf16", "fp32"]
+KIND_FORMATS = ("scheme", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -138,10 +141,12 @@ class QuantizationConfig(Config):
     ``calibration_batches`` for calibrated schemes; ``qat`` trains int8_static with fake
     quantization during the fine-tune, then converts; ``keep_float`` leaves layers at
     float precision (none, first and last, or the most sensitive quarter measured on
-    calibration data); static int8 ``activations`` are uint8 with a zero point fitted to
-    each tensor (``asymmetric``) or fixed at 127 (``symmetric``, the Intel Neural
-    Compressor flow: the same zero point everywhere, a range symmetric around it), which
-    some CPUs run faster and others slower.
+    calibration data); ``conv`` and ``linear`` give the layers of that kind not kept float
+    a format of their own (``scheme``: the scheme's; ``bf16`` or ``fp32``), so that one
+    model mixes int8, bf16 and float32 layers; static int8 ``activations`` are uint8 with
+    a zero point fitted to each tensor (``asymmetric``) or fixed at 127 (``symmetric``,
+    the Intel Neural Compressor flow: the same zero point everywhere, a range symmetric
+    around it), which some CPUs run faster and others slower.
     """
 
     scheme: str = param("fp32", choices=scheme_names)
@@ -151,6 +156,10 @@ class QuantizationConfig(Config):
     qat: bool = param(False, note="fake quantization during the fine-tune "
                                   "(`int8_static`)")
     keep_float: KeepFloat = param("none", choices=("none", "first_last", "sensitive"))
+    conv: KindFormat = param("scheme", choices=KIND_FORMATS,
+                             note="format of the conv layers")
+    linear: KindFormat = param("scheme", choices=KIND_FORMATS,
+                               note="format of the linear layers")
     activations: Activations = param("asymmetric", choices=ACTIVATIONS,
                                      note="static int8")
 
@@ -171,13 +180,17 @@ class Quantization(Technique):
 
         def choose_float(trained: nn.Module, _ctx: Context) -> nn.Module:
             ctx.float_layers = self._float_layers(trained, config, ctx)
+            ctx.layer_formats = layer_formats(trained, config.scheme, ctx.float_layers,
+                                              kind_formats(config))
             reference.append(_outputs(trained, ctx.example_input))
             return trained
 
         def convert(trained: nn.Module, _ctx: Context) -> nn.Module:
+            keep = with_layer_formats(trained, config.scheme, ctx.layer_formats,
+                                     ctx.float_layers)
             compressed = quantize(trained, config.scheme, ctx.example_input,
                                   ctx.calibration_inputs(config.calibration_batches),
-                                  granularity=config.granularity, keep_float=ctx.float_layers,
+                                  granularity=config.granularity, keep_float=keep,
                                   activations=config.activations)
             ctx.facts["quantization_error"] = output_error(
                 _outputs(compressed, ctx.example_input), reference[0])
@@ -223,24 +236,47 @@ class Quantization(Technique):
         if config.keep_float != "none":
             ctx.facts["float_layers"] = ",".join(ctx.float_layers)
             ctx.facts["float_layer_count"] = len(ctx.float_layers)
+        for kind, fmt in kind_formats(config).items():
+            ctx.facts[f"{kind}_format"] = fmt
 
     def normalize(self, config: QuantizationConfig, sections: dict[str, Any]
                   ) -> QuantizationConfig:
         s = scheme(config.scheme)
         qat = config.qat and s.qat
         rounded = s.levels is not None or sections["weight_sharing"].bits > 0
+        # an override that gives a kind the format it has anyway is no override
+        converts_conv = s.config().layers(nn.Conv2d(1, 1, 1), "")
+        conv = "scheme" if config.conv in (SCHEME_FORMATS[s.name] if converts_conv
+                                           else "fp32",) else config.conv
+        linear = "scheme" if config.linear == SCHEME_FORMATS[s.name] else config.linear
+        if qat:  # fake quantization covers the whole graph but the layers kept float
+            conv, linear = "scheme", "scheme"
         return dataclasses.replace(
             config, qat=qat,
             granularity=config.granularity if s.integer_weights else "per_channel",
             calibration_batches=config.calibration_batches if s.calibrated and not qat else 8,
             activations=config.activations if s.calibrated else "asymmetric",
-            keep_float=config.keep_float if rounded else "none")
+            keep_float=config.keep_float if rounded else "none", conv=conv, linear=linear)
 
     def label(self, config: QuantizationConfig) -> str:
         text = config.scheme + ("_qat" if config.qat else "")
         text += "/tensor" if config.granularity == "per_tensor" else ""
         text += "/sym" if config.activations == "symmetric" else ""
+        text += "".join(f" {kind}={fmt}" for kind, fmt in kind_formats(config).items())
         return text + (f" keep={config.keep_float}" if config.keep_float != "none" else "")
+
+
+def with_layer_formats(model: nn.Module, scheme_name: str, formats: dict[str, str],
+                      float_names: list[str]) -> list[str]:
+    """Put the layers whose ``formats`` (``{layer name: format}``) say bf16 under a scheme
+    of another format in bf16 (``model`` is modified); return the layers the scheme must
+    leave alone: ``float_names`` and every layer whose format is not the scheme's."""
+    own = SCHEME_FORMATS[scheme_name]
+    if own != "bf16":
+        for name, fmt in formats.items():
+            if fmt == "bf16":
+                model.set_submodule(name, Bf16Layer(model.get_submodule(name)))
+    return list(dict.fromkeys([*float_names, *(n for n, f in formats.items() if f != own)]))
 
 
 def _fold_batchnorm(model: nn.Module) -> nn.Module:

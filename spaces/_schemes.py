@@ -33,13 +33,14 @@ def every_layer(module: nn.Module, fqn: str) -> bool:
 @dataclass(frozen=True)
 class Skipping:
     """A layer filter that converts what ``layers`` converts except the modules named in
-    ``names`` (those stay in float)."""
+    ``names`` and theirs (those stay as they are)."""
 
     layers: LayerFilter
     names: frozenset[str]
 
     def __call__(self, module: nn.Module, fqn: str) -> bool:
-        return self.layers(module, fqn) and fqn not in self.names
+        return self.layers(module, fqn) and not any(
+            fqn == name or fqn.startswith(name + ".") for name in self.names)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,9 @@ class Context:
     ``changed`` (a structural change) or ``needs_training`` (QAT) makes the fine-tune run;
     ``step_hooks`` run after each optimizer step as ``hook(model, step)``; ``model_hooks``
     run whenever a step returns a new model object (e.g. masks re-applied to an exported
-    copy); ``float_layers`` are the layer names kept at float precision. ``watch`` follows
+    copy); ``float_layers`` are the layer names kept at float precision and
+    ``layer_formats`` the format each weight layer is stored and run in (both set once the
+    float layers are chosen; empty before). ``watch`` follows
     the fine-tune (see FineTuneWatch); when it stops it, ``stopped`` holds its reason and
     no later step of the pipeline runs. ``ranking`` wraps the importance that ranks
     channels for removal (see ``prune_channels``).
@@ -133,6 +135,7 @@ class Context:
     changed: bool = False
     needs_training: bool = False
     float_layers: list[str] = field(default_factory=list)
+    layer_formats: dict[str, str] = field(default_factory=dict)
     step_hooks: list[Callable[[nn.Module, int], None]] = field(default_factory=list)
     model_hooks: list[Callable[[nn.Module], None]] = field(default_factory=list)
     watch: FineTuneWatch | None = None

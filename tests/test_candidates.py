@@ -16,7 +16,15 @@ from paretoslim.evaluators._latency import median_interval
 from paretoslim.search._pareto import FrontPoint, within_noise
 from paretoslim.search._record import prediction_errors
 from paretoslim.search._store import StudyStore
-from paretoslim.spaces import Recipe, StudentConfig, compress, layer_formats, simulate_numerics
+from paretoslim.spaces import (
+    Recipe,
+    StudentConfig,
+    compress,
+    kind_formats,
+    layer_formats,
+    shared_weight_layers,
+    simulate_numerics,
+)
 
 
 @pytest.fixture
@@ -76,13 +84,19 @@ def test_kmeans_simulation_shares_the_codebook(cnn):
     assert torch.equal(model.head[3].weight, cnn.model.head[3].weight)
 
 
-@pytest.mark.parametrize("scheme", ["fp32", "bf16", "int8_static", "int8_weight_only"])
+@pytest.mark.parametrize("scheme", ["fp32", "bf16", "int8_static", "int8_weight_only",
+                                    "int8_static linear=bf16 kmeans4b"])
 def test_estimated_size_is_within_5_percent_of_the_converted_size(cnn, scheme):
-    converted, _ = compress(cnn.model, Recipe.from_dict({"quantization": {"scheme": scheme}}),
-                            example_input=cnn.example_input, train=cnn.train,
-                            calibration=cnn.train[:2], finetune_steps=0, learning_rate=1e-3,
-                            seed=0)
-    estimate = estimated_size_mb(cnn.model, layer_formats(cnn.model, scheme))
+    mixed = scheme.endswith("kmeans4b")
+    recipe = Recipe.from_dict({"quantization": {"scheme": scheme.split()[0]} | (
+        {"linear": "bf16"} if mixed else {}), "weight_sharing": {"bits": 4 if mixed else 0}})
+    converted, _ = compress(cnn.model, recipe, example_input=cnn.example_input,
+                            train=cnn.train, calibration=cnn.train[:2], finetune_steps=0,
+                            learning_rate=1e-3, seed=0)
+    formats = layer_formats(cnn.model, recipe.quantization.scheme, [],
+                            kind_formats(recipe.quantization))
+    estimate = estimated_size_mb(cnn.model, formats, cluster_bits=recipe.weight_sharing.bits,
+                                 clustered=shared_weight_layers(formats, []))
     assert estimate == pytest.approx(size_mb(converted), rel=0.05)
 
 

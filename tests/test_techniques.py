@@ -32,6 +32,7 @@ from paretoslim.spaces import (
     factorize,
     factorize_tucker2,
     float_layers,
+    layer_formats,
     layer_groups,
     prune_channels,
     prune_heads,
@@ -39,6 +40,7 @@ from paretoslim.spaces import (
     rank_for,
     repeated_blocks,
     sensitivity_ratios,
+    shared_weight_layers,
     sparsify,
 )
 from paretoslim.spaces._cluster import pack_bits, unpack_bits
@@ -264,6 +266,47 @@ def test_head_pruned_transformer_lowers_to_matching_kernels(tasks, scheme):
     lowered = lower(model, x, scheme, "aoti")  # raises when outputs differ from eager
     with torch.no_grad():
         assert (lowered.fn(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.95
+
+
+def test_one_model_mixes_int8_convolutions_with_shared_bf16_linear_layers():
+    from paretoslim.kernels import lower
+
+    task = tiny_task("cnn")
+    int8 = Recipe(quantization=QuantizationConfig("int8_static"))
+    mixed = Recipe(quantization=QuantizationConfig("int8_static", linear="bf16"),
+                   weight_sharing=WeightSharingConfig(4))
+    assert mixed.weight_sharing.bits == 4 and mixed.short() == "int8_static linear=bf16 kmeans4b"
+    plain, _ = _run(task, int8, steps=0)
+    model, facts = _run(task, mixed, steps=0)
+    assert facts["linear_format"] == "bf16" and facts["clustered_layers"] == 2
+    targets = [str(n.target) for n in model.graph.nodes]
+    assert sum("dequantize_per_channel" in t for t in targets) == 3  # the convolutions only
+    assert sum("dequantize_per_channel" in t for t in
+               (str(n.target) for n in plain.graph.nodes)) == 5
+    casts = [n for n in model.graph.nodes if torch.bfloat16 in (*n.args, *n.kwargs.values())]
+    assert len(casts) >= 2  # each linear layer's input cast to bf16
+    assert size_mb(model) < 0.8 * size_mb(plain)  # the linear weights stored at 4 bits
+    x = task.val[0][0]
+    lowered = lower(model, x, "int8_static", "aoti")  # raises when outputs differ from eager
+    with torch.no_grad():
+        assert (lowered.fn(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.95
+
+
+def test_per_kind_formats_normalize_to_what_they_change():
+    assert Recipe(quantization=QuantizationConfig("bf16", linear="bf16")).quantization == \
+        QuantizationConfig("bf16")
+    assert Recipe(quantization=QuantizationConfig("int8_dynamic", conv="fp32")).quantization \
+        == QuantizationConfig("int8_dynamic")
+    assert Recipe(quantization=QuantizationConfig("fp32", conv="fp32", linear="bf16")
+                  ).quantization == QuantizationConfig("fp32", linear="bf16")
+    qat = Recipe(quantization=QuantizationConfig("int8_static", qat=True, linear="bf16"),
+                 weight_sharing=WeightSharingConfig(4))
+    assert qat.quantization.linear == "scheme" and qat.weight_sharing.bits == 0
+    formats = layer_formats(tiny_task("cnn").model, "int8_static", ["stem.0"],
+                            {"linear": "bf16"})
+    assert formats == {"stem.0": "fp32", "block.0": "int8", "block.3": "int8",
+                       "head.1": "bf16", "head.3": "bf16"}
+    assert shared_weight_layers(formats, ["stem.0"]) == {"head.1", "head.3"}
 
 
 @pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic"])
