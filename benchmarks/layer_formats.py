@@ -54,15 +54,15 @@ TASK = Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist.py"
 FORMATS = ("int8", "bf16", "fp32")
 
 
-def layer_costs(model, x, latency: LatencyModel) -> dict[str, dict[str, float]]:
-    """``{layer: {format: ms}}``: each weight layer's micro-timing in each format, with the
+def layer_costs(names: list[str], calls: dict[str, tuple], latency: LatencyModel
+                ) -> dict[str, dict[str, float]]:
+    """``{layer: {format: ms}}`` from ``calls`` (the model's layer calls with every layer in
+    one format, by format): each weight layer's micro-timing in that format, with the
     pooling and other modules after it (they run in its format)."""
-    names = list(layer_formats(model, "fp32"))
     costs: dict[str, dict[str, float]] = {n: {} for n in names}
-    for fmt in FORMATS:
-        calls = layer_calls(model, x, dict.fromkeys(names, fmt))
+    for fmt, ordered in calls.items():
         index = -1
-        for call in calls:
+        for call in ordered:
             if call.kind in ("linear", "conv2d"):
                 index += 1
             if index >= 0:
@@ -125,10 +125,10 @@ def main() -> None:
     teacher = task.model.eval()
     latency = LatencyModel(target_key(target, threads=1, batch=64, lowering="aoti"))
     names = list(layer_formats(teacher, "fp32"))
-    calls = {c for fmt in FORMATS for c in layer_calls(teacher, x, dict.fromkeys(names, fmt))
-             if c.kind != OTHER}
-    latency.add_timings(time_layer_calls(sorted(calls, key=repr), threads=1))
-    costs = layer_costs(teacher, x, latency)
+    calls = {fmt: layer_calls(teacher, x, dict.fromkeys(names, fmt)) for fmt in FORMATS}
+    timed = {c for ordered in calls.values() for c in ordered if c.kind != OTHER}
+    latency.add_timings(time_layer_calls(sorted(timed, key=repr), threads=1))
+    costs = layer_costs(names, calls, latency)
     drops = sensitivities(task, teacher, val_slice(task, 2000), inputs[:2])
     print(f"CPU: {target.cpu}; torch {torch.__version__}; batch 64, 1 thread, AOTInductor")
     print("| layer | " + " | ".join(f"{f} ms | {f} drop" for f in FORMATS) + " |")

@@ -244,11 +244,7 @@ class Quantization(Technique):
         s = scheme(config.scheme)
         qat = config.qat and s.qat
         rounded = s.levels is not None or sections["weight_sharing"].bits > 0
-        # an override that gives a kind the format it has anyway is no override
-        converts_conv = s.config().layers(nn.Conv2d(1, 1, 1), "")
-        conv = "scheme" if config.conv in (SCHEME_FORMATS[s.name] if converts_conv
-                                           else "fp32",) else config.conv
-        linear = "scheme" if config.linear == SCHEME_FORMATS[s.name] else config.linear
+        conv, linear = _override(s, config.conv, _CONV), _override(s, config.linear, _LINEAR)
         if qat:  # fake quantization covers the whole graph but the layers kept float
             conv, linear = "scheme", "scheme"
         return dataclasses.replace(
@@ -264,6 +260,16 @@ class Quantization(Technique):
         text += "/sym" if config.activations == "symmetric" else ""
         text += "".join(f" {kind}={fmt}" for kind, fmt in kind_formats(config).items())
         return text + (f" keep={config.keep_float}" if config.keep_float != "none" else "")
+
+
+_CONV, _LINEAR = nn.Conv2d(1, 1, 1), nn.Linear(1, 1)  # a layer of each kind, to ask a scheme
+
+
+def _override(s: Scheme, fmt: str, layer: nn.Module) -> str:
+    """``fmt`` as a per-kind override under ``s``: ``scheme`` when it is the format ``s``
+    gives layers of ``layer``'s kind anyway."""
+    own = SCHEME_FORMATS[s.name] if s.config().layers(layer, "") else "fp32"
+    return "scheme" if fmt == own else fmt
 
 
 def with_layer_formats(model: nn.Module, scheme_name: str, formats: dict[str, str],
