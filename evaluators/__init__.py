@@ -37,7 +37,6 @@ from ._latency_model import (
     LatencyModel,
     LayerCall,
     error_summary,
-    is_weight_layer,
     layer_calls,
     target_key,
 )
@@ -76,7 +75,6 @@ __all__ = [
     "deployed_tensors",
     "estimated_size_mb",
     "error_summary",
-    "is_weight_layer",
     "layer_calls",
     "graph_reads",
     "measure_speedup",

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from ..kernels import Target, detect_target
-from ..spaces import model_io
+from ..spaces import is_weight_layer, model_io
 from ._job import save_json
 
 Format = Literal["fp32", "bf16", "int8", "int8_dynamic", "int8_weight"]
@@ -94,13 +94,6 @@ class LayerCall:
     @classmethod
     def from_list(cls, values: Sequence) -> LayerCall:
         return cls(*(tuple(v) if isinstance(v, list) else v for v in values))
-
-
-def is_weight_layer(module: nn.Module) -> bool:
-    """Linear, ConvNd, or a transposed-weight linear such as transformers' ``Conv1D``."""
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return True
-    return type(module).__name__ == "Conv1D" and all(hasattr(module, a) for a in ("nf", "weight"))
 
 
 def layer_calls(model: nn.Module, example_input: model_io.Inputs,

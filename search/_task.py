@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..spaces import model_io
+from ..spaces import canonicalize, model_io
 from ._errors import ParetoslimError
 
 Metric = Callable[[nn.Module, Iterable], float]
@@ -33,6 +33,9 @@ class Task:
     (default: classification accuracy). ``calibration`` holds the batches used to calibrate
     static quantization (default: the first batches of ``train``). ``student(width, depth)``
     builds a task-specific student (default: students are derived from the teacher).
+    The model's registered weight layers (transformers' ``Conv1D``) are replaced in place
+    by their canonical kind (``nn.Linear``), outputs unchanged, so that the teacher timed
+    is the one the techniques compress.
     """
 
     model: nn.Module
@@ -50,6 +53,7 @@ class Task:
             raise TypeError(
                 f"Task.model must be a torch.nn.Module. Got {type(self.model).__name__} instead."
             )
+        self.model = canonicalize(self.model)
         problem = model_io.input_error(self.example_input)
         if problem is not None:
             raise TypeError(f"Task.example_input: {problem}.")

@@ -26,6 +26,7 @@ from ._config import Config, check_range, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._elastic import ElasticStudent, sliceable
+from ._layers import WEIGHT_LAYERS, canonicalize, is_weight_layer, register_weight_layer
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
 from ._numerics import (
     SCHEME_FORMATS,
@@ -78,6 +79,10 @@ __all__ = [
     "DEFAULT_DOMAINS",
     "QUANT_SCHEMES",
     "SPARSE_MODULES",
+    "WEIGHT_LAYERS",
+    "canonicalize",
+    "is_weight_layer",
+    "register_weight_layer",
     "Bf16Model",
     "model_io",
     "BudgetExceeded",

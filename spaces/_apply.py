@@ -9,6 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ._layers import canonicalize
 from ._model_io import Inputs
 from ._recipe import Recipe
 from ._technique import Context, Phase, Technique, techniques
@@ -32,9 +33,11 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
     The distillation fine-tune is skipped when nothing changed the model. The teacher is
     not modified. The same recipe, seed and data give the same model. A combination that
     cannot be applied raises ValueError saying why; past the ``deadline``, BudgetExceeded.
-    The facts are numbers, strings and booleans. ``watch`` follows the fine-tune (see
-    FineTuneWatch); when it stops it, the facts hold its reason as ``stopped`` and the step
-    it stopped at as ``stopped_at_step``, and the model is the partly trained one.
+    Registered weight layers (transformers' ``Conv1D``) become their canonical kind first
+    (``canonicalize``). The facts are numbers, strings and booleans. ``watch`` follows the
+    fine-tune (see FineTuneWatch); when it stops it, the facts hold its reason as
+    ``stopped`` and the step it stopped at as ``stopped_at_step``, and the model is the
+    partly trained one.
     ``structure``, when given, is the result of the student and pruning phases (e.g. a
     slice of an elastic student): a copy of it starts the pipeline instead of the teacher.
     """
@@ -49,7 +52,7 @@ def compress(teacher: nn.Module, recipe: Recipe, *, example_input: Inputs,
         if structure is None or t.phase not in _STRUCTURAL:
             ctx.later(t.phase, t.stage, partial(_apply, t, getattr(recipe, t.section)))
     ctx.changed = structure is not None
-    model = ctx.run(copy.deepcopy(teacher if structure is None else structure))
+    model = ctx.run(canonicalize(copy.deepcopy(teacher if structure is None else structure)))
     if ctx.stopped is not None:
         ctx.facts["stopped"] = ctx.stopped
     return model, ctx.facts

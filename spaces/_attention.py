@@ -126,21 +126,30 @@ class UnfusedAttention(nn.Module):
         return mask
 
 
+def _checked_heads(heads: Sequence[int], count: int) -> list[int]:
+    heads = sorted(set(heads))
+    if not heads or heads[0] < 0 or heads[-1] >= count:
+        raise ValueError(f"heads to keep must be a non-empty subset of range({count}). "
+                         f"Got {heads}.")
+    return heads
+
+
+def _keep_rows(layer: nn.Linear, rows: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight[rows].clone())
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias[rows].clone())
+    layer.out_features = len(rows)
+
+
 def _slice_heads(attention, heads: Sequence[int]) -> list[int]:
     """Cut the rows of ``heads`` (kept, sorted) from the attention's q / k / v projections
     and the matching columns from its ``out_proj``; return the kept heads."""
-    heads = sorted(set(heads))
-    if not heads or heads[0] < 0 or heads[-1] >= attention.num_heads:
-        raise ValueError(f"heads to keep must be a non-empty subset of "
-                         f"range({attention.num_heads}). Got {heads}.")
+    heads = _checked_heads(heads, attention.num_heads)
     size = attention.q_proj.out_features // attention.num_heads
     rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
     with torch.no_grad():
         for layer in (attention.q_proj, attention.k_proj, attention.v_proj):
-            layer.weight = nn.Parameter(layer.weight[rows].clone())
-            if layer.bias is not None:
-                layer.bias = nn.Parameter(layer.bias[rows].clone())
-            layer.out_features = len(rows)
+            _keep_rows(layer, rows)
         out = attention.out_proj
         out.weight = nn.Parameter(out.weight[:, rows].clone())
         out.in_features = len(rows)
@@ -190,12 +199,72 @@ class HFHeads:
             self.module.all_head_size = width
 
 
-def hf_attentions(model: nn.Module) -> list[HFHeads]:
-    """The Hugging Face self-attention modules of ``model`` (see ``HFHeads``)."""
+class FusedHeads:
+    """The heads of a self-attention module whose query, key and value come from one
+    projection split in three equal parts (GPT-2's ``c_attn``, read with ``split_size``
+    and ``head_dim``; its output ``c_proj``), as removable units. Removing heads, or
+    shrinking every head evenly, keeps ``split_size``, ``head_dim`` and ``num_heads``
+    in step."""
+
+    def __init__(self, module: nn.Module, qkv: nn.Linear, out: nn.Linear):
+        self.module, self.qkv, self.out_proj = module, qkv, out
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.num_heads)
+
+    def weights(self, grad: bool = False) -> list[torch.Tensor | None]:
+        """The query, key, value and output weights (or their gradients)."""
+        fused = self.qkv.weight.grad if grad else self.qkv.weight
+        out = self.out_proj.weight.grad if grad else self.out_proj.weight
+        return [*(fused.chunk(3) if fused is not None else (None,) * 3), out]
+
+    def keep_heads(self, heads: Sequence[int]) -> None:
+        """Keep only ``heads`` (indices among the current heads, at least one), in place."""
+        heads = _checked_heads(heads, self.num_heads)
+        width = self.qkv.out_features // 3
+        size = width // self.num_heads
+        rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
+        fused = torch.cat([rows + part * width for part in range(3)])
+        with torch.no_grad():
+            _keep_rows(self.qkv, fused)
+            self.out_proj.weight = nn.Parameter(self.out_proj.weight[:, rows].clone())
+            self.out_proj.in_features = len(rows)
+        self.module.num_heads = len(heads)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the split and head sizes from the fused projection's width, after
+        Torch-Pruning shrank every head evenly."""
+        width = self.qkv.out_features // 3
+        self.module.split_size = width
+        self.module.head_dim = width // self.num_heads
+        if hasattr(self.module, "embed_dim"):
+            self.module.embed_dim = width
+
+
+def _fused_attention(module: nn.Module) -> FusedHeads | None:
+    qkv, out = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(out, nn.Linear)
+            and all(isinstance(vars(module).get(a), int)
+                    for a in ("num_heads", "head_dim", "split_size"))
+            and not getattr(module, "is_cross_attention", False)
+            and qkv.out_features == 3 * module.split_size):
+        return None
+    return FusedHeads(module, qkv, out)
+
+
+def hf_attentions(model: nn.Module) -> list[HFHeads | FusedHeads]:
+    """The Hugging Face self-attention modules of ``model`` (see ``HFHeads`` and
+    ``FusedHeads``)."""
     modules = dict(model.named_modules())
-    found = []
+    found: list[HFHeads | FusedHeads] = []
     for name, module in modules.items():
         if isinstance(module, UnfusedAttention | nn.MultiheadAttention):
+            continue
+        fused = _fused_attention(module)
+        if fused is not None:
+            found.append(fused)
             continue
         count = _attribute(module, _HF_HEAD_COUNTS)
         size = _attribute(module, _HF_HEAD_SIZES)
@@ -248,13 +317,20 @@ def _by_head(attention: UnfusedAttention, tensors: Sequence[torch.Tensor]) -> to
     return torch.cat([t.reshape(h, -1) for t in (q, k, v, columns)], dim=1)
 
 
-def head_importance(attention: UnfusedAttention | HFHeads, criterion: str) -> torch.Tensor:
+def _weights(attention, grad: bool = False) -> list[torch.Tensor | None]:
+    if isinstance(attention, FusedHeads):
+        return attention.weights(grad)
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
+    return [layer.weight.grad if grad else layer.weight for layer in layers]
+
+
+def head_importance(attention: UnfusedAttention | HFHeads | FusedHeads,
+                    criterion: str) -> torch.Tensor:
     """One score per head from its q / k / v rows and ``out_proj`` columns: their L2 or L1
     norm, or for ``taylor`` the sum of |w * dL/dw| (gradients must be present)."""
-    layers = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
-    weights = _by_head(attention, [layer.weight for layer in layers])
+    weights = _by_head(attention, _weights(attention))
     if criterion == "taylor":
-        grads = [layer.weight.grad for layer in layers]
+        grads = _weights(attention, grad=True)
         if any(g is None for g in grads):
             raise ValueError("the 'taylor' criterion needs gradients of the attention weights")
         return (weights * _by_head(attention, grads)).abs().sum(dim=1)
@@ -277,7 +353,7 @@ def prune_heads(model: nn.Module, ratio: float, *, global_ranking: bool,
     modules: list = unfuse_attention(model) + hf_attentions(model)
     if not modules:
         raise ValueError(f"removing attention heads needs multi-head attention "
-                         f"(nn.MultiheadAttention or a Hugging Face transformers encoder), "
+                         f"(nn.MultiheadAttention or a Hugging Face transformers self-attention), "
                          f"and {type(model).__name__} has none")
     if ratio == 0:
         return 0

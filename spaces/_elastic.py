@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._layers import canonicalize
 from ._model_io import Inputs, batch_inputs, predict, to_floating
 from ._recipe import Recipe
 from ._technique import Context, Phase, techniques
@@ -119,7 +120,7 @@ class ElasticStudent:
     def __init__(self, teacher: nn.Module, example_input: Inputs):
         self.teacher = teacher.eval()
         self.example_input = example_input
-        self.model = copy.deepcopy(teacher).eval()
+        self.model = canonicalize(copy.deepcopy(teacher)).eval()
         self.steps = 0
         # the teacher's values over the position codes: what channels are ranked by
         self.reference = self._flat(self.model, buffers=True).detach().clone()

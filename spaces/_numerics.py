@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._layers import WEIGHT_LAYERS
 from ._model_io import Inputs, predict
 from ._schemes import scheme
-from ._structure import _PRUNABLE
 
 FORMATS = ("fp32", "bf16", "int8", "int8_dynamic", "int8_weight")
 # the format a scheme's converted layers run in
@@ -25,7 +25,7 @@ _KMEANS_ITERATIONS = 8
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's Linear / Conv layers with their names, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ from torch import nn
 from ._attention import prune_heads
 from ._config import Config, param
 from ._domains import Fixed, FloatRange
-from ._structure import prune_channels, sensitivity_ratios
+from ._structure import group_roots, prune_channels, sensitivity_ratios, tapered_ratios
 from ._technique import Context, Phase, Technique, register
 
 StructuredCriterion = Literal["l2", "l1", "taylor", "bn_scale"]
@@ -27,7 +28,10 @@ class PruningConfig(Config):
     one ranking across the network (``global``), the same ratio per layer (``uniform``),
     or per-layer ratios scaled inversely to each layer's measured sensitivity
     (``sensitivity``; heads then go uniformly); channel counts are kept at multiples of
-    ``round_to``. Removing heads leaves the residual stream's width alone.
+    ``round_to``. ``taper`` tilts a uniform allocation along the network: per-layer
+    ratios ``ratio * (1 + taper * (2 t - 1))`` at relative depth ``t``, so a positive taper
+    prunes the late layers more and a negative one the early layers. Removing heads leaves
+    the residual stream's width alone.
     """
 
     ratio: float = param(0.0, low=0.0, high=0.95, note="structured")
@@ -37,6 +41,8 @@ class PruningConfig(Config):
                           note="channel counts kept multiples of it")
     heads: float = param(0.0, low=0.0, high=0.95, off=True,
                          note="share of attention heads removed (one head per module stays)")
+    taper: float = param(0.0, low=-1.0, high=1.0,
+                         note="with `uniform` allocation: late layers pruned more when positive")
 
 
 @register
@@ -57,10 +63,13 @@ class Pruning(Technique):
                 global_ranking=config.allocation == "global", loss=ctx.loss)
             ctx.changed = True
         if config.ratio > 0:
-            layer_ratios = None
+            ratios = None
             if config.allocation == "sensitivity":
                 ratios = sensitivity_ratios(model, ctx.example_input, config.ratio, ctx.loss)
-                layer_ratios = {model.get_submodule(n): r for n, r in ratios.items()}
+            elif config.taper:
+                ratios = tapered_ratios(group_roots(model, ctx.example_input), config.ratio,
+                                        config.taper)
+            layer_ratios = ratios and {model.get_submodule(n): r for n, r in ratios.items()}
             prune_channels(model, ctx.example_input, config.ratio,
                            global_ranking=config.allocation == "global",
                            round_to=config.round_to, criterion=config.criterion,
@@ -73,6 +82,8 @@ class Pruning(Technique):
         round_to = config.round_to if sections["student"].width < 1 else 1
         if config.ratio == 0 and config.heads == 0:
             return PruningConfig(round_to=round_to)
+        if config.taper and config.allocation != "uniform":
+            config = dataclasses.replace(config, taper=0.0)
         if config.ratio == 0:  # heads only: ranked per module or globally, never by BN scale
             return PruningConfig(
                 heads=config.heads, round_to=round_to,
@@ -83,6 +94,8 @@ class Pruning(Technique):
     def label(self, config: PruningConfig) -> str:
         detail = "" if (config.criterion, config.allocation) == ("l2", "global") else (
             f"({config.criterion},{config.allocation})")
+        if config.taper:
+            detail += f" taper={config.taper:+g}"
         parts = []
         if config.heads:
             parts.append(f"heads={config.heads:g}" + ("" if config.ratio else detail))

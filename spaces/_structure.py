@@ -6,16 +6,17 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._attention import UnfusedAttention, hf_attentions
+from ._attention import FusedHeads, UnfusedAttention, hf_attentions
+from ._layers import is_weight_layer
 from ._model_io import Inputs, logits, predict
 from ._training import Loss
 
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ROOTS = [nn.modules.conv._ConvNd, nn.Linear]
 
 Ranking = Callable[[tp.importance.Importance], tp.importance.Importance]
@@ -46,12 +47,27 @@ def output_layers(model: nn.Module, example_input: Inputs) -> list[nn.Module]:
     def hook(module, _inputs, output):
         called.append((module, output))
 
-    out = run_with_hooks(model, [m for m in model.modules() if isinstance(m, _PRUNABLE)],
+    out = run_with_hooks(model, [m for m in model.modules() if is_weight_layer(m)],
                          hook, example_input)
     direct = [m for m, o in called if o is out]
     if direct:
         return direct
     return [called[-1][0]] if called else []
+
+
+@contextmanager
+def _traceable(model: nn.Module):
+    """No key-value cache while Torch-Pruning traces the model: a decoder's cache update
+    concatenates onto an empty cache, which the dependency graph cannot size."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False
+    try:
+        yield model
+    finally:
+        if cached:
+            config.use_cache = cached
 
 
 def _importance(criterion: str, model: nn.Module) -> tp.importance.Importance:
@@ -83,7 +99,15 @@ def _head_groups(model: nn.Module) -> dict[nn.Module, int]:
     every head."""
     attentions = [m for m in model.modules() if isinstance(m, UnfusedAttention)]
     return {layer: m.num_heads for m in attentions + hf_attentions(model)
-            for layer in (m.q_proj, m.k_proj, m.v_proj)}
+            if not isinstance(m, FusedHeads) for layer in (m.q_proj, m.k_proj, m.v_proj)}
+
+
+def _fixed_width(model: nn.Module, example_input: Inputs) -> list[nn.Module]:
+    """The layers whose outputs keep their width under channel pruning: the output layers,
+    and fused query / key / value projections (split along a dimension Torch-Pruning does
+    not follow; their heads leave whole, by head pruning)."""
+    fused = [m.qkv for m in hf_attentions(model) if isinstance(m, FusedHeads)]
+    return output_layers(model, example_input) + fused
 
 
 def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
@@ -102,7 +126,8 @@ def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
     embedding shrinks evenly across its heads; an ``UnfusedAttention`` shrinks its heads
     evenly, apart from the residual stream). Channel counts stay multiples of
     ``round_to`` (and of the ``nn.MultiheadAttention`` head counts). The output layer
-    keeps its width. ``ranking`` wraps the criterion's importance.
+    and fused query / key / value projections keep their widths. ``ranking`` wraps the
+    criterion's importance.
     ``ratio == 0`` without ``layer_ratios`` returns the model untouched.
     """
     if ratio == 0 and not layer_ratios:
@@ -114,12 +139,12 @@ def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
     was_training = model.training
     model.eval()
     step = math.lcm(round_to or 1, _heads(model))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _traceable(model):
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             model, example_input, importance=importance, global_pruning=global_ranking,
             pruning_ratio=ratio, pruning_ratio_dict=layer_ratios, max_pruning_ratio=0.95,
-            ignored_layers=output_layers(model, example_input),
+            ignored_layers=_fixed_width(model, example_input),
             round_to=step if step > 1 else None, num_heads=_head_groups(model),
             output_transform=logits)
         if criterion == "taylor":
@@ -133,6 +158,32 @@ def prune_channels(model: nn.Module, example_input: Inputs, ratio: float, *,
     return model
 
 
+def group_roots(model: nn.Module, example_input: Inputs) -> list[str]:
+    """The names of the layers leading the model's prunable groups (the output layers
+    excepted), in the order the forward pass calls them."""
+    names = {m: n for n, m in model.named_modules()}
+    with warnings.catch_warnings(), _traceable(model):
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(model, example_input,
+                                                      output_transform=logits)
+        ignored = _fixed_width(model, example_input)
+        roots = [group[0].dep.target.module for group in
+                 graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS)]
+    order = {m: i for i, m in enumerate(_call_shapes(model, roots, example_input))}
+    return [names[m] for m in sorted(roots, key=lambda m: order.get(m, len(order)))]
+
+
+def tapered_ratios(roots: list[str], ratio: float, taper: float) -> dict[str, float]:
+    """Per-group pruning ratios that average ``ratio`` and tilt along the network:
+    ``ratio * (1 + taper * (2 t - 1))`` at relative position ``t`` (0 for the first group,
+    1 for the last), clipped to [0, 0.9]. A positive ``taper`` prunes the late layers more
+    (in a CNN: the fewer, wider layers that hold most weights), a negative one the early
+    layers (most of the compute)."""
+    last = len(roots) - 1
+    return {name: min(max(ratio * (1 + taper * (2 * i / last - 1 if last else 0)), 0.0), 0.9)
+            for i, name in enumerate(roots)}
+
+
 def sensitivity_ratios(model: nn.Module, example_input: Inputs, ratio: float,
                        loss: Loss) -> dict[str, float]:
     """Per-layer pruning ratios scaled inversely to each group's measured sensitivity.
@@ -142,17 +193,9 @@ def sensitivity_ratios(model: nn.Module, example_input: Inputs, ratio: float,
     ratios are ``ratio * w / mean(w)`` with ``w = 1 / (sensitivity + median sensitivity)``,
     clipped to [0, 0.9]: robust layers lose more channels, fragile ones fewer.
     """
-    names = {m: n for n, m in model.named_modules()}
     with torch.no_grad():
         base = float(loss(model))
-    roots = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(model, example_input,
-                                                      output_transform=logits)
-        ignored = output_layers(model, example_input)
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOTS):
-            roots.append(names[group[0].dep.target.module])
+    roots = group_roots(model, example_input)
     if not roots:
         return {}
     sensitivity = []
@@ -203,7 +246,7 @@ def _call_shapes(model: nn.Module, modules: list[nn.Module], example_input: Inpu
 
 
 def _holds_weights(module: nn.Module) -> bool:
-    return any(isinstance(m, _PRUNABLE) for m in module.modules())
+    return any(is_weight_layer(m) for m in module.modules())
 
 
 def evenly_spaced(count: int, keep: int) -> list[int]:
@@ -232,7 +275,7 @@ def repeated_blocks(model: nn.Module, example_input: Inputs
     found = {}
     for name, container in containers:
         candidates = [i for i, c in enumerate(container)
-                      if keeps_shape(c) and _holds_weights(c) and not isinstance(c, _PRUNABLE)]
+                      if keeps_shape(c) and _holds_weights(c) and not is_weight_layer(c)]
         by_class: dict[type, list[int]] = {}
         for i in candidates:
             by_class.setdefault(type(container[i]), []).append(i)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._config import Config, param
+from ._layers import is_weight_layer
 from ._sparse import SPARSE_MODULES, sparsify
 from ._structure import output_layers
 from ._technique import Context, Phase, Technique, register
@@ -56,7 +57,7 @@ class Sparsifier:
                  exclude: list[nn.Module] = (), seed: int = 0):
         self.config = config
         self.names = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
-                      if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+                      if is_weight_layer(m)
                       and not any(m is e for e in exclude)]
         if not self.names:
             raise ValueError("unstructured sparsity found no Linear / Conv weight to prune")

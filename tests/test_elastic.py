@@ -47,8 +47,9 @@ def kd_loss(model, task):
 @pytest.mark.parametrize("recipe", [
     structure(width=0.5), structure(width=0.75), structure(ratio=0.3),
     structure(ratio=0.3, allocation="uniform"), structure(width=0.75, ratio=0.3),
+    structure(ratio=0.3, allocation="uniform", taper=0.6),
     structure(depth=0.5), structure(width=0.5, depth=0.5, ratio=0.3)],
-    ids=["w0.5", "w0.75", "p0.3", "p0.3u", "w0.75p0.3", "d0.5", "w0.5d0.5p0.3"])
+    ids=["w0.5", "w0.75", "p0.3", "p0.3u", "w0.75p0.3", "p0.3taper", "d0.5", "w0.5d0.5p0.3"])
 def test_a_slice_is_the_structure_compress_builds(tasks, kind, recipe):
     task = tasks[kind]
     sliced = ElasticStudent(task.model, task.example_input).slice(recipe)

@@ -44,6 +44,7 @@ from paretoslim.spaces import (
     sparsify,
 )
 from paretoslim.spaces._cluster import pack_bits, unpack_bits
+from paretoslim.spaces._structure import group_roots, tapered_ratios
 
 
 def _mask_(layer: nn.Module, keep: float, block: int = 1, seed: int = 0) -> None:
@@ -335,6 +336,36 @@ def test_sensitivity_allocation_gives_uneven_ratios_around_the_target(tasks):
     values = list(ratios.values())
     assert len(values) >= 2 and len(set(values)) > 1
     assert sum(values) / len(values) == pytest.approx(0.4, abs=0.03)  # around the target
+
+
+def test_a_taper_tilts_the_pruned_share_along_the_network():
+    task = tiny_task("cnn")
+    roots = group_roots(task.model, task.example_input)
+    ratios = tapered_ratios(roots, 0.4, 0.5)
+    assert list(ratios) == roots and len(roots) >= 3
+    assert list(ratios.values()) == sorted(ratios.values())  # late layers pruned more
+    assert ratios[roots[0]] == pytest.approx(0.2) and ratios[roots[-1]] == pytest.approx(0.6)
+
+    def kept(taper):
+        recipe = Recipe(pruning=PruningConfig(ratio=0.4, allocation="uniform", taper=taper))
+        built, _ = compress(task.model, recipe, example_input=task.example_input,
+                            train=task.train, calibration=None, finetune_steps=0,
+                            learning_rate=0.0, seed=0)
+        return [built.get_submodule(n).weight.shape[0] for n in roots]
+
+    flat, late, early = kept(0.0), kept(0.5), kept(-0.5)
+    assert late[0] > flat[0] > early[0]  # the first layer keeps most under a positive taper
+    assert late[-1] < flat[-1] < early[-1]
+
+
+def test_a_taper_only_shapes_a_uniform_allocation():
+    tilted = Recipe.from_dict({"pruning": {"ratio": 0.3, "allocation": "uniform", "taper": 0.5}})
+    assert tilted.short() == "prune=0.3(l2,uniform) taper=+0.5 fp32"
+    assert Recipe.from_dict({"pruning": {"ratio": 0.3, "taper": 0.5}}) == Recipe.from_dict(
+        {"pruning": {"ratio": 0.3}})  # a global ranking sets its own per-layer shares
+    assert Recipe.from_dict({"pruning": {"allocation": "uniform", "taper": 0.5}}) == Recipe()
+    with pytest.raises(ValueError, match="'taper'"):
+        PruningConfig(taper=1.5)
 
 
 @pytest.mark.parametrize("kind, container, before, after", [

@@ -20,9 +20,11 @@ from paretoslim.search._task import check_model_accepts_input
 from paretoslim.spaces import (
     DistillationConfig,
     Recipe,
+    canonicalize,
     compress,
     derive_student,
     distill,
+    is_weight_layer,
     model_io,
     prune_channels,
 )
@@ -57,6 +59,9 @@ ENCODERS = {
                                    num_attention_heads=4, intermediate_size=64,
                                    max_position_embeddings=64, num_labels=LABELS,
                                    pad_token_id=1)), _text_batch),
+    "gpt2": (lambda: transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=LABELS,
+        pad_token_id=0)), _text_batch),
     "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=64, num_labels=LABELS)), _image_batch),
@@ -74,7 +79,7 @@ def _inputs(batch: dict) -> dict:
 
 
 def _heads(model) -> list[int]:
-    return [a.num_heads for a in hf_attentions(model)]
+    return [a.num_heads for a in hf_attentions(canonicalize(copy.deepcopy(model)))]
 
 
 # each technique alone; what must hold of the compressed model beside its outputs
@@ -179,6 +184,38 @@ def _last_hidden_error(teacher, student, x) -> float:
     for hook in hooks:
         hook.remove()
     return float(torch.nn.functional.mse_loss(taken["s"], taken["t"]))
+
+
+def test_transposed_weight_linears_become_linear_layers_computing_the_same():
+    model, batch = _encoder("gpt2")
+    x = _inputs(batch(4))
+    fused = [m for m in model.modules() if isinstance(m, transformers.pytorch_utils.Conv1D)]
+    assert fused and all(is_weight_layer(m) for m in fused)
+    expected = model_io.predict(model, x)
+    canonical = canonicalize(copy.deepcopy(model))
+    assert not any(isinstance(m, transformers.pytorch_utils.Conv1D) for m in canonical.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in canonical.modules())
+    assert linears == len(fused) + 1  # and the classifier head
+    torch.testing.assert_close(model_io.predict(canonical, x), expected, rtol=1e-5, atol=1e-6)
+    task = Task(model=model, train=[batch()], val=[batch()], example_input=x)
+    assert task.model is model and not any(
+        isinstance(m, transformers.pytorch_utils.Conv1D) for m in model.modules())
+
+
+def test_a_fused_query_key_value_projection_loses_whole_heads_in_all_three_parts():
+    model, batch = _encoder("gpt2")
+    model = canonicalize(model)
+    x = _inputs(batch(4))
+    attention = model.transformer.h[0].attn
+    silenced = copy.deepcopy(model)
+    with torch.no_grad():  # head 1 of the first layer contributes nothing
+        silenced.transformer.h[0].attn.c_proj.weight[:, 8:16] = 0
+    expected = model_io.predict(silenced, x)
+    heads = [a for a in hf_attentions(model) if a.module is attention][0]
+    heads.keep_heads([0, 2, 3])
+    assert attention.c_attn.out_features == 3 * 24 and attention.c_proj.in_features == 24
+    assert (attention.split_size, attention.head_dim, attention.num_heads) == (24, 8, 3)
+    torch.testing.assert_close(model_io.predict(model, x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_hidden_state_distillation_pulls_the_kept_layers_towards_the_teachers():
