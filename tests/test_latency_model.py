@@ -16,7 +16,7 @@ from paretoslim.evaluators import (
     target_key,
     time_layer_calls,
 )
-from paretoslim.spaces import layer_formats
+from paretoslim.spaces import layer_formats, register_weight_layer
 
 
 class TinyCNN(nn.Module):
@@ -39,6 +39,9 @@ class Conv1D(nn.Module):
 
     def forward(self, x):
         return x @ self.weight
+
+
+register_weight_layer(Conv1D.__module__, Conv1D.__qualname__, lambda layer: layer)
 
 
 def linear(n: int, fmt: str = "fp32", batch: int = 4) -> LayerCall:
