@@ -41,7 +41,7 @@ def test_recipe_json_round_trip():
     text = recipe.to_json()
     assert json.loads(text)["pruning"] == {"ratio": 0.3, "criterion": "l2",
                                            "allocation": "global", "round_to": 1,
-                                           "heads": 0.0}
+                                           "heads": 0.0, "taper": 0.0}
     assert Recipe.from_json(text) == recipe
     assert Recipe.from_dict({}) == Recipe()
 
