@@ -18,14 +18,16 @@ from ._cluster import WeightSharingConfig  # isort: skip
 from ._embedding import EmbeddingConfig, compress_embeddings  # isort: skip
 from ._weight_only import Int8WeightOnly  # noqa: F401  isort: skip
 from . import _model_io as model_io  # inputs, batches and outputs in every form
+from ._allocation import sensitivity_ratios
 from ._apply import compress
-from ._attention import UnfusedAttention, prune_heads
+from ._attention import UnfusedAttention
 from ._bf16 import Bf16Model
 from ._cluster import CLUSTERED_MODULES, ClusteredConv2d, ClusteredLinear, cluster_weights
 from ._config import Config, check_range, param
 from ._distill import distill
 from ._domains import Choice, Domain, Fixed, FloatRange
 from ._elastic import ElasticStudent, sliceable
+from ._heads import prune_heads
 from ._layers import WEIGHT_LAYERS, canonicalize, is_weight_layer, register_weight_layer
 from ._lowrank import factorize, factorize_conv2d, factorize_linear, factorize_tucker2, rank_for
 from ._numerics import (
@@ -58,7 +60,6 @@ from ._structure import (
     output_layers,
     prune_channels,
     repeated_blocks,
-    sensitivity_ratios,
 )
 from ._technique import Context, Phase, Technique, register, technique, techniques
 from ._training import (

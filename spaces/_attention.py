@@ -1,4 +1,4 @@
-"""Attention heads as removable units: multi-head attention with separate projections."""
+"""Multi-head attention with separate projections, whose heads can be cut out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ._training import Loss
 
 
 class UnfusedAttention(nn.Module):
@@ -71,7 +69,7 @@ class UnfusedAttention(nn.Module):
 
     def keep_heads(self, heads: Sequence[int]) -> None:
         """Keep only ``heads`` (indices among the current heads, at least one), in place."""
-        heads = _slice_heads(self, heads)
+        heads = slice_heads(self, heads)
         self.kept_heads = tuple(self.kept_heads[h] for h in heads)
         self.num_heads = len(heads)
 
@@ -126,7 +124,8 @@ class UnfusedAttention(nn.Module):
         return mask
 
 
-def _checked_heads(heads: Sequence[int], count: int) -> list[int]:
+def checked_heads(heads: Sequence[int], count: int) -> list[int]:
+    """``heads`` sorted, checked to be a non-empty subset of ``range(count)``."""
     heads = sorted(set(heads))
     if not heads or heads[0] < 0 or heads[-1] >= count:
         raise ValueError(f"heads to keep must be a non-empty subset of range({count}). "
@@ -134,160 +133,35 @@ def _checked_heads(heads: Sequence[int], count: int) -> list[int]:
     return heads
 
 
-def _keep_rows(layer: nn.Linear, rows: torch.Tensor) -> None:
+def head_rows(heads: Sequence[int], size: int) -> torch.Tensor:
+    """The indices of ``heads``' dimensions, ``size`` each, in a projection's output."""
+    return torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
+
+
+def keep_rows(layer: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep the output features ``rows`` of ``layer`` (weights and bias), in place."""
     layer.weight = nn.Parameter(layer.weight[rows].clone())
     if layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias[rows].clone())
     layer.out_features = len(rows)
 
 
-def _slice_heads(attention, heads: Sequence[int]) -> list[int]:
+def keep_columns(layer: nn.Linear, columns: torch.Tensor) -> None:
+    """Keep the input features ``columns`` of ``layer``, in place."""
+    layer.weight = nn.Parameter(layer.weight[:, columns].clone())
+    layer.in_features = len(columns)
+
+
+def slice_heads(attention, heads: Sequence[int]) -> list[int]:
     """Cut the rows of ``heads`` (kept, sorted) from the attention's q / k / v projections
     and the matching columns from its ``out_proj``; return the kept heads."""
-    heads = _checked_heads(heads, attention.num_heads)
-    size = attention.q_proj.out_features // attention.num_heads
-    rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
+    heads = checked_heads(heads, attention.num_heads)
+    rows = head_rows(heads, attention.q_proj.out_features // attention.num_heads)
     with torch.no_grad():
         for layer in (attention.q_proj, attention.k_proj, attention.v_proj):
-            _keep_rows(layer, rows)
-        out = attention.out_proj
-        out.weight = nn.Parameter(out.weight[:, rows].clone())
-        out.in_features = len(rows)
+            keep_rows(layer, rows)
+        keep_columns(attention.out_proj, rows)
     return heads
-
-
-# q / k / v projections of Hugging Face self-attention modules, their output projection
-# when the module holds it, and the attributes holding their head count and head size:
-# BERT, RoBERTa and their kin (the output in the sibling ``output.dense``); DistilBERT;
-# models in transformers' newer style (ViT among them)
-_HF_PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
-                   ("q_proj", "k_proj", "v_proj"))
-_HF_OUTPUTS = ("out_lin", "o_proj", "out_proj")
-_HF_HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads")
-_HF_HEAD_SIZES = ("attention_head_size", "head_dim")
-
-
-class HFHeads:
-    """The heads of a Hugging Face ``transformers`` self-attention module, as removable
-    units: its q / k / v projections and its output projection (its own, else the sibling
-    ``output.dense`` of BERT-style models). Removing heads, or shrinking every head evenly,
-    keeps the module's head count and head size attributes in step; the attention's
-    scaling stays the trained one."""
-
-    def __init__(self, module: nn.Module, projections: list[nn.Linear], out: nn.Linear,
-                 count: str, size: str):
-        self.module, self.out_proj = module, out
-        self.q_proj, self.k_proj, self.v_proj = projections
-        self._count, self._size = count, size
-
-    @property
-    def num_heads(self) -> int:
-        return int(getattr(self.module, self._count))
-
-    def keep_heads(self, heads: Sequence[int]) -> None:
-        """Keep only ``heads`` (indices among the current heads, at least one), in place."""
-        heads = _slice_heads(self, heads)
-        setattr(self.module, self._count, len(heads))
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Set the module's head size (and total) from its query projection's width, after
-        Torch-Pruning shrank every head evenly."""
-        width = self.q_proj.out_features
-        setattr(self.module, self._size, width // self.num_heads)
-        if hasattr(self.module, "all_head_size"):
-            self.module.all_head_size = width
-
-
-class FusedHeads:
-    """The heads of a self-attention module whose query, key and value come from one
-    projection split in three equal parts (GPT-2's ``c_attn``, read with ``split_size``
-    and ``head_dim``; its output ``c_proj``), as removable units. Removing heads, or
-    shrinking every head evenly, keeps ``split_size``, ``head_dim`` and ``num_heads``
-    in step."""
-
-    def __init__(self, module: nn.Module, qkv: nn.Linear, out: nn.Linear):
-        self.module, self.qkv, self.out_proj = module, qkv, out
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.module.num_heads)
-
-    def weights(self, grad: bool = False) -> list[torch.Tensor | None]:
-        """The query, key, value and output weights (or their gradients)."""
-        fused = self.qkv.weight.grad if grad else self.qkv.weight
-        out = self.out_proj.weight.grad if grad else self.out_proj.weight
-        return [*(fused.chunk(3) if fused is not None else (None,) * 3), out]
-
-    def keep_heads(self, heads: Sequence[int]) -> None:
-        """Keep only ``heads`` (indices among the current heads, at least one), in place."""
-        heads = _checked_heads(heads, self.num_heads)
-        width = self.qkv.out_features // 3
-        size = width // self.num_heads
-        rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
-        fused = torch.cat([rows + part * width for part in range(3)])
-        with torch.no_grad():
-            _keep_rows(self.qkv, fused)
-            self.out_proj.weight = nn.Parameter(self.out_proj.weight[:, rows].clone())
-            self.out_proj.in_features = len(rows)
-        self.module.num_heads = len(heads)
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Set the split and head sizes from the fused projection's width, after
-        Torch-Pruning shrank every head evenly."""
-        width = self.qkv.out_features // 3
-        self.module.split_size = width
-        self.module.head_dim = width // self.num_heads
-        if hasattr(self.module, "embed_dim"):
-            self.module.embed_dim = width
-
-
-def _fused_attention(module: nn.Module) -> FusedHeads | None:
-    qkv, out = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
-    if not (isinstance(qkv, nn.Linear) and isinstance(out, nn.Linear)
-            and all(isinstance(vars(module).get(a), int)
-                    for a in ("num_heads", "head_dim", "split_size"))
-            and not getattr(module, "is_cross_attention", False)
-            and qkv.out_features == 3 * module.split_size):
-        return None
-    return FusedHeads(module, qkv, out)
-
-
-def hf_attentions(model: nn.Module) -> list[HFHeads | FusedHeads]:
-    """The Hugging Face self-attention modules of ``model`` (see ``HFHeads`` and
-    ``FusedHeads``)."""
-    modules = dict(model.named_modules())
-    found: list[HFHeads | FusedHeads] = []
-    for name, module in modules.items():
-        if isinstance(module, UnfusedAttention | nn.MultiheadAttention):
-            continue
-        fused = _fused_attention(module)
-        if fused is not None:
-            found.append(fused)
-            continue
-        count = _attribute(module, _HF_HEAD_COUNTS)
-        size = _attribute(module, _HF_HEAD_SIZES)
-        if count is None or size is None:
-            continue
-        for names in _HF_PROJECTIONS:
-            layers = [getattr(module, n, None) for n in names]
-            if not all(isinstance(layer, nn.Linear) for layer in layers):
-                continue
-            out = next((getattr(module, n) for n in _HF_OUTPUTS
-                        if isinstance(getattr(module, n, None), nn.Linear)), None)
-            if out is None:
-                parent = modules.get(name.rpartition(".")[0])
-                out = getattr(getattr(parent, "output", None), "dense", None)
-            if isinstance(out, nn.Linear):
-                found.append(HFHeads(module, layers, out, count, size))
-            break
-    return found
-
-
-def _attribute(module: nn.Module, names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` that ``module`` holds as an int attribute."""
-    return next((n for n in names if isinstance(vars(module).get(n), int)), None)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -307,82 +181,3 @@ def unfuse_attention(model: nn.Module) -> list[UnfusedAttention]:
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False  # that path reads nn.MultiheadAttention weights
     return [m for m in model.modules() if isinstance(m, UnfusedAttention)]
-
-
-def _by_head(attention: UnfusedAttention, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The q / k / v / ``out_proj`` weight-shaped ``tensors`` as one row per head."""
-    h = attention.num_heads
-    q, k, v, out = tensors
-    columns = out.view(out.shape[0], h, -1).transpose(0, 1)
-    return torch.cat([t.reshape(h, -1) for t in (q, k, v, columns)], dim=1)
-
-
-def _weights(attention, grad: bool = False) -> list[torch.Tensor | None]:
-    if isinstance(attention, FusedHeads):
-        return attention.weights(grad)
-    layers = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
-    return [layer.weight.grad if grad else layer.weight for layer in layers]
-
-
-def head_importance(attention: UnfusedAttention | HFHeads | FusedHeads,
-                    criterion: str) -> torch.Tensor:
-    """One score per head from its q / k / v rows and ``out_proj`` columns: their L2 or L1
-    norm, or for ``taylor`` the sum of |w * dL/dw| (gradients must be present)."""
-    weights = _by_head(attention, _weights(attention))
-    if criterion == "taylor":
-        grads = _weights(attention, grad=True)
-        if any(g is None for g in grads):
-            raise ValueError("the 'taylor' criterion needs gradients of the attention weights")
-        return (weights * _by_head(attention, grads)).abs().sum(dim=1)
-    return weights.norm(p=1 if criterion == "l1" else 2, dim=1)
-
-
-def prune_heads(model: nn.Module, ratio: float, *, global_ranking: bool,
-                criterion: str = "l2", loss: Loss | None = None) -> int:
-    """Remove ``ratio`` of the attention heads, whole, in place; return how many went.
-
-    Every ``nn.MultiheadAttention`` becomes an ``UnfusedAttention`` first (the residual
-    stream keeps its width); the self-attention of Hugging Face encoders loses heads in
-    place (``HFHeads``). Heads are ranked by ``criterion`` (``l2`` / ``l1`` norm of
-    the head's weights, ``taylor`` with gradients of ``loss``; ``bn_scale`` ranks heads
-    by L2, attention having no BatchNorm): across all attention modules, each module's
-    scores divided by their mean, when ``global_ranking``; else ``ratio`` of each
-    module's heads go (halves round up). Every module keeps at least one head. Raises
-    ValueError when the model has no multi-head attention.
-    """
-    modules: list = unfuse_attention(model) + hf_attentions(model)
-    if not modules:
-        raise ValueError(f"removing attention heads needs multi-head attention "
-                         f"(nn.MultiheadAttention or a Hugging Face transformers self-attention), "
-                         f"and {type(model).__name__} has none")
-    if ratio == 0:
-        return 0
-    if criterion == "taylor":
-        if loss is None:
-            raise ValueError("the 'taylor' criterion needs a loss to take gradients of")
-        model.zero_grad(set_to_none=True)
-        loss(model).backward()
-    with torch.no_grad():
-        scores = [head_importance(m, "l2" if criterion == "bn_scale" else criterion)
-                  for m in modules]
-    model.zero_grad(set_to_none=True)
-    removed: list[set[int]] = [set() for _ in modules]
-    if global_ranking:
-        normalized = [s / s.mean().clamp_min(1e-12) for s in scores]
-        ranked = sorted((float(s), i, h) for i, ns in enumerate(normalized)
-                        for h, s in enumerate(ns))
-        budget = int(ratio * len(ranked) + 0.5)
-        for _score, i, h in ranked:
-            if budget == 0:
-                break
-            if len(removed[i]) < modules[i].num_heads - 1:
-                removed[i].add(h)
-                budget -= 1
-    else:
-        for i, s in enumerate(scores):
-            count = min(int(ratio * len(s) + 0.5), len(s) - 1)
-            removed[i] = set(torch.argsort(s)[:count].tolist())
-    for module, gone in zip(modules, removed, strict=True):
-        if gone:
-            module.keep_heads([h for h in range(module.num_heads) if h not in gone])
-    return sum(len(g) for g in removed)

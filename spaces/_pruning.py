@@ -8,10 +8,11 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ._attention import prune_heads
+from ._allocation import sensitivity_ratios, tapered_ratios
 from ._config import Config, param
 from ._domains import Fixed, FloatRange
-from ._structure import group_roots, prune_channels, sensitivity_ratios, tapered_ratios
+from ._heads import prune_heads
+from ._structure import group_roots, prune_channels
 from ._technique import Context, Phase, Technique, register
 
 StructuredCriterion = Literal["l2", "l1", "taylor", "bn_scale"]

@@ -43,8 +43,9 @@ from paretoslim.spaces import (
     shared_weight_layers,
     sparsify,
 )
+from paretoslim.spaces._allocation import tapered_ratios
 from paretoslim.spaces._cluster import pack_bits, unpack_bits
-from paretoslim.spaces._structure import group_roots, tapered_ratios
+from paretoslim.spaces._structure import group_roots
 
 
 def _mask_(layer: nn.Module, keep: float, block: int = 1, seed: int = 0) -> None:

@@ -28,8 +28,8 @@ from paretoslim.spaces import (
     model_io,
     prune_channels,
 )
-from paretoslim.spaces._attention import hf_attentions
 from paretoslim.spaces._distill import _block_pairs
+from paretoslim.spaces._heads import hf_attentions
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = 3
